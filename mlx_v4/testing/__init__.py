@@ -1,0 +1,1 @@
+"""Tools for tests and benchmarks: official-format checkpoint writers (need the test extra)."""
