@@ -1,0 +1,277 @@
+"""The V4 KV cache at its real size: one small class per layer kind.
+
+* :class:`WindowCache` (ratio 0): the last ``sliding_window - 1`` KV entries.
+* :class:`HCACache` (ratio 128): the window, every compressed entry, and the compressor's open
+  window (constant size).
+* :class:`CSACache` (ratio 4): the same plus the lightning indexer's keys and its compressor.
+
+Entries are stored in the form the model already rounded them to (paper §2.3.4; official
+``act_quant``/``fp4_act_quant``): main KV as FP8 e4m3 codes for the non-RoPE dims with one
+E8M0 byte per 64, plus the RoPE dims in bf16 (583 bytes for head_dim 512); index keys as
+packed FP4 e2m1 with one E8M0 byte per 32 (68 bytes for 128 dims). With ``fake_quant`` off
+(exact comparison against transformers) the same classes keep unrounded values.
+
+Compressed entries and index keys are append-only, so rewinding only needs the small
+constant state (window + open compressor windows), which :meth:`checkpoint` snapshots by
+reference (MLX arrays are immutable, so a snapshot costs no copy).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .layers.compressor import CompressorState
+from .layers.fake_quant import dequantize_fp4, dequantize_kv_entry
+
+_GROW = 256  # entries added to an append-only store when it fills
+
+
+class EntryStore:
+    """Append-only rows [B, n, ...] kept in one or more parallel arrays (the packed parts)."""
+
+    def __init__(self):
+        self.parts: list[mx.array] | None = None
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.parts is None else self.parts[0].shape[1]
+
+    def append(self, parts: tuple[mx.array, ...]) -> None:
+        n = parts[0].shape[1]
+        if n == 0:
+            return
+        if self.parts is None or self.length + n > self.capacity:
+            grow = _GROW * math.ceil((self.length + n - self.capacity) / _GROW)
+            fresh = [mx.zeros((p.shape[0], grow, *p.shape[2:]), dtype=p.dtype) for p in parts]
+            self.parts = fresh if self.parts is None else [
+                mx.concatenate([old, new], axis=1) for old, new in zip(self.parts, fresh)]
+        for buf, p in zip(self.parts, parts):
+            buf[:, self.length: self.length + n] = p
+        self.length += n
+
+    def view(self, end: int | None = None) -> list[mx.array]:
+        end = self.length if end is None else end
+        return [] if self.parts is None else [p[:, :end] for p in self.parts]
+
+    def truncate(self, length: int) -> None:
+        if length > self.length:
+            raise ValueError(f"cannot truncate {self.length} entries to {length}")
+        self.length = length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (capacity, not just the filled rows)."""
+        return 0 if self.parts is None else sum(p.nbytes for p in self.parts)
+
+    @property
+    def used_nbytes(self) -> int:
+        if self.parts is None or self.capacity == 0:
+            return 0
+        return self.nbytes * self.length // self.capacity
+
+
+@dataclass
+class _Snapshot:
+    offset: int
+    window: list[mx.array]
+    compressor: CompressorState | None
+    index_compressor: CompressorState | None
+    n_entries: int
+    n_index: int
+
+
+def _state_nbytes(state: CompressorState | None) -> int:
+    return 0 if state is None else sum(a.nbytes for a in state.arrays())
+
+
+class WindowCache:
+    """Sliding-window KV for window-only layers (and the window part of the others)."""
+
+    kind = "window"
+
+    def __init__(self, window: int, rope_dim: int, packed: bool):
+        self.window, self.rope_dim, self.packed = window, rope_dim, packed
+        self.offset = 0
+        self.window_parts: list[mx.array] = []  # [B, <= window-1, ...] per part
+        self.checkpoints: dict[int, _Snapshot] = {}
+
+    # ---- views for attention -------------------------------------------------------------
+    def _decode_entries(self, parts: list[mx.array], dtype) -> mx.array:
+        return dequantize_kv_entry(*parts, dtype=dtype) if self.packed else parts[0].astype(dtype)
+
+    def window_values(self, dtype) -> mx.array | None:
+        """The kept window entries [B, P, head_dim] (P <= window - 1), or None."""
+        return self._decode_entries(self.window_parts, dtype) if self.window_parts else None
+
+    def push_window(self, parts: tuple[mx.array, ...]) -> None:
+        """Append this chunk's entries and keep the last window - 1 (all a later query needs)."""
+        keep = self.window - 1
+        if self.window_parts:
+            parts = [mx.concatenate([old, new], axis=1) for old, new in zip(self.window_parts, parts)]
+        self.window_parts = [p[:, -keep:] if keep > 0 else p[:, :0] for p in parts]
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+    def _extra_snapshot(self) -> dict:
+        return dict(compressor=None, index_compressor=None, n_entries=0, n_index=0)
+
+    def checkpoint(self) -> int:
+        self.checkpoints[self.offset] = _Snapshot(self.offset, list(self.window_parts), **self._extra_snapshot())
+        return self.offset
+
+    def rewind(self, offset: int) -> None:
+        if offset == self.offset:
+            return
+        snap = self.checkpoints.get(offset)
+        if snap is None:
+            raise ValueError(
+                f"cannot rewind to position {offset}: checkpoints exist at {sorted(self.checkpoints)}")
+        self._restore(snap)
+        self.checkpoints = {k: v for k, v in self.checkpoints.items() if k <= offset}
+
+    def _restore(self, snap: _Snapshot) -> None:
+        self.offset = snap.offset
+        self.window_parts = list(snap.window)
+
+    @property
+    def state(self) -> list[mx.array]:
+        """Every array this cache holds (for mx.eval after a chunk)."""
+        return list(self.window_parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.window_parts)
+
+    def breakdown(self) -> dict[str, int]:
+        return {"window": sum(p.nbytes for p in self.window_parts)}
+
+
+class HCACache(WindowCache):
+    """Window plus compressed entries (ratio 128; base of the ratio-4 cache)."""
+
+    kind = "hca"
+
+    def __init__(self, window: int, rope_dim: int, packed: bool):
+        super().__init__(window, rope_dim, packed)
+        self.entries = EntryStore()
+        self.compressor = CompressorState()
+
+    def entry_values(self, dtype, end: int | None = None) -> mx.array | None:
+        """Compressed entries [B, N, head_dim] (decoded)."""
+        if self.entries.length == 0:
+            return None
+        return self._decode_entries(self.entries.view(end), dtype)
+
+    def gather_entries(self, indices: mx.array, dtype) -> mx.array:
+        """Rows at ``indices`` [B, k] (clamped to >= 0 by the caller) -> [B, k, head_dim]."""
+        parts = [mx.take_along_axis(p, indices.reshape(*indices.shape, *([1] * (p.ndim - 2))), axis=1)
+                 for p in self.entries.view()]
+        return self._decode_entries(parts, dtype)
+
+    def _extra_snapshot(self) -> dict:
+        return dict(compressor=self.compressor, index_compressor=None,
+                    n_entries=self.entries.length, n_index=0)
+
+    def _restore(self, snap: _Snapshot) -> None:
+        super()._restore(snap)
+        self.compressor = snap.compressor
+        self.entries.truncate(snap.n_entries)
+
+    @property
+    def state(self) -> list[mx.array]:
+        return super().state + self.entries.view() + self.compressor.arrays()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.breakdown().values())
+
+    def breakdown(self) -> dict[str, int]:
+        return super().breakdown() | {"compressed": self.entries.nbytes,
+                                      "compressor_state": _state_nbytes(self.compressor)}
+
+
+class CSACache(HCACache):
+    """Window, compressed entries, and the lightning indexer's keys (ratio 4)."""
+
+    kind = "csa"
+
+    def __init__(self, window: int, rope_dim: int, packed: bool):
+        super().__init__(window, rope_dim, packed)
+        self.index_keys = EntryStore()
+        self.index_compressor = CompressorState()
+
+    def index_key_values(self, dtype) -> mx.array | None:
+        if self.index_keys.length == 0:
+            return None
+        parts = self.index_keys.view()
+        return dequantize_fp4(*parts, dtype=dtype) if self.packed else parts[0].astype(dtype)
+
+    def _extra_snapshot(self) -> dict:
+        return dict(compressor=self.compressor, index_compressor=self.index_compressor,
+                    n_entries=self.entries.length, n_index=self.index_keys.length)
+
+    def _restore(self, snap: _Snapshot) -> None:
+        super()._restore(snap)
+        self.index_compressor = snap.index_compressor
+        self.index_keys.truncate(snap.n_index)
+
+    @property
+    def state(self) -> list[mx.array]:
+        return super().state + self.index_keys.view() + self.index_compressor.arrays()
+
+    def breakdown(self) -> dict[str, int]:
+        return super().breakdown() | {"index_keys": self.index_keys.nbytes,
+                                      "index_compressor_state": _state_nbytes(self.index_compressor)}
+
+
+LAYER_CACHES = {"window": WindowCache, "hca": HCACache, "csa": CSACache}
+
+
+def make_cache(args) -> list[WindowCache]:
+    """One cache per layer, of the class its compression ratio calls for."""
+    return [LAYER_CACHES[args.layer_kind(i)](args.sliding_window, args.qk_rope_head_dim, args.fake_quant)
+            for i in range(args.num_hidden_layers)]
+
+
+# ---- whole-model helpers (the surface the generator, chat, server and CLI use) -------------
+
+def cache_offset(cache: list[WindowCache]) -> int:
+    return cache[0].offset if cache else 0
+
+
+def checkpoint(cache: list[WindowCache]) -> int:
+    for c in cache:
+        c.checkpoint()
+    return cache_offset(cache)
+
+
+def rewind(cache: list[WindowCache], offset: int) -> None:
+    for c in cache:
+        c.rewind(offset)
+
+
+def cache_nbytes(cache: list[WindowCache]) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+def cache_breakdown(cache: list[WindowCache]) -> dict[str, int]:
+    """Bytes per storage kind summed over layers (window, compressed, index_keys, ...)."""
+    out: dict[str, int] = {}
+    for c in cache:
+        for k, v in c.breakdown().items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+@dataclass
+class CacheInfo:
+    tokens: int
+    nbytes: int
+    breakdown: dict[str, int] = field(default_factory=dict)
+
+
+def cache_info(cache: list[WindowCache]) -> CacheInfo:
+    return CacheInfo(cache_offset(cache), cache_nbytes(cache), cache_breakdown(cache))

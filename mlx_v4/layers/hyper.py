@@ -1,0 +1,80 @@
+"""Manifold-constrained hyper-connections (mHC), paper §2.2.
+
+The residual stream is ``hc_mult`` parallel copies X [B, L, hc, D]. Around each sub-block a
+learned projection of the RMS-normalised, flattened streams yields three mixings:
+
+* ``pre``  [hc]    sigmoid + eps: collapses the streams into the sub-block input;
+* ``post`` [hc]    2 * sigmoid: spreads the sub-block output back over the streams;
+* ``comb`` [hc,hc] projected towards a doubly-stochastic matrix by Sinkhorn-Knopp
+  (row softmax, then alternating column/row normalisation, ``hc_sinkhorn_iters`` in all).
+
+``X'_k = post_k * o + sum_j comb[j, k] * X_j``.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def sinkhorn(logits: mx.array, iters: int, eps: float) -> mx.array:
+    """[..., hc, hc] logits -> approximately doubly-stochastic matrix (official hc_split_sinkhorn)."""
+    comb = mx.softmax(logits, axis=-1, precise=True) + eps
+    comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)
+        comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+    return comb
+
+
+def _mixes(x: mx.array, fn: mx.array, norm_eps: float) -> tuple[mx.array, mx.array]:
+    """x [B, L, hc, D] -> (x flattened fp32 [B, L, hc*D], mixes [B, L, fn_rows])."""
+    B, L, hc, D = x.shape
+    xf = x.reshape(B, L, hc * D).astype(mx.float32)
+    rsqrt = mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + norm_eps)
+    return xf, (xf @ fn.T) * rsqrt
+
+
+class HyperConnection(nn.Module):
+    def __init__(self, hc_mult: int, hidden_size: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
+        super().__init__()
+        n_mix = (2 + hc_mult) * hc_mult
+        self.fn = mx.zeros((n_mix, hc_mult * hidden_size))
+        self.base = mx.zeros((n_mix,))
+        self.scale = mx.ones((3,))
+        self.hc_mult, self.iters, self.hc_eps, self.norm_eps = hc_mult, sinkhorn_iters, hc_eps, norm_eps
+
+    def collapse(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """x [B, L, hc, D] -> (sub-block input [B, L, D], post [B, L, hc], comb [B, L, hc, hc])."""
+        hc = self.hc_mult
+        xf, mixes = _mixes(x, self.fn, self.norm_eps)
+        scale, base = self.scale, self.base
+        pre = mx.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + self.hc_eps
+        post = 2 * mx.sigmoid(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
+        comb = mixes[..., 2 * hc:].reshape(*mixes.shape[:-1], hc, hc) * scale[2] + base[2 * hc:].reshape(hc, hc)
+        comb = sinkhorn(comb, self.iters, self.hc_eps)
+        y = (pre[..., None] * xf.reshape(x.shape)).sum(axis=2)
+        return y.astype(x.dtype), post, comb
+
+    @staticmethod
+    def expand(o: mx.array, residual: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+        """o [B, L, D], residual [B, L, hc, D] -> new streams [B, L, hc, D]."""
+        mixed = mx.swapaxes(comb, -1, -2) @ residual.astype(mx.float32)  # [B, L, hc, D]
+        y = post[..., None] * o.astype(mx.float32)[..., None, :] + mixed
+        return y.astype(o.dtype)
+
+
+class HyperHead(nn.Module):
+    """The final collapse before ``norm`` and ``head``: sigmoid weights, no Sinkhorn, no post."""
+
+    def __init__(self, hc_mult: int, hidden_size: int, hc_eps: float, norm_eps: float):
+        super().__init__()
+        self.fn = mx.zeros((hc_mult, hc_mult * hidden_size))
+        self.base = mx.zeros((hc_mult,))
+        self.scale = mx.ones((1,))
+        self.hc_eps, self.norm_eps = hc_eps, norm_eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        xf, mixes = _mixes(x, self.fn, self.norm_eps)
+        pre = mx.sigmoid(mixes * self.scale + self.base) + self.hc_eps
+        return (pre[..., None] * xf.reshape(x.shape)).sum(axis=2).astype(x.dtype)

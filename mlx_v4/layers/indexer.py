@@ -1,0 +1,54 @@
+"""Lightning indexer (paper §2.3.1 eqs. 13-17): picks, per query, the top-k ratio-4
+compressed entries that sparse attention will read.
+
+Keys come from the indexer's own ratio-4 compressor at ``index_head_dim``; queries from the
+low-rank query ``qr``. Both are RoPE'd (compressed-layer frequencies), Hadamard-rotated and
+rounded to FP4 as in the official code. The score of entry s for query t is
+``sum_h w_h(t) * ReLU(q_h(t) . K_s)`` with ``w = weights_proj(x) * d^-0.5 * n_heads^-0.5``;
+only entries with ``s < (t + 1) // 4`` are visible.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .compressor import Compressor
+from .fake_quant import fake_quant_fp4, hadamard
+from .rope import RoPE
+
+
+class Indexer(nn.Module):
+    def __init__(self, args, rope: RoPE):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
+        self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
+        self.compressor = Compressor(args.hidden_size, self.head_dim, 4, rope, args.rms_norm_eps,
+                                     for_indexer=True, fake_quant=args.fake_quant)
+        self._rope = rope
+        self.fake_quant = args.fake_quant
+
+    def select(self, x: mx.array, qr: mx.array, offset: int, cos: mx.array, sin: mx.array,
+               keys: mx.array | None) -> mx.array | None:
+        """Top-k entry ids [B, L, k] for each query (-1 = no entry); None when every visible
+        entry fits in k (then the caller uses the plain causal mask, which is the same set).
+
+        x [B, L, D]; qr [B, L, q_lora]; keys [B, N, d] all index keys that exist so far."""
+        B, L, _ = x.shape
+        n_total = 0 if keys is None else keys.shape[1]
+        if n_total <= self.topk:
+            return None
+        q = self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim)
+        q = self._rope(q, cos[:, None], sin[:, None])
+        if self.fake_quant:
+            q = fake_quant_fp4(hadamard(q))
+        w = self.weights_proj(x).astype(mx.float32) * (self.head_dim**-0.5 * self.n_heads**-0.5)
+        scores = mx.maximum(q.astype(mx.float32) @ keys.astype(mx.float32)[:, None].swapaxes(-1, -2), 0)
+        scores = (scores * w[..., None]).sum(axis=2)  # [B, L, N]
+        visible = (mx.arange(offset, offset + L)[:, None] + 1) // 4  # entries visible to each query
+        hidden = mx.arange(n_total)[None, :] >= visible
+        scores = mx.where(hidden, -mx.inf, scores)
+        k = self.topk
+        idx = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
+        return mx.where(idx >= visible[None], -1, idx)

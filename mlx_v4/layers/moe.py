@@ -1,0 +1,112 @@
+"""DeepSeek V4 mixture of experts (paper §2.1).
+
+* Router scores ``sqrt(softplus(x Wg^T))`` in float32.
+* Layers below ``num_hash_layers`` route by a frozen table, ``tid2eid[token_id]``; the others
+  pick the top-k of ``scores + bias`` (the bias only selects).
+* Weights: the unbiased scores at the chosen experts, normalised to sum 1, times the route scale.
+* Routed and shared experts are SwiGLU with the gate clamped above at ``swiglu_limit`` and the
+  up projection clamped to +-limit (the current official revision clamps the shared expert too).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
+
+
+def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
+    gate, up = gate.astype(mx.float32), up.astype(mx.float32)
+    if limit > 0:
+        gate = mx.minimum(gate, limit)
+        up = mx.clip(up, -limit, limit)
+    return nn.silu(gate) * up
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, dims: int, hidden: int, limit: float):
+        super().__init__()
+        self.w1 = nn.Linear(dims, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dims, bias=False)
+        self.w3 = nn.Linear(dims, hidden, bias=False)
+        self.limit = limit
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit).astype(x.dtype))
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts stacked: w1/w3 [E, I, D], w2 [E, D, I] (mlx-lm SwitchLinear layout)."""
+
+    def __init__(self, dims: int, hidden: int, n_experts: int, limit: float):
+        super().__init__()
+        self.w1 = SwitchLinear(dims, hidden, n_experts, bias=False)
+        self.w2 = SwitchLinear(hidden, dims, n_experts, bias=False)
+        self.w3 = SwitchLinear(dims, hidden, n_experts, bias=False)
+        self.limit = limit
+
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """x [T, D], indices/weights [T, k] -> sum_k weights * expert_k(x) [T, D]."""
+        xe = mx.expand_dims(x, (-2, -3))  # [T, 1, 1, D]
+        do_sort = indices.size >= 64  # group rows by expert when there are many tokens
+        idx, inv = indices, None
+        if do_sort:
+            xe, idx, inv = _gather_sort(xe, indices)
+        h = clamped_swiglu(self.w1(xe, idx, sorted_indices=do_sort), self.w3(xe, idx, sorted_indices=do_sort),
+                           self.limit)
+        if do_sort:
+            h = h * weights.reshape(-1)[mx.argsort(inv)].reshape(-1, 1, 1)  # weights in sorted order
+        else:
+            h = h * weights[..., None, None]
+        y = self.w2(h.astype(x.dtype), idx, sorted_indices=do_sort)
+        if do_sort:
+            y = _scatter_unsort(y, inv, indices.shape)
+        return y.squeeze(-2).astype(mx.float32).sum(axis=-2)
+
+
+class Gate(nn.Module):
+    def __init__(self, args, hash_routed: bool):
+        super().__init__()
+        self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))
+        self.hash_routed = hash_routed
+        if hash_routed:
+            self.tid2eid = mx.zeros((args.vocab_size, args.num_experts_per_tok), dtype=mx.int32)
+        else:
+            self.bias = mx.zeros((args.n_routed_experts,))
+        self.topk, self.score_func = args.num_experts_per_tok, args.scoring_func
+        self.route_scale = args.routed_scaling_factor
+
+    def __call__(self, x: mx.array, token_ids: mx.array) -> tuple[mx.array, mx.array]:
+        """x [T, D], token_ids [T] -> (weights [T, k] fp32, expert ids [T, k])."""
+        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        if self.score_func == "softmax":
+            scores = mx.softmax(logits, axis=-1, precise=True)
+        elif self.score_func == "sigmoid":
+            scores = mx.sigmoid(logits)
+        else:
+            scores = mx.sqrt(nn.softplus(logits))
+        if self.hash_routed:
+            indices = self.tid2eid[token_ids]
+        else:
+            biased = scores + self.bias
+            indices = mx.argpartition(-biased, kth=self.topk - 1, axis=-1)[..., : self.topk]
+        weights = mx.take_along_axis(scores, indices, axis=-1)
+        if self.score_func != "softmax":
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        return weights * self.route_scale, indices
+
+
+class MoE(nn.Module):
+    def __init__(self, args, layer: int):
+        super().__init__()
+        self.gate = Gate(args, hash_routed=args.is_hash_layer(layer))
+        self.experts = RoutedExperts(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts,
+                                     args.swiglu_limit)
+        self.shared_experts = SharedExpert(args.hidden_size, args.moe_intermediate_size, args.swiglu_limit)
+
+    def __call__(self, x: mx.array, token_ids: mx.array) -> mx.array:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, indices = self.gate(flat, token_ids.reshape(-1))
+        y = self.experts(flat, indices, weights) + self.shared_experts(flat).astype(mx.float32)
+        return y.astype(x.dtype).reshape(shape)

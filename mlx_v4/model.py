@@ -1,0 +1,79 @@
+"""DeepSeek V4 assembly: embed -> hc_mult streams -> decoder layers -> hc_head -> norm -> head.
+
+Each decoder layer wraps attention and the MoE in manifold-constrained hyper-connections
+(paper §2.2). The interface follows mlx-lm (``Model(inputs, cache)``, ``make_cache``,
+``sanitize``, ``layers``) so its generation utilities can drive it.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import make_cache
+from .config import ModelArgs
+from .layers.attention import Attention
+from .layers.hyper import HyperConnection, HyperHead
+from .layers.moe import MoE
+from .layers.norm import RMSNorm
+
+
+class PositionError(ValueError):
+    """A request that runs past the model's maximum context."""
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        hc = (args.hc_mult, args.hidden_size, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps)
+        self.hc_attn, self.hc_ffn = HyperConnection(*hc), HyperConnection(*hc)
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.attn = Attention(args, layer)
+        self.ffn = MoE(args, layer)
+
+    def __call__(self, x: mx.array, token_ids: mx.array, cache) -> mx.array:
+        h, post, comb = self.hc_attn.collapse(x)
+        x = HyperConnection.expand(self.attn(self.attn_norm(h), cache), x, post, comb)
+        h, post, comb = self.hc_ffn.collapse(x)
+        return HyperConnection.expand(self.ffn(self.ffn_norm(h), token_ids), x, post, comb)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.hc_head = HyperHead(args.hc_mult, args.hidden_size, args.hc_eps, args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache=None, last_only: bool = False) -> mx.array:
+        """inputs [B, L] token ids -> logits [B, L, vocab] float32 (or [B, 1, vocab] with
+        ``last_only``). With ``cache`` the tokens continue what the cache holds."""
+        if cache is None:
+            cache = self.make_cache()
+        B, L = inputs.shape
+        end = cache[0].offset + L
+        if end > self.args.max_position_embeddings:
+            raise PositionError(
+                f"position {end} is past max_position_embeddings={self.args.max_position_embeddings}")
+        x = self.embed(inputs)
+        x = mx.broadcast_to(x[:, :, None, :], (B, L, self.args.hc_mult, x.shape[-1]))
+        for layer, c in zip(self.layers, cache):
+            x = layer(x, inputs, c)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(self.hc_head(x))
+        return self.head(x.astype(mx.float32)).astype(mx.float32)
+
+    def make_cache(self):
+        return make_cache(self.args)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Official or transformers names -> ours (mlx-lm's loading hook)."""
+        from .weights import rename_weights
+
+        return rename_weights(weights, self.args)
