@@ -275,3 +275,108 @@ class CacheInfo:
 
 def cache_info(cache: list[WindowCache]) -> CacheInfo:
     return CacheInfo(cache_offset(cache), cache_nbytes(cache), cache_breakdown(cache))
+
+
+# ---- persistence -----------------------------------------------------------------------------
+
+CACHE_FORMAT_VERSION = 1
+
+
+class CacheFileError(ValueError):
+    """A saved cache that cannot be used with this model."""
+
+
+def _layer_arrays(i: int, c: WindowCache) -> dict[str, mx.array]:
+    out = {f"{i}.window.{k}": p for k, p in enumerate(c.window_parts)}
+    if isinstance(c, HCACache):
+        out |= {f"{i}.entries.{k}": p for k, p in enumerate(c.entries.view())}
+        out |= {f"{i}.compressor.{k}": getattr(c.compressor, k)
+                for k in ("kv", "score", "prev_kv", "prev_score") if getattr(c.compressor, k) is not None}
+    if isinstance(c, CSACache):
+        out |= {f"{i}.index.{k}": p for k, p in enumerate(c.index_keys.view())}
+        out |= {f"{i}.index_compressor.{k}": getattr(c.index_compressor, k)
+                for k in ("kv", "score", "prev_kv", "prev_score") if getattr(c.index_compressor, k) is not None}
+    return out
+
+
+def save_cache(path, cache: list[WindowCache], *, tokens: list[int], fingerprint: str,
+               meta: dict | None = None) -> None:
+    """Write the cache, the token ids it covers and the model fingerprint to one safetensors
+    file, atomically (temp file, fsync, rename)."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    if len(tokens) != cache_offset(cache):
+        raise ValueError(f"{len(tokens)} token ids given for a cache holding {cache_offset(cache)} positions")
+    arrays: dict[str, mx.array] = {"tokens": mx.array(tokens, dtype=mx.int32)} if tokens else {}
+    for i, c in enumerate(cache):
+        arrays |= _layer_arrays(i, c)
+    metadata = {
+        "format": "mlx-v4-cache", "format_version": str(CACHE_FORMAT_VERSION), "fingerprint": fingerprint,
+        "offset": str(cache_offset(cache)), "kinds": ",".join(c.kind for c in cache),
+        "packed": str(bool(cache and cache[0].packed)), "meta": json.dumps(meta or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata=metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_cache(path, model) -> tuple[list[WindowCache], list[int], dict]:
+    """Read a file written by :func:`save_cache` for ``model``; returns (cache, tokens, meta).
+    Refuses a file from another model, quantization or format version."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        raise CacheFileError(f"{path}: no such cache file")
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # mlx raises RuntimeError/ValueError for unreadable files
+        raise CacheFileError(f"{path}: not a readable safetensors cache file ({e})") from None
+    if metadata.get("format") != "mlx-v4-cache":
+        raise CacheFileError(f"{path}: not an mlx-v4 cache file")
+    version = metadata.get("format_version")
+    if version != str(CACHE_FORMAT_VERSION):
+        raise CacheFileError(f"{path}: cache format version {version}, this mlx-v4 reads {CACHE_FORMAT_VERSION}")
+    if metadata.get("fingerprint") != model.fingerprint:
+        raise CacheFileError(
+            f"{path}: made by a different model or quantization (fingerprint {metadata.get('fingerprint')}, "
+            f"this model {model.fingerprint})")
+    cache = model.make_cache()
+    kinds = ",".join(c.kind for c in cache)
+    if metadata.get("kinds") != kinds or metadata.get("packed") != str(bool(cache and cache[0].packed)):
+        raise CacheFileError(f"{path}: layer layout does not match this model")
+    offset = int(metadata["offset"])
+
+    def parts(prefix: str) -> list[mx.array]:
+        out, k = [], 0
+        while f"{prefix}.{k}" in arrays:
+            out.append(arrays[f"{prefix}.{k}"])
+            k += 1
+        return out
+
+    def state(prefix: str) -> CompressorState:
+        return CompressorState(*(arrays.get(f"{prefix}.{k}") for k in ("kv", "score", "prev_kv", "prev_score")))
+
+    for i, c in enumerate(cache):
+        c.offset = offset
+        c.window_parts = parts(f"{i}.window")
+        if isinstance(c, HCACache):
+            if entries := parts(f"{i}.entries"):
+                c.entries.append(tuple(entries))
+            c.compressor = state(f"{i}.compressor")
+        if isinstance(c, CSACache):
+            if keys := parts(f"{i}.index"):
+                c.index_keys.append(tuple(keys))
+            c.index_compressor = state(f"{i}.index_compressor")
+        c.checkpoint()
+    tokens = arrays["tokens"].tolist() if "tokens" in arrays else []
+    if len(tokens) != offset:
+        raise CacheFileError(f"{path}: holds {len(tokens)} token ids for {offset} positions")
+    return cache, tokens, json.loads(metadata.get("meta", "{}"))

@@ -69,6 +69,21 @@ class Model(nn.Module):
         x = self.norm(self.hc_head(x))
         return self.head(x.astype(mx.float32)).astype(mx.float32)
 
+    #: Identity of the loaded weights (set by mlx_v4.load from the checkpoint files).
+    weights_id: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies architecture, quantization and weights; saved caches must match it."""
+        import hashlib
+        import json
+
+        from mlx.utils import tree_flatten
+
+        layout = sorted((k, tuple(v.shape), str(v.dtype)) for k, v in tree_flatten(self.parameters()))
+        blob = json.dumps([self.args.to_dict(), self.args.fake_quant, layout, self.weights_id], default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def make_cache(self):
         return make_cache(self.args)
 
