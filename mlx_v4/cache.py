@@ -380,3 +380,42 @@ def load_cache(path, model) -> tuple[list[WindowCache], list[int], dict]:
     if len(tokens) != offset:
         raise CacheFileError(f"{path}: holds {len(tokens)} token ids for {offset} positions")
     return cache, tokens, json.loads(metadata.get("meta", "{}"))
+
+
+# ---- arithmetic for planners ------------------------------------------------------------------
+
+def entry_nbytes(args) -> tuple[int, int]:
+    """Bytes of one main KV entry and one index key as this cache stores them."""
+    if not args.fake_quant:
+        return 4 * args.head_dim, 4 * args.index_head_dim  # unrounded float32
+    nope = args.head_dim - args.qk_rope_head_dim
+    main = nope + nope // 64 + 2 * args.qk_rope_head_dim
+    index = args.index_head_dim // 2 + args.index_head_dim // 32
+    return main, index
+
+
+def planned_nbytes(args, tokens: int, batch: int = 1) -> int:
+    """Cache bytes after ``tokens`` positions (filled rows, fp32 compressor state), no slack."""
+    main, index = entry_nbytes(args)
+    total = 0
+    for i in range(args.num_hidden_layers):
+        kind = args.layer_kind(i)
+        total += min(tokens, args.sliding_window - 1) * main
+        if kind == "hca":
+            total += (tokens // 128) * main + 2 * 4 * (tokens % 128) * args.head_dim
+        elif kind == "csa":
+            total += (tokens // 4) * (main + index)
+            # open windows (<= 3 rows of 2 series) and the previous window's first half, fp32
+            total += 2 * 4 * ((tokens % 4) * 2 * args.head_dim + (4 * args.head_dim if tokens >= 4 else 0))
+            total += 2 * 4 * ((tokens % 4) * 2 * args.index_head_dim + (4 * args.index_head_dim if tokens >= 4 else 0))
+    return total * batch
+
+
+def bytes_per_token(args) -> float:
+    """Asymptotic growth of the cache per token (the compressed entries and index keys)."""
+    main, index = entry_nbytes(args)
+    per = 0.0
+    for i in range(args.num_hidden_layers):
+        kind = args.layer_kind(i)
+        per += (main + index) / 4 if kind == "csa" else (main / 128 if kind == "hca" else 0.0)
+    return per
