@@ -1,0 +1,56 @@
+"""mlx-v4: DeepSeek V4 (Flash and Pro) on MLX.
+
+    import mlx_v4
+    model, tokenizer = mlx_v4.load("deepseek-ai/DeepSeek-V4-Flash")
+    print(mlx_v4.generate(model, tokenizer, "Hello", max_tokens=64))
+"""
+
+from __future__ import annotations
+
+# Must run before anything imports mlx.core (see platform.py).
+from .platform import preload_blas as _preload_blas
+
+_preload_blas()
+
+from pathlib import Path  # noqa: E402
+
+__version__ = "0.1.0"
+
+#: The bundled tiny demo model (every V4 layer kind, real tokenizer; trained on Python docs).
+DEMO_MODEL_PATH = Path(__file__).parent / "demo"
+
+
+def load(path_or_repo: str | Path | None = None, *, model_config: dict | None = None, dtype=None,
+         fp8: str | None = None):
+    """Load a DeepSeek V4 model and its tokenizer.
+
+    ``path_or_repo``: a model directory (the official release, a transformers-named checkpoint
+    or an mlx-v4 conversion) or a Hugging Face repo id; None loads the bundled demo.
+    ``model_config`` overrides config.json fields (e.g. ``{"fake_quant": False}``).
+    ``dtype`` is the compute dtype of unquantized weights and activations (default float32 on
+    the CPU backend, bfloat16 on Metal). ``fp8``: ``"mxfp8"`` keeps FP8 weights quantized
+    (default on Metal), ``"dequantize"`` expands them to ``dtype`` (default on CPU, where
+    quantized matmuls are slow)."""
+    from .loader import load_model
+    from .tokenizer import load_tokenizer
+
+    model, path = load_model(DEMO_MODEL_PATH if path_or_repo is None else path_or_repo,
+                             model_config=model_config, dtype=dtype, fp8=fp8)
+    return model, load_tokenizer(path)
+
+
+def __getattr__(name):
+    # Lazy re-exports keep `import mlx_v4` light.
+    if name in ("generate", "stream_generate"):
+        from . import generate as _g
+
+        return getattr(_g, name)
+    if name == "ChatSession":
+        from .chat import ChatSession
+
+        return ChatSession
+    if name == "make_sampler":
+        from mlx_lm.sample_utils import make_sampler
+
+        return make_sampler
+    raise AttributeError(f"module 'mlx_v4' has no attribute {name!r}")

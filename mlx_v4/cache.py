@@ -26,7 +26,8 @@ import mlx.core as mx
 from .layers.compressor import CompressorState
 from .layers.fake_quant import dequantize_fp4, dequantize_kv_entry
 
-_GROW = 256  # entries added to an append-only store when it fills
+_GROW = 256  # minimum entries added to an append-only store when it fills
+_GROW_FACTOR = 0.25  # ...or this fraction of its size, so copies stay O(n) overall
 
 
 class EntryStore:
@@ -35,20 +36,31 @@ class EntryStore:
     def __init__(self):
         self.parts: list[mx.array] | None = None
         self.length = 0
+        self.planned = 0  # rows to allocate at the first append (see reserve())
 
     @property
     def capacity(self) -> int:
         return 0 if self.parts is None else self.parts[0].shape[1]
 
+    def reserve(self, capacity: int, like: tuple[mx.array, ...]) -> None:
+        """Grow to hold ``capacity`` rows shaped like ``like`` (one row each)."""
+        if capacity <= self.capacity:
+            return
+        grow = capacity - self.capacity
+        fresh = [mx.zeros((p.shape[0], grow, *p.shape[2:]), dtype=p.dtype) for p in like]
+        self.parts = fresh if self.parts is None else [
+            mx.concatenate([old, new], axis=1) for old, new in zip(self.parts, fresh)]
+
     def append(self, parts: tuple[mx.array, ...]) -> None:
         n = parts[0].shape[1]
         if n == 0:
             return
-        if self.parts is None or self.length + n > self.capacity:
-            grow = _GROW * math.ceil((self.length + n - self.capacity) / _GROW)
-            fresh = [mx.zeros((p.shape[0], grow, *p.shape[2:]), dtype=p.dtype) for p in parts]
-            self.parts = fresh if self.parts is None else [
-                mx.concatenate([old, new], axis=1) for old, new in zip(self.parts, fresh)]
+        if self.parts is None and self.planned >= n:
+            self.reserve(self.planned, parts)
+        elif self.length + n > self.capacity:
+            need = self.length + n - self.capacity
+            step = max(_GROW, int(self.capacity * _GROW_FACTOR))
+            self.reserve(self.capacity + step * math.ceil(need / step), parts)
         for buf, p in zip(self.parts, parts):
             buf[:, self.length: self.length + n] = p
         self.length += n
@@ -230,13 +242,33 @@ class CSACache(HCACache):
 LAYER_CACHES = {"window": WindowCache, "hca": HCACache, "csa": CSACache}
 
 
-def make_cache(args) -> list[WindowCache]:
-    """One cache per layer, of the class its compression ratio calls for."""
-    return [LAYER_CACHES[args.layer_kind(i)](args.sliding_window, args.qk_rope_head_dim, args.fake_quant)
+def make_cache(args, packed: bool | None = None) -> list[WindowCache]:
+    """One cache per layer, of the class its compression ratio calls for. Entries are packed
+    (FP8/FP4) whenever the model rounds them (``fake_quant``); ``packed=False`` keeps the
+    rounded values unpacked instead (for testing that packing loses nothing)."""
+    packed = args.fake_quant if packed is None else packed
+    if packed and not args.fake_quant:
+        raise ValueError("a packed cache needs fake_quant=True: unrounded values do not fit FP8/FP4")
+    return [LAYER_CACHES[args.layer_kind(i)](args.sliding_window, args.qk_rope_head_dim, packed)
             for i in range(args.num_hidden_layers)]
 
 
 # ---- whole-model helpers (the surface the generator, chat, server and CLI use) -------------
+
+def reserve(cache: list[WindowCache], tokens: int, batch: int = 1) -> None:
+    """Preallocate room for ``tokens`` positions, so a known-length generation never regrows
+    (and ``nbytes`` equals the planned size)."""
+    for c in cache:
+        if not isinstance(c, HCACache):
+            continue
+        ratio = 4 if isinstance(c, CSACache) else 128
+        stores = [c.entries] + ([c.index_keys] if isinstance(c, CSACache) else [])
+        for store in stores:
+            if store.parts is None:
+                store.planned = tokens // ratio  # row layout unknown until the first entry
+            else:
+                store.reserve(tokens // ratio, store.parts)
+
 
 def cache_offset(cache: list[WindowCache]) -> int:
     return cache[0].offset if cache else 0

@@ -72,13 +72,12 @@ class Attention(nn.Module):
         q = self._rope(q, cos[:, None], sin[:, None])
 
         kv = self._rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, L, hd]
+        packed = None
         if self.fake_quant:
             kv, packed = quantize_kv_entry(kv, self._rope.rope_dim)
-        else:
-            packed = (kv,)
         prev = cache.window_values(dtype)
         keys = kv if prev is None else mx.concatenate([prev, kv], axis=1)  # [B, P + L, hd]
-        cache.push_window(packed)
+        cache.push_window(packed if cache.packed else (kv,))
         qpos = mx.arange(offset, offset + L)[:, None]
         kpos = mx.arange(offset + L - keys.shape[1], offset + L)[None, :]
         mask = mx.broadcast_to((kpos <= qpos) & (kpos > qpos - self.window), (B, L, keys.shape[1]))
@@ -101,13 +100,13 @@ class Attention(nn.Module):
         dtype = x.dtype
         values, packed, cache.compressor = self.compressor(x, cache.offset, cache.compressor)
         if values is not None:
-            cache.entries.append(packed if packed is not None else (values,))
+            cache.entries.append(packed if cache.packed else (values,))
         selected = None
         if self.ratio == 4:
             ivalues, ipacked, cache.index_compressor = self.indexer.compressor(
                 x, cache.offset, cache.index_compressor)
             if ivalues is not None:
-                cache.index_keys.append(ipacked if ipacked is not None else (ivalues,))
+                cache.index_keys.append(ipacked if cache.packed else (ivalues,))
             selected = self.indexer.select(x, qr, cache.offset, cos, sin, cache.index_key_values(dtype))
         n = cache.entries.length
         if n == 0:

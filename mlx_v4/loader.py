@@ -1,0 +1,37 @@
+"""Build a Model from a directory or repo id: config, weights, quantized layers, dtype."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import platform
+from .config import ModelArgs
+from .model import Model
+from .weights import apply_quantization, load_weights, resolve_model_path
+
+
+def _weights_id(path: Path) -> str:
+    """Identity of the checkpoint files (names and sizes), cheap to compute."""
+    files = sorted((p.name, p.stat().st_size) for p in path.glob("*.safetensors"))
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+
+
+def load_model(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8: str | None = None):
+    path = resolve_model_path(str(path_or_repo))
+    args = ModelArgs.from_file(path, model_config)
+    dtype = dtype or platform.default_dtype()
+    fp8 = fp8 or ("mxfp8" if platform.metal_available() else "dequantize")
+    weights, quantization = load_weights(path, args, fp8=fp8, dtype=dtype)
+    model = Model(args)
+    apply_quantization(model, quantization)
+    # Strict: every parameter comes from the checkpoint, in the dtype weights.py chose for it.
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    model.weights_id = _weights_id(path)
+    model.eval()
+    return model, path
+

@@ -1,0 +1,47 @@
+"""Tiny random DeepSeek V4 models for tests and benchmarks (every layer kind present)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..config import ModelArgs
+from ..model import Model
+
+TINY_CONFIG = dict(
+    model_type="deepseek_v4", vocab_size=1024, hidden_size=128, num_hidden_layers=4,
+    compress_ratios=[0, 4, 128, 4, 0], num_hash_layers=1, num_attention_heads=4, head_dim=128,
+    qk_rope_head_dim=64, q_lora_rank=64, o_groups=2, o_lora_rank=64, n_routed_experts=8,
+    num_experts_per_tok=2, moe_intermediate_size=64, index_n_heads=4, index_head_dim=64, index_topk=8,
+    sliding_window=128, max_position_embeddings=65536,
+    rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
+                  "beta_fast": 32, "beta_slow": 1},
+)
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    return ModelArgs.from_dict(TINY_CONFIG, overrides)
+
+
+def random_model(args: ModelArgs, seed: int = 0, dtype=mx.float32) -> Model:
+    """A Model with deterministic random weights of healthy magnitudes."""
+    model = Model(args)
+    params = {}
+    for i, (name, p) in enumerate(sorted(tree_flatten(model.parameters()))):
+        k = mx.random.key(seed * 100003 + i)
+        if name.endswith("tid2eid"):
+            # distinct expert ids per token
+            order = mx.argsort(mx.random.uniform(shape=(p.shape[0], args.n_routed_experts), key=k), axis=-1)
+            params[name] = order[:, : p.shape[1]].astype(mx.int32)
+        elif name.endswith(("norm.weight",)):
+            params[name] = (1 + 0.1 * mx.random.normal(p.shape, key=k)).astype(dtype)
+        elif ".hc_" in name or name.startswith("hc_head"):
+            scale = 0.02 if name.endswith(".fn") else 0.5
+            params[name] = (1.0 if name.endswith(".scale") else 0.0) + scale * mx.random.normal(p.shape, key=k)
+        elif name.endswith(("attn_sink", "ape", "gate.bias")):
+            params[name] = 0.5 * mx.random.normal(p.shape, key=k)
+        else:
+            params[name] = (mx.random.normal(p.shape, key=k) * p.shape[-1] ** -0.5).astype(dtype)
+    model.update(tree_unflatten(list(params.items())))
+    mx.eval(model.parameters())
+    return model

@@ -1,0 +1,119 @@
+"""The KV cache: packed storage loses nothing, sizes, save/load, rewind."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_v4.cache import (
+    CacheFileError, cache_breakdown, cache_nbytes, cache_offset, checkpoint, entry_nbytes, load_cache,
+    make_cache, planned_nbytes, reserve, rewind, save_cache,
+)
+from mlx_v4.config import preset
+from mlx_v4.testing.tiny import random_model, tiny_args
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny_args(), seed=7)
+
+
+def _ids(n, seed=0):
+    return mx.array(np.random.default_rng(seed).integers(0, 1024, (1, n)), dtype=mx.int32)
+
+
+def test_packed_cache_gives_the_same_logits_as_unpacked_rounded_values(model):
+    ids = _ids(260)
+    packed, plain = make_cache(model.args), make_cache(model.args, packed=False)
+    assert packed[1].entries.length == 0
+    a = [model(ids[:, :200], packed), model(ids[:, 200:], packed)]
+    b = [model(ids[:, :200], plain), model(ids[:, 200:], plain)]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.array(x), np.array(y))
+    # and smaller: 64 FP8 + 1 scale + 64 bf16 = 193 bytes per entry vs 128 float32 = 512
+    assert cache_breakdown(packed)["compressed"] * 512 == cache_breakdown(plain)["compressed"] * 193
+
+
+def test_packed_storage_dtypes_and_bytes_per_entry(model):
+    cache = make_cache(model.args)
+    model(_ids(64), cache)
+    codes, scale, rope = cache[1].entries.view()
+    assert (codes.dtype, scale.dtype, rope.dtype) == (mx.uint8, mx.uint8, mx.bfloat16)
+    assert codes.shape[-1] == 64 and scale.shape[-1] == 1 and rope.shape[-1] == 64
+    packed, scales = cache[1].index_keys.view()
+    assert packed.dtype == mx.uint8 and packed.shape[-1] == 32 and scales.shape[-1] == 2
+    main, index = entry_nbytes(preset("flash"))
+    assert (main, index) == (583, 68)
+
+
+def test_unpacked_cache_requires_no_fake_quant_for_packing():
+    with pytest.raises(ValueError, match="packed cache needs fake_quant=True"):
+        make_cache(tiny_args(fake_quant=False), packed=True)
+
+
+def test_nbytes_matches_allocated_arrays_and_the_plan(model):
+    cache = make_cache(model.args)
+    n = 1024
+    ids = _ids(n, seed=3)
+    reserve(cache, n)
+    for s in range(0, n, 256):
+        model(ids[:, s:s + 256], cache)
+    allocated = sum(a.nbytes for c in cache for a in c.state if a is not None)
+    reported = cache_nbytes(cache)
+    # state views are sliced to the filled rows; with the cache reserved to n they coincide
+    assert abs(reported - allocated) / allocated < 0.02, (reported, allocated)
+    planned = planned_nbytes(model.args, n)
+    assert abs(reported - planned) / planned < 0.02, (reported, planned)
+
+
+def test_save_load_continues_exactly(model, tmp_path):
+    ids = _ids(230, seed=4)
+    cache = make_cache(model.args)
+    model(ids[:, :201], cache)
+    path = tmp_path / "s.safetensors"
+    save_cache(path, cache, tokens=ids[0, :201].tolist(), fingerprint=model.fingerprint, meta={"k": 1})
+    assert not list(tmp_path.glob(".*tmp*")), "temp file left behind"
+    loaded, tokens, meta = load_cache(path, model)
+    assert tokens == ids[0, :201].tolist() and meta == {"k": 1} and cache_offset(loaded) == 201
+    cont_a = model(ids[:, 201:], cache)
+    cont_b = model(ids[:, 201:], loaded)
+    np.testing.assert_array_equal(np.array(cont_a), np.array(cont_b))
+
+
+def test_load_refuses_other_model_and_version(model, tmp_path):
+    cache = make_cache(model.args)
+    model(_ids(10), cache)
+    path = tmp_path / "c.safetensors"
+    save_cache(path, cache, tokens=list(range(10)), fingerprint="deadbeef")
+    with pytest.raises(CacheFileError, match="made by a different model or quantization"):
+        load_cache(path, model)
+    other = random_model(tiny_args(index_topk=4), seed=7)
+    save_cache(path, cache, tokens=list(range(10)), fingerprint=model.fingerprint)
+    assert other.fingerprint != model.fingerprint
+    with pytest.raises(CacheFileError, match="different model"):
+        load_cache(path, other)
+    arrays, md = mx.load(str(path), return_metadata=True)
+    mx.save_safetensors(str(path), arrays, metadata=md | {"format_version": "99"})
+    with pytest.raises(CacheFileError, match="cache format version 99, this mlx-v4 reads 1"):
+        load_cache(path, model)
+    with pytest.raises(CacheFileError, match="no such cache file"):
+        load_cache(tmp_path / "missing.safetensors", model)
+
+
+def test_rewind_and_regenerate_is_exact(model):
+    ids = _ids(300, seed=5)
+    cache = make_cache(model.args)
+    model(ids[:, :140], cache)
+    assert checkpoint(cache) == 140
+    first = model(ids[:, 140:300], cache)
+    rewind(cache, 140)
+    assert cache_offset(cache) == 140
+    again = model(ids[:, 140:300], cache)
+    np.testing.assert_array_equal(np.array(first), np.array(again))
+    with pytest.raises(ValueError, match="cannot rewind to position 150"):
+        rewind(cache, 150)
+
+
+def test_nbytes_breakdown_sums(model):
+    cache = make_cache(model.args)
+    model(_ids(50), cache)
+    assert cache_nbytes(cache) == sum(cache_breakdown(cache).values()) > 0
