@@ -16,6 +16,7 @@ from .layers.attention import Attention
 from .layers.hyper import HyperConnection, HyperHead
 from .layers.moe import MoE
 from .layers.norm import RMSNorm
+from .platform import metal_available
 
 
 class PositionError(ValueError):
@@ -23,14 +24,14 @@ class PositionError(ValueError):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int):
+    def __init__(self, args: ModelArgs, layer: int, cpu: bool):
         super().__init__()
         hc = (args.hc_mult, args.hidden_size, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps)
         self.hc_attn, self.hc_ffn = HyperConnection(*hc), HyperConnection(*hc)
         self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.attn = Attention(args, layer)
-        self.ffn = MoE(args, layer)
+        self.attn = Attention(args, layer, fused_sdpa=not cpu)
+        self.ffn = MoE(args, layer, grouped_dense=cpu)
 
     def __call__(self, x: mx.array, token_ids: mx.array, cache) -> mx.array:
         h, post, comb = self.hc_attn.collapse(x)
@@ -40,12 +41,15 @@ class DecoderLayer(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, cpu: bool | None = None):
+        """``cpu``: choose the paths that are fast on MLX's CPU backend (default: when Metal is
+        absent). Both choices compute the same function; tests run both."""
         super().__init__()
         self.args = args
         self.model_type = args.model_type
+        cpu = not metal_available() if cpu is None else cpu
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.layers = [DecoderLayer(args, i, cpu) for i in range(args.num_hidden_layers)]
         self.hc_head = HyperHead(args.hc_mult, args.hidden_size, args.hc_eps, args.rms_norm_eps)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)

@@ -83,3 +83,15 @@ def test_positions_past_the_limit_are_refused():
 def test_last_only_returns_the_last_position(model):
     ids = _ids(40, seed=5)
     _close(model(ids, last_only=True)[:, 0], model(ids)[:, -1], model)
+
+
+@pytest.mark.parametrize("fake_quant", [True, False])
+def test_cpu_and_metal_paths_compute_the_same(fake_quant):
+    """CPU-fast paths (attention as two GEMMs, experts grouped per expert) against the paths
+    used on Metal (fused SDPA with sinks, gather_mm experts), same weights, prefill + decode."""
+    args = tiny_args(fake_quant=fake_quant)
+    cpu, gpu = random_model(args, seed=11, cpu=True), random_model(args, seed=11, cpu=False)
+    ids = _ids(200, seed=6)
+    for sizes in ([200], [150, 1, 1, 48]):
+        np.testing.assert_allclose(np.array(_run_chunks(cpu, ids, sizes)), np.array(_run_chunks(gpu, ids, sizes)),
+                                   atol=ATOL_FAKE_QUANT if fake_quant else ATOL, rtol=0)

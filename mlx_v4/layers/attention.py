@@ -22,6 +22,23 @@ from .norm import RMSNorm, rms_normalize
 from .rope import RoPE
 
 
+def attend(q: mx.array, keys: mx.array, mask: mx.array, sinks: mx.array, scale: float) -> mx.array:
+    """Softmax attention of every head over one shared K = V, with a per-head sink.
+
+    q [B, L, H, d]; keys [B, N, d]; mask [B, L, N] (True = visible); sinks [H] -> [B, L, H, d].
+    Heads fold into the query rows, so scores and output are two plain GEMMs (on MLX's CPU
+    backend these use BLAS; its fused SDPA does not and is ~4x slower here)."""
+    B, L, H, d = q.shape
+    scores = (q.reshape(B, L * H, d) @ keys.swapaxes(1, 2)).reshape(B, L, H, -1).astype(mx.float32) * scale
+    scores = mx.where(mask[:, :, None], scores, -mx.inf)
+    sinks = sinks.astype(mx.float32)[:, None]
+    peak = mx.maximum(scores.max(axis=-1, keepdims=True), sinks)  # [B, L, H, 1]
+    weights = mx.exp(scores - peak)
+    weights = weights / (weights.sum(axis=-1, keepdims=True) + mx.exp(sinks - peak))
+    out = weights.astype(keys.dtype).reshape(B, L * H, -1) @ keys
+    return out.reshape(B, L, H, d)
+
+
 def grouped_projection(o: mx.array, layer: nn.Module, groups: int) -> mx.array:
     """o [B, L, G, in_g] through ``wo_a`` viewed as G blocks [R, in_g] -> [B, L, G*R]."""
     B, L, G, _ = o.shape
@@ -40,9 +57,12 @@ def grouped_projection(o: mx.array, layer: nn.Module, groups: int) -> mx.array:
 
 
 class Attention(nn.Module):
-    def __init__(self, args, layer: int):
+    def __init__(self, args, layer: int, fused_sdpa: bool = False):
+        """``fused_sdpa``: use mx.fast.scaled_dot_product_attention (fast on Metal) instead of
+        :func:`attend` (fast on the CPU); both compute the same thing."""
         super().__init__()
         D, H, hd = args.hidden_size, args.num_attention_heads, args.head_dim
+        self.fused_sdpa = fused_sdpa
         self.n_heads, self.head_dim, self.groups = H, hd, args.o_groups
         self.ratio = args.compress_ratios[layer]
         self.window, self.eps, self.fake_quant = args.sliding_window, args.rms_norm_eps, args.fake_quant
@@ -85,10 +105,13 @@ class Attention(nn.Module):
         if self.ratio:
             keys, mask = self._add_compressed(x, qr, cache, cos, sin, keys, mask, qpos)
 
-        o = mx.fast.scaled_dot_product_attention(
-            q.transpose(0, 2, 1, 3), keys[:, None], keys[:, None], scale=self.head_dim**-0.5,
-            mask=mask[:, None], sinks=self.attn_sink.astype(dtype))
-        o = self._rope(o.transpose(0, 2, 1, 3), cos[:, None], sin[:, None], inverse=True)
+        if self.fused_sdpa:
+            o = mx.fast.scaled_dot_product_attention(
+                q.transpose(0, 2, 1, 3), keys[:, None], keys[:, None], scale=self.head_dim**-0.5,
+                mask=mask[:, None], sinks=self.attn_sink.astype(dtype)).transpose(0, 2, 1, 3)
+        else:
+            o = attend(q, keys, mask, self.attn_sink, self.head_dim**-0.5)
+        o = self._rope(o, cos[:, None], sin[:, None], inverse=True)
         o = grouped_projection(o.reshape(B, L, self.groups, -1), self.wo_a, self.groups)
         cache.offset += L
         return self.wo_b(o)

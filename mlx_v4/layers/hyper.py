@@ -13,6 +13,8 @@ learned projection of the RMS-normalised, flattened streams yields three mixings
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -35,6 +37,22 @@ def _mixes(x: mx.array, fn: mx.array, norm_eps: float) -> tuple[mx.array, mx.arr
     return xf, (xf @ fn.T) * rsqrt
 
 
+@partial(mx.compile, shapeless=False)
+def _mix_weights(mixes, base, scale, hc: int, iters: int, hc_eps: float):
+    pre = mx.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + hc_eps
+    post = 2 * mx.sigmoid(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
+    comb = mixes[..., 2 * hc:].reshape(*mixes.shape[:-1], hc, hc) * scale[2] + base[2 * hc:].reshape(hc, hc)
+    return pre, post, sinkhorn(comb, iters, hc_eps)
+
+
+def _collapse(x, fn, base, scale, hc: int, iters: int, hc_eps: float, norm_eps: float):
+    xf, mixes = _mixes(x, fn, norm_eps)
+    # Sinkhorn is ~60 tiny ops: compiled, they fuse into a few kernels (decode is launch-bound).
+    pre, post, comb = _mix_weights(mixes, base, scale, hc, iters, hc_eps)
+    y = (pre[..., None] * xf.reshape(x.shape)).sum(axis=2)
+    return y.astype(x.dtype), post, comb
+
+
 class HyperConnection(nn.Module):
     def __init__(self, hc_mult: int, hidden_size: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
         super().__init__()
@@ -46,15 +64,7 @@ class HyperConnection(nn.Module):
 
     def collapse(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """x [B, L, hc, D] -> (sub-block input [B, L, D], post [B, L, hc], comb [B, L, hc, hc])."""
-        hc = self.hc_mult
-        xf, mixes = _mixes(x, self.fn, self.norm_eps)
-        scale, base = self.scale, self.base
-        pre = mx.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + self.hc_eps
-        post = 2 * mx.sigmoid(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
-        comb = mixes[..., 2 * hc:].reshape(*mixes.shape[:-1], hc, hc) * scale[2] + base[2 * hc:].reshape(hc, hc)
-        comb = sinkhorn(comb, self.iters, self.hc_eps)
-        y = (pre[..., None] * xf.reshape(x.shape)).sum(axis=2)
-        return y.astype(x.dtype), post, comb
+        return _collapse(x, self.fn, self.base, self.scale, self.hc_mult, self.iters, self.hc_eps, self.norm_eps)
 
     @staticmethod
     def expand(o: mx.array, residual: mx.array, post: mx.array, comb: mx.array) -> mx.array:

@@ -23,9 +23,9 @@ def tiny_args(**overrides) -> ModelArgs:
     return ModelArgs.from_dict(TINY_CONFIG, overrides)
 
 
-def random_model(args: ModelArgs, seed: int = 0, dtype=mx.float32) -> Model:
+def random_model(args: ModelArgs, seed: int = 0, dtype=mx.float32, cpu: bool | None = None) -> Model:
     """A Model with deterministic random weights of healthy magnitudes."""
-    model = Model(args)
+    model = Model(args, cpu=cpu)
     params = {}
     for i, (name, p) in enumerate(sorted(tree_flatten(model.parameters()))):
         k = mx.random.key(seed * 100003 + i)
