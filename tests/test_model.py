@@ -10,9 +10,10 @@ from mlx_v4.testing.tiny import random_model, tiny_args
 
 ATOL = 2e-5  # float32 on CPU; chunking changes only summation order
 # With the FP8/FP4 simulations on, a last-bit difference from another summation order can move
-# a value across an FP8 rounding boundary (one e4m3 step) on rare elements; exact mode above
-# proves the logic, this bound proves those flips stay rare and small.
-ATOL_FAKE_QUANT = 1e-3
+# a value across an FP8 rounding boundary (one e4m3 step). Exact mode proves the logic; in
+# fake-quant mode we require that such flips stay rare (<1% of logits beyond ATOL) and small.
+FLIP_MAX = 1e-2
+FLIP_FRACTION = 0.01
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["fake_quant", "exact"])
@@ -20,9 +21,15 @@ def model(request):
     return random_model(tiny_args(fake_quant=request.param), seed=3)
 
 
-def _close(a, b, model):
-    atol = ATOL_FAKE_QUANT if model.args.fake_quant else ATOL
-    np.testing.assert_allclose(np.array(a), np.array(b), atol=atol, rtol=0)
+def _close(a, b, model=None, fake_quant=None):
+    fake_quant = model.args.fake_quant if fake_quant is None else fake_quant
+    a, b = np.array(a), np.array(b)
+    if not fake_quant:
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+        return
+    diff = np.abs(a - b)
+    assert diff.max() < FLIP_MAX, diff.max()
+    assert (diff > ATOL).mean() < FLIP_FRACTION, (diff > ATOL).mean()
 
 
 def _ids(n, batch=1, seed=0):
@@ -93,5 +100,4 @@ def test_cpu_and_metal_paths_compute_the_same(fake_quant):
     cpu, gpu = random_model(args, seed=11, cpu=True), random_model(args, seed=11, cpu=False)
     ids = _ids(200, seed=6)
     for sizes in ([200], [150, 1, 1, 48]):
-        np.testing.assert_allclose(np.array(_run_chunks(cpu, ids, sizes)), np.array(_run_chunks(gpu, ids, sizes)),
-                                   atol=ATOL_FAKE_QUANT if fake_quant else ATOL, rtol=0)
+        _close(_run_chunks(cpu, ids, sizes), _run_chunks(gpu, ids, sizes), fake_quant=fake_quant)
