@@ -124,7 +124,8 @@ class WindowCache:
         keep = self.window - 1
         if self.window_parts:
             parts = [mx.concatenate([old, new], axis=1) for old, new in zip(self.window_parts, parts)]
-        self.window_parts = [p[:, -keep:] if keep > 0 else p[:, :0] for p in parts]
+        # contiguous copies: a slice view would keep the whole chunk's buffer alive
+        self.window_parts = [mx.contiguous(p[:, -keep:] if keep > 0 else p[:, :0]) for p in parts]
 
     # ---- bookkeeping ---------------------------------------------------------------------
     def _extra_snapshot(self) -> dict:

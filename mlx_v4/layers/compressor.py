@@ -70,7 +70,9 @@ class Compressor(nn.Module):
             score = mx.concatenate([state.score, score], axis=1)
         n = (m + L) // r
         first_entry = (offset - m) // r
-        new_state = CompressorState(kv[:, n * r:], score[:, n * r:], state.prev_kv, state.prev_score)
+        # contiguous copies: slices of the chunk would keep its whole projection buffer alive
+        new_state = CompressorState(mx.contiguous(kv[:, n * r:]), mx.contiguous(score[:, n * r:]),
+                                    state.prev_kv, state.prev_score)
         if n == 0:
             return None, None, new_state
 
@@ -85,7 +87,8 @@ class Compressor(nn.Module):
                 prev_kv, prev_score = state.prev_kv[:, None], state.prev_score[:, None]
             prev_kv = mx.concatenate([prev_kv, kv[:, :-1, :, :d]], axis=1)
             prev_score = mx.concatenate([prev_score, score[:, :-1, :, :d]], axis=1)
-            new_state.prev_kv, new_state.prev_score = kv[:, -1, :, :d], score[:, -1, :, :d]
+            new_state.prev_kv = mx.contiguous(kv[:, -1, :, :d])
+            new_state.prev_score = mx.contiguous(score[:, -1, :, :d])
             kv = mx.concatenate([prev_kv, kv[..., d:]], axis=2)  # [B, n, 2r, d]
             score = mx.concatenate([prev_score, score[..., d:]], axis=2)
         pooled = (kv * mx.softmax(score, axis=2, precise=True)).sum(axis=2)  # [B, n, d]
