@@ -1,0 +1,184 @@
+"""`mlx-v4 info`: the memory planner.
+
+Weights come from the checkpoint itself when there is one (the safetensors index's
+``metadata.total_size``, else the file sizes; for a repo id only config.json and the index are
+downloaded), or for the presets from the parameter counts at the chosen bits. The KV cache is
+``mlx_v4.cache.planned_nbytes`` at the requested context.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import REAL_MODEL, UserError, looks_like_repo, user_errors
+
+MAC_SIZES_GB = (36, 48, 64, 96, 128, 192, 256, 512)
+# macOS lets the GPU wire about 75% of unified memory by default; `sudo sysctl
+# iogpu.wired_limit_mb=...` raises that to roughly all but a few GB.
+DEFAULT_GPU_FRACTION = 0.75
+RAISED_RESERVE_BYTES = 8e9
+
+# bits per weight for (routed experts, other matrices); norms and small vectors stay 16-bit.
+# mx formats carry one 8-bit scale per 32 values (+0.25 bit); affine qN one fp16 scale and
+# bias per 64 values (+0.5 bit).
+RECIPES = {
+    "native": (4.25, 8.25),  # the release: FP4 experts, FP8 elsewhere (mxfp4 / mxfp8 here)
+    "mxfp4": (4.25, 4.25),
+    "mxfp8": (8.25, 8.25),
+    "q4": (4.5, 4.5),
+    "q8": (8.5, 8.5),
+    "bf16": (16.0, 16.0),
+}
+
+
+@dataclass
+class MemoryPlan:
+    name: str
+    weights_bytes: float
+    weights_source: str
+    context: int
+    cache_bytes: float
+    params: float | None = None
+    machine_bytes: float = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def overhead_bytes(self) -> float:
+        # activations of a prefill chunk, MLX buffer cache, the tokenizer and Python: a rough
+        # fixed part plus a small share of the weights.
+        return 2e9 + 0.03 * self.weights_bytes
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weights_bytes + self.cache_bytes + self.overhead_bytes
+
+    def verdict(self, memory_bytes: float) -> str:
+        if self.total_bytes <= DEFAULT_GPU_FRACTION * memory_bytes:
+            return "yes"
+        if self.total_bytes <= memory_bytes - RAISED_RESERVE_BYTES:
+            return "tight"
+        return "no"
+
+    @property
+    def fits_here(self) -> bool:
+        return self.machine_bytes > 0 and self.verdict(self.machine_bytes) != "no"
+
+    @property
+    def macs(self) -> list[tuple[int, str]]:
+        return [(gb, self.verdict(gb * 2**30)) for gb in MAC_SIZES_GB]
+
+
+def parameter_bytes(args, expert_bits: float, other_bits: float) -> tuple[float, float]:
+    """(parameter count, bytes) of a model built from ``args`` (shapes only; nothing allocated)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_v4.model import Model
+
+    count, nbytes = 0, 0.0
+    for name, p in tree_flatten(Model(args).parameters()):
+        n = math.prod(p.shape)
+        count += n
+        if ".experts." in name and "shared" not in name:
+            bits = expert_bits
+        elif p.ndim >= 2 and not name.startswith("embed") and "tid2eid" not in name:
+            bits = other_bits
+        else:
+            bits = 16.0
+        nbytes += n * bits / 8
+    return count, nbytes
+
+
+def _index_bytes(index_file: Path) -> float | None:
+    try:
+        return float(json.loads(index_file.read_text())["metadata"]["total_size"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _checkpoint(model: str) -> tuple[Path, float, str]:
+    """(directory holding config.json, weights bytes, where the number came from)."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        size = _index_bytes(p / "model.safetensors.index.json")
+        if size is not None:
+            return p, size, "safetensors index"
+        files = list(p.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{p}: no safetensors files here", "pass a model directory with weights")
+        return p, float(sum(f.stat().st_size for f in files)), "file sizes"
+    if p.exists() or not looks_like_repo(model):
+        raise UserError(f"no such model directory: {model}",
+                        f"pass a model directory, a repo id such as {REAL_MODEL}, or flash / pro")
+    from huggingface_hub import hf_hub_download
+
+    config = Path(hf_hub_download(model, "config.json"))
+    try:
+        index = Path(hf_hub_download(model, "model.safetensors.index.json"))
+    except Exception as e:  # a single-file repo has no index
+        raise UserError(f"{model}: no model.safetensors.index.json ({type(e).__name__})",
+                        "download the repo and pass its directory") from None
+    size = _index_bytes(index)
+    if size is None:
+        raise UserError(f"{model}: the safetensors index has no metadata.total_size",
+                        "download the repo and pass its directory")
+    return config.parent, size, "safetensors index"
+
+
+def plan(model: str, *, recipe: str | None, bits: float | None, context: int) -> MemoryPlan:
+    from mlx_v4 import cache, config, platform
+
+    if bits is not None:
+        expert_bits = other_bits = bits + 0.5  # affine: fp16 scale and bias per 64 values
+        label = f"{bits:g}-bit"
+    else:
+        recipe = recipe or "native"
+        if recipe not in RECIPES:
+            raise UserError(f"unknown recipe {recipe!r}", f"choose one of {', '.join(RECIPES)}")
+        expert_bits, other_bits = RECIPES[recipe]
+        label = recipe
+    notes = []
+    if model in config.PRESETS:
+        args = config.preset(model)
+        params, weights = parameter_bytes(args, expert_bits, other_bits)
+        name, source = f"DeepSeek V4 {model.capitalize()}", f"{label}, from parameter counts"
+    else:
+        if model in ("demo", ""):
+            import mlx_v4
+
+            model = str(mlx_v4.DEMO_MODEL_PATH)
+        directory, weights, source = _checkpoint(model)
+        args = config.ModelArgs.from_file(directory)
+        params, name = None, model
+        if recipe is not None or bits is not None:
+            notes.append("--recipe/--bits apply to flash and pro; a checkpoint is sized from its files.")
+    if context > args.max_position_embeddings:
+        raise UserError(f"--context {context} is past this model's maximum {args.max_position_embeddings}",
+                        "choose a smaller --context")
+    kv = cache.planned_nbytes(args, context)
+    notes.append(f"KV cache grows about {cache.bytes_per_token(args) / 1e3:.1f} KB per token after the "
+                 f"{args.sliding_window}-token window.")
+    notes.append("'tight' means it fits only after raising the GPU memory limit: "
+                 "sudo sysctl iogpu.wired_limit_mb=<MB>.")
+    return MemoryPlan(name=name, weights_bytes=weights, weights_source=source, context=context,
+                      cache_bytes=kv, params=params, machine_bytes=platform.total_memory_bytes(), notes=notes)
+
+
+@user_errors
+def info(
+    model: Annotated[str, typer.Argument(help="flash, pro, a model directory or a Hugging Face repo id.")] = "flash",
+    recipe: Annotated[str | None, typer.Option(help=f"Weight format for flash/pro: {', '.join(RECIPES)}.")] = None,
+    bits: Annotated[float | None, typer.Option(help="Uniform affine bits for flash/pro (overrides --recipe).")] = None,
+    context: Annotated[int, typer.Option(help="Context length to size the KV cache for.")] = 65536,
+):
+    from .ui import UI
+
+    if context < 0:
+        raise UserError("--context must be >= 0", "pass a token count such as 65536")
+    result = plan(model, recipe=recipe, bits=bits, context=context)
+    UI().memory_plan(result)

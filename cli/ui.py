@@ -1,0 +1,250 @@
+"""All terminal rendering for the mlx-v4 command (Rich). Commands hand plain data in here.
+
+Two modes: on a terminal the answer streams as Markdown in a Rich Live view with the reasoning
+dimmed above it; otherwise (a pipe or a file) the answer goes to stdout as plain text and
+everything else (reasoning, stats, notices) to stderr, so `mlx-v4 generate ... | tool` carries
+only the answer.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.panel import Panel
+from rich.segment import Segment
+from rich.table import Table
+from rich.text import Text
+
+GB = 1e9
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GB" else f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class _Tail:
+    """Render only the last lines of a renderable so a long streaming answer keeps its newest
+    text in view (Live cannot redraw what has scrolled off the screen)."""
+
+    def __init__(self, renderable, reserve: int = 2):
+        self.renderable, self.reserve = renderable, reserve
+
+    def __rich_console__(self, console, options):
+        lines = console.render_lines(self.renderable, options, pad=False)
+        keep = max(1, console.size.height - self.reserve)
+        for line in lines[-keep:]:
+            yield from line
+            yield Segment.line()
+
+
+@dataclass
+class StreamView:
+    """One answer being streamed: collects reasoning and answer text and renders them."""
+
+    ui: UI
+    show_reasoning: bool = True
+    reasoning: list[str] = field(default_factory=list)
+    answer: list[str] = field(default_factory=list)
+    _live: Live | None = None
+    _plain_reasoning_open: bool = False
+
+    def __enter__(self):
+        if self.ui.interactive:
+            self._live = Live(console=self.ui.out, refresh_per_second=12, transient=True,
+                              vertical_overflow="crop")
+            self._live.__enter__()
+        return self
+
+    def _renderable(self, tail: bool):
+        parts = []
+        if self.show_reasoning and self.reasoning:
+            parts.append(Text("".join(self.reasoning).strip(), style="dim italic"))
+        if self.answer:
+            parts.append(Markdown("".join(self.answer)))
+        group = Group(*parts)
+        return _Tail(group) if tail else group
+
+    def reasoning_text(self, text: str) -> None:
+        self.reasoning.append(text)
+        if self._live is not None:
+            self._live.update(self._renderable(tail=True))
+        elif self.show_reasoning:
+            self.ui.err.print(text, style="dim", end="", markup=False, highlight=False)
+            self._plain_reasoning_open = True
+
+    def answer_text(self, text: str) -> None:
+        self.answer.append(text)
+        if self._live is not None:
+            self._live.update(self._renderable(tail=True))
+        else:
+            if self._plain_reasoning_open:
+                self.ui.err.print()
+                self._plain_reasoning_open = False
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def __exit__(self, *exc):
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
+            if self.reasoning or self.answer:
+                self.ui.out.print(self._renderable(tail=False))
+        else:
+            if self._plain_reasoning_open:
+                self.ui.err.print()
+            if self.answer and not "".join(self.answer).endswith("\n"):
+                sys.stdout.write("\n")
+            sys.stdout.flush()
+        return False
+
+
+class UI:
+    """Rendering entry points. ``interactive`` is True when stdout is a terminal."""
+
+    def __init__(self, interactive: bool | None = None):
+        self.out = Console(highlight=False)
+        self.err = Console(stderr=True, highlight=False)
+        self.interactive = sys.stdout.isatty() if interactive is None else interactive
+
+    # ---- messages -----------------------------------------------------------------------------
+    def error(self, message: str, fix: str | None = None) -> None:
+        line = Text("Error: ", style="bold red") + Text(one_line(message), style="red")
+        if fix:
+            line += Text(f" ({one_line(fix)})", style="red")
+        self.err.print(line, soft_wrap=True)
+
+    def notice(self, message: str) -> None:
+        self.err.print(Text(message, style="cyan"), soft_wrap=True)
+
+    def status(self, message: str):
+        """A spinner on a terminal, nothing otherwise (a context manager either way)."""
+        if self.interactive:
+            return self.err.status(message, spinner="dots")
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    # ---- generation -------------------------------------------------------------------------
+    def stream(self, show_reasoning: bool = True) -> StreamView:
+        return StreamView(self, show_reasoning=show_reasoning)
+
+    def interrupted(self) -> None:
+        self.err.print(Text("[stopped; the session keeps what was said so far]", style="yellow"))
+
+    def stats_line(self, stats) -> None:
+        """prompt tok/s, generation tok/s, context used of max, KV cache size, peak memory."""
+        if stats is None:
+            return
+        parts = [
+            f"prompt {stats.prompt_tokens} tok @ {stats.prompt_tps:.1f} tok/s",
+            f"gen {stats.generation_tokens} tok @ {stats.generation_tps:.1f} tok/s",
+            f"context {stats.context_tokens}/{stats.max_context}",
+            f"KV cache {human_bytes(stats.cache_bytes)}",
+            f"peak mem {human_bytes(stats.peak_memory_bytes)}",
+        ]
+        self.err.print(Text(" | ".join(parts), style="dim cyan"), soft_wrap=True)
+
+    # ---- chat -------------------------------------------------------------------------------
+    def banner(self, *, model_name: str, demo: bool, thinking: bool, effort: str | None,
+               max_context: int | None = None) -> None:
+        lines = [Text.assemble(("mlx-v4 chat", "bold"), "  model: ", (model_name, "green"))]
+        if demo:
+            lines.append(Text(
+                "This is the bundled tiny demo model (a few million parameters, trained on Python "
+                "docs): it shows the machinery, not DeepSeek V4's quality.", style="yellow"))
+            lines.append(Text(
+                "For the real model: mlx-v4 chat --model deepseek-ai/DeepSeek-V4-Flash "
+                "(needs a Mac with ~192 GB+; Pro needs several). See `mlx-v4 info flash`.", style="yellow"))
+        mode = f"thinking {'on' if thinking else 'off'}" + (f", effort {effort}" if thinking and effort else "")
+        if max_context:
+            mode += f", context {max_context:,} tokens"
+        lines.append(Text(mode + ".  /help for commands, /exit or Ctrl-D to leave; a line ending in "
+                          "\\ continues, \"\"\" starts a block.", style="dim"))
+        if self.interactive:
+            self.err.print(Panel(Group(*lines), border_style="blue"))
+        else:
+            for line in lines:
+                self.err.print(line, soft_wrap=True)
+
+    def chat_help(self, commands: list[tuple[str, str]]) -> None:
+        table = Table(show_header=False, box=None, padding=(0, 2))
+        for name, text in commands:
+            table.add_row(Text(name, style="bold"), text)
+        self.err.print(table)
+
+    def prompt(self, continuation: bool = False) -> str:
+        """Read one line from the user (raises EOFError / KeyboardInterrupt)."""
+        marker = "... " if continuation else ">>> "
+        if sys.stdin.isatty():
+            return self.out.input(Text(marker, style="bold green"))
+        return input()
+
+    def history(self, messages: list[tuple[str, str]]) -> None:
+        """Restored conversation: (role, text) pairs."""
+        if not messages:
+            return
+        self.err.print(Text(f"--- restored {len(messages)} messages ---", style="dim"))
+        for role, text in messages:
+            style = {"user": "bold green", "assistant": "default", "system": "magenta"}.get(role, "dim")
+            self.err.print(Text(f"{role}: ", style=style) + Text(one_line(text)[:400]), soft_wrap=True)
+        self.err.print(Text("--- end of history ---", style="dim"))
+
+    def session_stats(self, stats, breakdown: dict[str, int] | None, context: tuple[int, int] | None) -> None:
+        table = Table(title="session", show_header=False, box=None, padding=(0, 2))
+        if context:
+            table.add_row("context", f"{context[0]:,} / {context[1]:,} tokens")
+        if stats is not None:
+            table.add_row("last prompt", f"{stats.prompt_tokens} tok @ {stats.prompt_tps:.1f} tok/s")
+            table.add_row("last generation", f"{stats.generation_tokens} tok @ {stats.generation_tps:.1f} tok/s")
+            table.add_row("KV cache", human_bytes(stats.cache_bytes))
+            table.add_row("peak memory", human_bytes(stats.peak_memory_bytes))
+        for kind, n in (breakdown or {}).items():
+            table.add_row(f"  cache: {kind}", human_bytes(n))
+        if stats is None and not breakdown and not context:
+            table.add_row("", "nothing generated yet")
+        self.err.print(table)
+
+    # ---- info / bench -----------------------------------------------------------------------
+    def memory_plan(self, plan) -> None:
+        table = Table(title=f"Memory plan: {plan.name}", show_header=False)
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        table.add_row("parameters", f"{plan.params / 1e9:.1f} B" if plan.params else "-")
+        table.add_row(f"weights ({plan.weights_source})", human_bytes(plan.weights_bytes))
+        table.add_row(f"KV cache at {plan.context:,} tokens", human_bytes(plan.cache_bytes))
+        table.add_row("overhead (activations, buffers)", human_bytes(plan.overhead_bytes))
+        table.add_row("total", Text(human_bytes(plan.total_bytes), style="bold"))
+        here = Text("yes", style="green") if plan.fits_here else Text("no", style="red")
+        table.add_row(f"fits this machine ({human_bytes(plan.machine_bytes)})", here)
+        self.out.print(table)
+        macs = Table(title="Mac memory sizes", show_header=True)
+        macs.add_column("unified memory")
+        macs.add_column("fits")
+        for size, verdict in plan.macs:
+            style = {"yes": "green", "tight": "yellow", "no": "red"}[verdict]
+            label = {"yes": "yes", "tight": "only with iogpu.wired_limit_mb raised", "no": "no"}[verdict]
+            macs.add_row(f"{size} GB", Text(label, style=style))
+        self.out.print(macs)
+        for note in plan.notes:
+            self.out.print(Text(note, style="dim"), soft_wrap=True)
+
+    def bench_table(self, model_name: str, rows: list[dict]) -> None:
+        table = Table(title=f"Benchmark: {model_name}")
+        for col in ("context", "prefill tok/s", "decode tok/s", "generated", "KV cache", "peak memory"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(f"{r['context']:,}", f"{r['prefill_tps']:.1f}", f"{r['decode_tps']:.1f}",
+                          str(r["generated"]), human_bytes(r["cache_bytes"]), human_bytes(r["peak_memory_bytes"]))
+        self.out.print(table)
