@@ -1,19 +1,17 @@
 """`mlx-v4 bench`: prefill and decode speed and peak memory per context length.
 
-Random token ids (the speed of a forward pass does not depend on the text), prefill in chunks
-into a fresh cache, then greedy decode steps; the table is rendered by ui.bench_table.
+Random token ids (the speed of a forward pass does not depend on the text) through
+mlx_v4.generate.stream_generate into a fresh cache; its Stats give each row, rendered by
+ui.bench_table.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 import typer
 
 from .common import MODEL_HELP, UserError, load_model, user_errors
-
-PREFILL_CHUNK = 512
 
 
 def parse_contexts(text: str) -> list[int]:
@@ -27,29 +25,29 @@ def parse_contexts(text: str) -> list[int]:
     return out
 
 
-def measure(model, context: int, gen: int, seed: int = 0) -> dict:
+def measure(model, tokenizer, context: int, gen: int, seed: int = 0) -> dict:
+    """One row: stream_generate over ``context`` random ids, greedy, EOS masked so every row
+    decodes the same number of tokens."""
     import mlx.core as mx
 
-    from mlx_v4.cache import cache_nbytes
+    from mlx_v4.generate import stream_generate
 
-    ids = mx.random.randint(0, model.args.vocab_size, (1, context), key=mx.random.key(seed))
-    cache = model.make_cache()
+    ids = mx.random.randint(0, model.args.vocab_size, (context,), key=mx.random.key(seed)).tolist()
+    eos = mx.zeros((model.args.vocab_size,))
+    eos[int(model.args.eos_token_id)] = -mx.inf
+
+    def no_eos(history, logits):
+        return logits + eos
+
     mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    for start in range(0, context, PREFILL_CHUNK):
-        logits = model(ids[:, start:start + PREFILL_CHUNK], cache, last_only=True)
-        mx.eval(logits, [c.state for c in cache])
-    prefill_s = time.perf_counter() - t0
-    token = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
-    t0 = time.perf_counter()
-    for _ in range(gen):
-        logits = model(token, cache, last_only=True)
-        token = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
-        mx.eval(token)
-    decode_s = time.perf_counter() - t0
-    return dict(context=context, prefill_tps=context / max(prefill_s, 1e-9),
-                decode_tps=gen / max(decode_s, 1e-9) if gen else 0.0, generated=gen,
-                cache_bytes=cache_nbytes(cache), peak_memory_bytes=mx.get_peak_memory())
+    stats = None
+    for ev in stream_generate(model, tokenizer, ids, max_tokens=max(gen, 1), temperature=0.0,
+                              logits_processors=[no_eos]):
+        if type(ev).__name__ == "Stats":
+            stats = ev
+    return dict(context=context, prefill_tps=stats.prompt_tps, decode_tps=stats.generation_tps,
+                generated=stats.generation_tokens, cache_bytes=stats.cache_bytes,
+                peak_memory_bytes=stats.peak_memory_bytes)
 
 
 @user_errors
@@ -61,10 +59,10 @@ def bench(
     from .ui import UI
 
     lengths = parse_contexts(contexts)
-    if gen < 0:
-        raise UserError("--gen must be >= 0", "e.g. --gen 32")
+    if gen < 1:
+        raise UserError("--gen must be >= 1", "e.g. --gen 32")
     ui = UI()
-    m, _, path = load_model(ui, model)
+    m, tok, path = load_model(ui, model)
     limit = m.args.max_position_embeddings
     if max(lengths) + gen > limit:
         raise UserError(f"context {max(lengths)} + {gen} generated is past this model's maximum {limit}",
@@ -72,5 +70,5 @@ def bench(
     rows = []
     for n in lengths:
         with ui.status(f"context {n:,}"):
-            rows.append(measure(m, n, gen))
+            rows.append(measure(m, tok, n, gen))
     ui.bench_table(path, rows)

@@ -138,6 +138,8 @@ class ChatLoop:
         context = None
         if cache:
             context = (kv.cache_offset(cache), self.model.args.max_position_embeddings)
+        elif self.last_stats is not None:
+            context = (self.last_stats.context_tokens, self.last_stats.max_context)
         self.ui.session_stats(self.last_stats, breakdown, context)
 
     # ---- turns ------------------------------------------------------------------------------
