@@ -188,7 +188,9 @@ class UI:
         """Read one line from the user (raises EOFError / KeyboardInterrupt)."""
         marker = "... " if continuation else ">>> "
         if sys.stdin.isatty():
-            return self.out.input(Text(marker, style="bold green"))
+            # the prompt goes where the user looks: stdout on a terminal, else stderr
+            console = self.out if self.interactive else self.err
+            return console.input(Text(marker, style="bold green"))
         return input()
 
     def history(self, messages: list[tuple[str, str]]) -> None:

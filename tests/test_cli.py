@@ -128,6 +128,22 @@ def test_chat_save_resume_and_load(fake):
     assert r.exit_code == 0
 
 
+def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(fake, monkeypatch):
+    sessions = []
+    orig = fakes.FakeSession.__init__
+
+    def init(self, *a, **k):
+        orig(self, *a, **k)
+        sessions.append(self)
+
+    monkeypatch.setattr(fakes.FakeSession, "__init__", init)
+    r = run("chat", "--model", fake, "--no-think", input="interrupt me\nstill here\n")
+    assert r.exit_code == 0, r.output
+    assert "stopped" in r.stderr and "Traceback" not in r.output
+    assert sessions[0].closed  # the generator was closed, not abandoned
+    assert "You said: still here" in r.stdout
+
+
 def test_chat_resume_missing_session(fake):
     one_line_error(run("chat", "--model", fake, "--resume", "ghost"), "ghost", "/save")
 

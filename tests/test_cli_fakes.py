@@ -39,6 +39,14 @@ class Finish:
     reason: str
 
 
+def _raise_interrupt(self):
+    raise KeyboardInterrupt
+
+
+# Named "Answer" as the CLI dispatches on the event's class name; reading .text is the Ctrl-C.
+_Interrupting = type("Answer", (), {"text": property(_raise_interrupt)})
+
+
 class FakeArgs:
     max_position_embeddings = 4096
     vocab_size = 1024
@@ -61,6 +69,7 @@ class FakeSession:
         self.messages: list[dict] = []
         self.context = 0
         self.sent: list[tuple[str, dict]] = []
+        self.closed = False
 
     def send(self, text, **gen):
         self.sent.append((text, gen))
@@ -71,6 +80,12 @@ class FakeSession:
         answer = f"You said: {text}"
         for word in answer.split(" "):
             yield Answer(word + " ")
+            if text == "interrupt me":
+                try:
+                    yield _Interrupting()  # Ctrl-C while the CLI renders this event
+                except GeneratorExit:
+                    self.closed = True  # the CLI closed us: the library can tidy up
+                    raise
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         self.context += new + len(answer.split())
         yield Stats(new, 100.0, len(answer.split()), 20.0, 1_000_000, self.context, 4096, 1000 * self.context)
