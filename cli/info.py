@@ -154,7 +154,7 @@ def plan(model: str, *, recipe: str | None, bits: float | None, context: int) ->
             model = str(mlx_v4.DEMO_MODEL_PATH)
         directory, weights, source = _checkpoint(model)
         args = config.ModelArgs.from_file(directory)
-        params, name = None, model
+        params, name = parameter_bytes(args, 16, 16)[0], model
         if recipe is not None or bits is not None:
             notes.append("--recipe/--bits apply to flash and pro; a checkpoint is sized from its files.")
     if context > args.max_position_embeddings:

@@ -171,11 +171,6 @@ def test_missing_model_path_is_one_line(cmd, tmp_path):
     one_line_error(run(*cmd, "--model", tmp_path / "no-such-model"), "no-such-model")
 
 
-def test_model_dir_without_config_is_one_line(tmp_path):
-    pytest.importorskip("mlx_v4.weights")
-    one_line_error(run("generate", "--model", tmp_path, "--prompt", "x"))
-
-
 @pytest.mark.parametrize("name,params", [("flash", "284.3 B"), ("pro", "1573.0 B")])
 def test_info_presets(name, params):
     r = run("info", name, "--context", 131072)
@@ -225,6 +220,47 @@ def test_convert_unavailable_is_one_line(tmp_path):
     except ImportError:
         pass
     one_line_error(run("convert", tmp_path, tmp_path / "out", "--recipe", "native"), "not available")
+
+
+# ---- a tiny random checkpoint through the real loader ------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    pytest.importorskip("mlx_v4.weights")
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_v4.testing.tiny import TINY_CONFIG, random_model, tiny_args
+
+    d = tmp_path_factory.mktemp("tiny")
+    mx.save_safetensors(str(d / "model.safetensors"), dict(tree_flatten(random_model(tiny_args()).parameters())))
+    (d / "config.json").write_text(json.dumps(TINY_CONFIG))
+    return d
+
+
+def test_bench_tiny_checkpoint(tiny_dir):
+    r = run("bench", "--model", tiny_dir, "--contexts", "64,300", "--gen", 3)
+    assert r.exit_code == 0, r.output
+    assert "prefill tok/s" in r.stdout and "300" in r.stdout
+
+
+def test_bench_past_context_is_one_line(tiny_dir):
+    one_line_error(run("bench", "--model", tiny_dir, "--contexts", "70000"), "70000")
+
+
+def test_checkpoint_without_weights_is_one_line(tiny_dir, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_dir / "config.json").read_text())
+    one_line_error(run("bench", "--model", tmp_path))
+
+
+def test_dir_without_config_is_one_line(tiny_dir, tmp_path):
+    one_line_error(run("bench", "--model", tmp_path))
+
+
+def test_info_tiny_checkpoint_counts_parameters(tiny_dir):
+    r = run("info", tiny_dir, "--context", 4096)
+    assert r.exit_code == 0, r.output
+    assert "file sizes" in r.stdout and "4,096" in r.stdout
 
 
 # ---- the real demo model ---------------------------------------------------------------------
