@@ -40,6 +40,13 @@ _UNSUPPORTED_KEYS = {
 }
 
 
+# config.json keys that are not ModelArgs fields but are understood (folded into fields).
+_SCHEMA_KEYS = {"layer_types", "mlp_layer_types", "compress_rates", "rope_parameters", "partial_rotary_factor",
+                "num_key_value_heads", "dim", "n_layers", "n_heads", "rope_head_dim", "moe_inter_dim",
+                "n_activated_experts", "route_scale", "score_func", "n_hash_layers", "norm_eps", "window_size",
+                "n_mtp_layers"}
+
+
 @dataclass
 class ModelArgs:
     model_type: str = "deepseek_v4"
@@ -144,6 +151,11 @@ class ModelArgs:
     def from_dict(cls, raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> ModelArgs:
         """Build from either config.json schema; ``overrides`` win over the file."""
         cfg = dict(raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown_overrides = set(overrides or {}) - known - _SCHEMA_KEYS
+        if unknown_overrides:
+            raise ConfigError(f"model_config has unknown fields: {sorted(unknown_overrides)}")
+        cfg.update(overrides or {})  # overrides speak the config.json schema too
         model_type = cfg.get("model_type")
         if model_type is None:
             raise ConfigError("config.json has no 'model_type' field: is this a model directory?")
@@ -190,11 +202,6 @@ class ModelArgs:
             raise ConfigError(
                 f"num_key_value_heads={cfg['num_key_value_heads']}: V4 shares one 512-d KV head (K = V)"
             )
-        cfg.update(overrides or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown_overrides = set(overrides or {}) - known
-        if unknown_overrides:
-            raise ConfigError(f"model_config has unknown fields: {sorted(unknown_overrides)}")
         return cls(**{k: v for k, v in cfg.items() if k in known})
 
     @classmethod
