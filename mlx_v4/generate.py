@@ -18,13 +18,13 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Union
 
 import mlx.core as mx
 
-from .cache import cache_nbytes, cache_offset
+from .cache import cache_nbytes, cache_offset, checkpoint
 
 #: V4's generation_config.json (temperature 1.0, top_p 1.0), used when a model has none.
 V4_GENERATION_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}
@@ -89,7 +89,7 @@ class Finish:
     stop_string: str | None = None  # the stop string that ended the run, if any
 
 
-Event = Union[Token, Reasoning, Answer, ToolCall, Stats, Finish]
+Event = Token | Reasoning | Answer | ToolCall | Stats | Finish
 
 
 # ---- sampling defaults -------------------------------------------------------------------------
@@ -165,20 +165,28 @@ def _eval_cache(cache, *extra) -> None:
     mx.eval(*extra, [c.state for c in cache])
 
 
-def prefill(model, ids: list[int], cache, *, step_size: int = 512, guard: _DeferInterrupt | None = None) -> int:
+def prefill(model, ids: list[int], cache, *, step_size: int = 512, checkpoints=(),
+            guard: _DeferInterrupt | None = None) -> int:
     """Feed ``ids`` into ``cache`` in chunks of ``step_size``, evaluating each chunk together
     with the cache state so the lazy graph never spans more than one chunk. Logits are not
-    computed. Returns how many ids were fed (fewer than all only when interrupted)."""
+    computed. ``checkpoints``: positions within ``ids`` (0..len) after which the cache takes a
+    checkpoint (chunks end there). Returns how many ids were fed (fewer than all only when
+    interrupted)."""
     if step_size < 1:
         raise ValueError(f"prefill_step_size must be >= 1, got {step_size}")
+    marks = sorted(p for p in set(checkpoints) if 0 <= p <= len(ids))
     fed = 0
+    if marks and marks[0] == 0:
+        checkpoint(cache)
     while fed < len(ids):
         if guard is not None and guard.hit:
             break
-        chunk = ids[fed: fed + step_size]
-        model(mx.array([chunk], dtype=mx.int32), cache=cache)
+        end = min([fed + step_size, len(ids)] + [p for p in marks if p > fed])
+        model(mx.array([ids[fed:end]], dtype=mx.int32), cache=cache)
         _eval_cache(cache)
-        fed += len(chunk)
+        fed = end
+        if fed in marks:
+            checkpoint(cache)
     return fed
 
 
@@ -249,13 +257,14 @@ def stream_generate(model, tokenizer, prompt: str | list[int], *, cache=None, ma
                     top_p: float | None = None, min_p: float | None = None, top_k: int | None = None,
                     seed: int | None = None, logits_processors: list[Callable] | None = None,
                     stop: str | list[str] | None = None, prefill_step_size: int = 512,
-                    thinking: bool | None = None, eos_token_ids=None) -> Iterator[Event]:
+                    thinking: bool | None = None, eos_token_ids=None, checkpoints=()) -> Iterator[Event]:
     """Generate from ``prompt`` (text, encoded without BOS, or ids), continuing ``cache``.
 
     ``thinking``: whether the output starts in reasoning (ends at ``</think>``); None decides
     from the prompt (its last token is ``<think>``). ``stop``: strings that end the run
     (excluded from the text). Raises :class:`ContextLengthError` before any work when the
-    cache + prompt + ``max_tokens`` exceed ``max_position_embeddings``.
+    cache + prompt + ``max_tokens`` exceed ``max_position_embeddings``. ``checkpoints``:
+    positions within the prompt (0..len) at which the cache takes a checkpoint to rewind to.
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     if not ids:
@@ -305,12 +314,15 @@ def stream_generate(model, tokenizer, prompt: str | list[int], *, cache=None, ma
     # -- prefill all but the last prompt token, then the last one gives the first logits
     try:
         with guard:
-            fed = prefill(model, ids[:-1], cache, step_size=prefill_step_size, guard=guard)
+            fed = prefill(model, ids[:-1], cache, step_size=prefill_step_size, guard=guard,
+                          checkpoints=[p for p in checkpoints if p < len(ids)])
             y = None
             if not guard.hit:
                 y = step(mx.array(ids[-1:], dtype=mx.int32))
-                mx.eval(y)  # noqa: the first token ends the prefill timing
+                mx.eval(y, [c.state for c in cache])  # the first token ends the prefill timing
                 fed += 1
+                if len(ids) in checkpoints:
+                    checkpoint(cache)
     except KeyboardInterrupt:
         guard.hit, y = True, None
         fed = cache_offset(cache) - start

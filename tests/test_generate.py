@@ -7,11 +7,19 @@ import signal
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from _fake_model import ScriptedModel
+
 from mlx_v4.cache import cache_offset
 from mlx_v4.generate import (
-    Answer, ContextLengthError, Finish, Reasoning, Stats, Token, generate, load_generation_defaults, prefill,
+    Answer,
+    ContextLengthError,
+    Finish,
+    Reasoning,
+    Stats,
+    Token,
+    generate,
+    load_generation_defaults,
+    prefill,
     stream_generate,
 )
 from mlx_v4.tokenizer import ASSISTANT_ID, END_THINK_ID, EOS_ID, THINK_ID, USER_ID, load_tokenizer

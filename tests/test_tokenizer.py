@@ -5,7 +5,14 @@ import shutil
 import pytest
 
 from mlx_v4.tokenizer import (
-    ASSISTANT_ID, BOS_ID, END_THINK_ID, EOS_ID, THINK_ID, USER_ID, TokenizerError, bundled_tokenizer_path,
+    ASSISTANT_ID,
+    BOS_ID,
+    END_THINK_ID,
+    EOS_ID,
+    THINK_ID,
+    USER_ID,
+    TokenizerError,
+    bundled_tokenizer_path,
     load_tokenizer,
 )
 
