@@ -55,7 +55,7 @@ class StreamingDetokenizer:
     read); ``finalize()`` flushes whatever is held; ``text`` is everything so far.
     """
 
-    def __init__(self, tokenizer: "Tokenizer"):
+    def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
         self.reset()
 
