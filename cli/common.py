@@ -118,7 +118,8 @@ def session_path(name: str) -> Path:
     name = name.strip()
     if not name or "/" in name or "\\" in name or name.startswith("."):
         raise UserError(f"bad session name {name!r}", "use a plain name such as 'work' (no slashes)")
-    return home() / "sessions" / name
+    # the KV cache file (ChatSession.save writes its messages beside it as NAME.json)
+    return home() / "sessions" / f"{name}.safetensors"
 
 
 def consume(ui, events, show_reasoning: bool = True):

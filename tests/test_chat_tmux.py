@@ -1,8 +1,8 @@
 """`mlx-v4 chat` in a real terminal (tmux): two turns, /stats, /save, /exit, then --resume
 restores the history from the saved cache without prefilling it again.
 
-Runs against the fake generation stack (always) and the bundled demo model (once it and the
-library's chat module exist)."""
+Runs against the fake generation stack (always), a random tiny model with the real vocabulary
+through the whole library, and the bundled demo model (once it exists)."""
 
 from __future__ import annotations
 
@@ -69,9 +69,31 @@ class Pane:
         subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True)
 
 
-@pytest.fixture(params=["fake", "demo"])
+def _tiny_full_vocab(d: Path) -> Path:
+    """A random tiny model with the real vocabulary, so the real tokenizer and chat recipe run."""
+    pytest.importorskip("mlx_v4.chat")
+    pytest.importorskip("mlx_v4.weights")
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_v4.testing.tiny import TINY_CONFIG, random_model, tiny_args
+
+    d.mkdir()
+    model = random_model(tiny_args(vocab_size=129280), seed=1)
+    mx.save_safetensors(str(d / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (d / "config.json").write_text(json.dumps(dict(TINY_CONFIG, vocab_size=129280)))
+    return d
+
+
+@pytest.fixture(params=["fake", "tiny", "demo"])
 def chat_command(request, tmp_path):
-    if request.param == "fake":
+    if request.param == "tiny":
+        model = _tiny_full_vocab(tmp_path / "tiny")
+        base = [sys.executable, "-m", "mlx_v4.cli", "chat", "--model", str(model), "--max-tokens", "8",
+                "--temp", "0"]
+    elif request.param == "fake":
         model = tmp_path / "model"
         model.mkdir()
         base = [sys.executable, str(TESTS / "test_cli_fakes.py"), "chat", "--model", str(model)]
@@ -112,7 +134,7 @@ def test_chat_in_tmux_save_and_resume(chat_command, tmp_path):
         assert "Traceback" not in pane.text()
     finally:
         pane.close()
-    assert (tmp_path / "home" / "sessions" / "talk").exists()
+    assert (tmp_path / "home" / "sessions" / "talk.safetensors").exists()
 
     pane = Pane(tmp_path, [*base, "--no-think", "--resume", "talk"], env)
     try:

@@ -115,7 +115,7 @@ def test_chat_piped_turns_and_commands(fake):
 def test_chat_save_resume_and_load(fake):
     r = run("chat", "--model", fake, "--no-think", input="first question\n/save work\n/exit\n")
     assert r.exit_code == 0, r.output
-    saved = fake / "home" / "sessions" / "work"
+    saved = fake / "home" / "sessions" / "work.safetensors"
     assert saved.exists()
     r = run("chat", "--model", fake, "--resume", "work", input="next\n")
     assert r.exit_code == 0, r.output
