@@ -169,3 +169,25 @@ def test_save_and_load_with_the_tiny_model(tok, tmp_path):
     a = [e for e in s.send("b") if isinstance(e, Finish)][0]
     b = [e for e in t.send("b") if isinstance(e, Finish)][0]
     assert a.generated == b.generated and s.tokens == t.tokens
+
+
+def test_rewinds_on_the_real_cache_match_a_fresh_prefill(tok):
+    """Three thinking turns on the tiny model (its random replies never re-render the same, so
+    every turn rewinds); the cache must then equal one built from its ids in one go."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_v4.testing.tiny import random_model, tiny_args
+
+    model = random_model(tiny_args(vocab_size=129280), seed=5)
+    s = ChatSession(model, tok, thinking=True, temperature=0.0, max_tokens=5, prefill_step_size=16)
+    for q in ("first question", "second", "third one"):
+        list(s.send(q))
+    prompt = render_prompt(s.conversation()[:-1], thinking=True, tokenizer=tok)  # the last turn's prompt
+    assert s.tokens[: len(prompt)] == prompt  # earlier reasoning dropped, as the recipe renders it
+    fresh = model.make_cache()
+    model(mx.array([s.tokens]), cache=fresh)
+    probe = mx.array([[42]])
+    a = model(probe, cache=s.cache)
+    b = model(probe, cache=fresh)
+    np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)
