@@ -369,7 +369,7 @@ def load_cache(path, model) -> tuple[list[WindowCache], list[int], dict]:
     if not path.exists():
         raise CacheFileError(f"{path}: no such cache file")
     try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
+        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception as e:  # mlx raises RuntimeError/ValueError for unreadable files
         raise CacheFileError(f"{path}: not a readable safetensors cache file ({e})") from None
     if metadata.get("format") != "mlx-v4-cache":
