@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from . import platform
 from .config import ModelArgs
 from .model import Model
-from .weights import apply_quantization, load_weights, resolve_model_path
+from .weights import apply_quantization, load_weights, resolve_model_path, validate_weights
 
 
 def _weights_id(path: Path) -> str:
@@ -21,6 +22,7 @@ def _weights_id(path: Path) -> str:
 
 
 def load_model(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8: str | None = None):
+    """-> (model, model directory). See :func:`mlx_v4.load`."""
     path = resolve_model_path(str(path_or_repo))
     args = ModelArgs.from_file(path, model_config)
     dtype = dtype or platform.default_dtype()
@@ -28,10 +30,10 @@ def load_model(path_or_repo, *, model_config: dict | None = None, dtype=None, fp
     weights, quantization = load_weights(path, args, fp8=fp8, dtype=dtype)
     model = Model(args)
     apply_quantization(model, quantization)
-    # Strict: every parameter comes from the checkpoint, in the dtype weights.py chose for it.
+    # Every parameter must come from the checkpoint, in the dtype weights.py chose for it.
+    validate_weights(weights, dict(tree_flatten(model.parameters())))
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     model.weights_id = _weights_id(path)
     model.eval()
     return model, path
-
