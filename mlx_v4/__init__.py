@@ -39,18 +39,9 @@ def load(path_or_repo: str | Path | None = None, *, model_config: dict | None = 
     return model, load_tokenizer(path)
 
 
-def __getattr__(name):
-    # Lazy re-exports keep `import mlx_v4` light.
-    if name in ("generate", "stream_generate"):
-        from . import generate as _g
+from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
-        return getattr(_g, name)
-    if name == "ChatSession":
-        from .chat import ChatSession
+from .chat import ChatSession  # noqa: E402
+from .generate import generate, stream_generate  # noqa: E402  (the functions shadow the module name)
 
-        return ChatSession
-    if name == "make_sampler":
-        from mlx_lm.sample_utils import make_sampler
-
-        return make_sampler
-    raise AttributeError(f"module 'mlx_v4' has no attribute {name!r}")
+__all__ = ["load", "generate", "stream_generate", "ChatSession", "make_sampler", "DEMO_MODEL_PATH"]

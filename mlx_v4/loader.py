@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 
 from . import platform
 from .config import ModelArgs
+from .generate import load_generation_defaults
 from .model import Model
 from .weights import apply_quantization, load_weights, resolve_model_path, validate_weights
 
@@ -35,5 +36,6 @@ def load_model(path_or_repo, *, model_config: dict | None = None, dtype=None, fp
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     model.weights_id = _weights_id(path)
+    model.generation_defaults = load_generation_defaults(path)
     model.eval()
     return model, path
