@@ -1,7 +1,7 @@
 """`mlx-v4 bench`: prefill and decode speed and peak memory per context length.
 
 Random token ids (the speed of a forward pass does not depend on the text) through
-mlx_v4.generate.stream_generate into a fresh cache; its Stats give each row, rendered by
+mlx_v4.generation.stream_generate into a fresh cache; its Stats give each row, rendered by
 ui.bench_table.
 """
 
@@ -30,7 +30,7 @@ def measure(model, tokenizer, context: int, gen: int, seed: int = 0) -> dict:
     decodes the same number of tokens."""
     import mlx.core as mx
 
-    from mlx_v4.generate import stream_generate
+    from mlx_v4.generation import stream_generate
 
     ids = mx.random.randint(0, model.args.vocab_size, (context,), key=mx.random.key(seed)).tolist()
     eos = mx.zeros((model.args.vocab_size,))

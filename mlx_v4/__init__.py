@@ -39,9 +39,20 @@ def load(path_or_repo: str | Path | None = None, *, model_config: dict | None = 
     return model, load_tokenizer(path)
 
 
-from mlx_lm.sample_utils import make_sampler  # noqa: E402
+_LAZY = {"generate": ".generation", "stream_generate": ".generation", "ChatSession": ".chat",
+         "make_sampler": "mlx_lm.sample_utils"}
 
-from .chat import ChatSession  # noqa: E402
-from .generate import generate, stream_generate  # noqa: E402  (the functions shadow the module name)
+
+def __getattr__(name):
+    # Lazy re-exports: `import mlx_v4` (and so `mlx-v4 --help`) must not import mlx.core.
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mlx_v4' has no attribute {name!r}")
+    import importlib
+
+    module = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__ if module.startswith(".") else None), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["load", "generate", "stream_generate", "ChatSession", "make_sampler", "DEMO_MODEL_PATH"]

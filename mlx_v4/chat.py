@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import cache_offset, checkpoint, rewind
-from .generate import Answer, Finish, Reasoning, Stats, Token, ToolCall, check_context, stream_generate
+from .generation import Answer, Finish, Reasoning, Stats, Token, ToolCall, check_context, stream_generate
 from .tokenizer import ASSISTANT_ID
 
 _ROLES = ("system", "user", "assistant", "tool", "latest_reminder")

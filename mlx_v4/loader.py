@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 
 from . import platform
 from .config import ModelArgs
-from .generate import load_generation_defaults
+from .generation import load_generation_defaults
 from .model import Model
 from .weights import apply_quantization, load_weights, resolve_model_path, validate_weights
 

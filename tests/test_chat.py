@@ -6,7 +6,7 @@ import pytest
 from _fake_model import ScriptedModel
 
 from mlx_v4.chat import ChatSession, render_prompt
-from mlx_v4.generate import Answer, ContextLengthError, Finish, Reasoning, ToolCall
+from mlx_v4.generation import Answer, ContextLengthError, Finish, Reasoning, ToolCall
 from mlx_v4.tokenizer import ASSISTANT_ID, END_THINK_ID, EOS_ID, THINK_ID, load_tokenizer
 
 

@@ -270,7 +270,7 @@ def _demo_ready() -> str | None:
 
     if not (Path(mlx_v4.DEMO_MODEL_PATH) / "config.json").exists():
         return "the bundled demo model is not trained yet (mlx_v4/demo/config.json missing)"
-    for mod in ("mlx_v4.chat", "mlx_v4.generate", "mlx_v4.weights"):
+    for mod in ("mlx_v4.chat", "mlx_v4.generation", "mlx_v4.weights"):
         try:
             __import__(mod)
         except ImportError as e:

@@ -10,7 +10,7 @@ import pytest
 from _fake_model import ScriptedModel
 
 from mlx_v4.cache import cache_offset
-from mlx_v4.generate import (
+from mlx_v4.generation import (
     Answer,
     ContextLengthError,
     Finish,
