@@ -536,7 +536,10 @@ _MX_TO_ST = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.int8:
 
 def rename_weights(weights: dict[str, mx.array], args: ModelArgs, dtype: mx.Dtype = mx.bfloat16) -> dict[str, mx.array]:
     """mlx-lm's ``sanitize`` hook: arrays already loaded (any schema) -> our names, dense
-    (FP8/FP4 dequantised to ``dtype``; arrays already in our MLX format pass through)."""
+    (FP8/FP4 dequantised to ``dtype``). Arrays already in our names (and our MLX format, which
+    mlx-lm quantizes from config.json itself) pass through unchanged."""
+    if all(OUR_NAMES.fullmatch(k) for k in weights):
+        return dict(weights)
     infos = {}
     for name, a in weights.items():
         if a.dtype == mx.uint8:  # F8 loads as uint8: scales by name, else e4m3 weights

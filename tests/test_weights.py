@@ -288,3 +288,111 @@ def test_resolve_model_path_errors(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match=r"'someone/absent-model': no such directory, and the repo is not in the "
                                            r"Hugging Face cache \(HF_HUB_OFFLINE is set\)"):
         resolve_model_path("someone/absent-model")
+
+
+# ---- byte layouts, from raw bytes (independent of the official-checkpoint writer) --------------
+
+
+def _e4m3_bytes(rng, shape):
+    b = rng.integers(0, 256, shape, dtype=np.uint8)
+    return np.where((b & 0x7F) == 0x7F, b & 0xF0, b).astype(np.uint8)  # no NaN codes
+
+
+def _decode_e4m3(b):
+    import ml_dtypes
+
+    return b.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+
+
+_E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+@pytest.mark.parametrize("out,inp", [(256, 256), (200, 96), (130, 160), (64, 100)])
+def test_fp8_tiles_to_mxfp8_bytes(tmp_path, out, inp):
+    """FP8 e4m3 + 128x128 E8M0 tiles -> mxfp8 whose mx.dequantize is the official value exactly
+    (ragged edges too); in-dims not a multiple of 32 and fp8='dequantize' give the same values."""
+    rng = np.random.default_rng(out + inp)
+    q = _e4m3_bytes(rng, (out, inp))
+    s = rng.integers(117, 137, (-(-out // 128), -(-inp // 128)), dtype=np.uint8)
+    want = _decode_e4m3(q) * np.repeat(np.repeat(2.0 ** (s.astype(np.float64) - 127), 128, 0), 128, 1)[:out, :inp]
+    write_raw_safetensors(tmp_path / "model.safetensors", {"layers.0.attn.wq_b.weight": ("F8_E4M3", q),
+                                                           "layers.0.attn.wq_b.scale": ("F8_E8M0", s)})
+    weights, quantization = load_weights(tmp_path, tiny_args(), fp8="mxfp8")
+    if inp % 32 == 0:
+        assert quantization == {"layers.0.attn.wq_b": {"mode": "mxfp8", "group_size": 32, "bits": 8}}
+        w, sc = weights["layers.0.attn.wq_b.weight"], weights["layers.0.attn.wq_b.scales"]
+        assert (w.dtype, w.shape, sc.dtype, sc.shape) == (mx.uint32, (out, inp // 4), mx.uint8, (out, inp // 32))
+        got = mx.dequantize(w, sc, group_size=32, bits=8, mode="mxfp8", dtype=mx.float32)
+        np.testing.assert_array_equal(np.array(got), want.astype(np.float32))
+    else:
+        assert quantization == {}
+    dense, quantization = load_weights(tmp_path, tiny_args(), fp8="dequantize", dtype=mx.float32)
+    assert quantization == {} and dense["layers.0.attn.wq_b.weight"].dtype == mx.float32
+    np.testing.assert_array_equal(np.array(dense["layers.0.attn.wq_b.weight"]), want.astype(np.float32))
+
+
+@pytest.mark.parametrize("out,inp", [(64, 128), (48, 96), (8, 40)])
+def test_packed_fp4_to_mxfp4_bytes(tmp_path, out, inp):
+    """Packed e2m1 (low nibble = even element) + E8M0 per 32 -> mxfp4 bytes unchanged."""
+    rng = np.random.default_rng(inp)
+    packed = rng.integers(0, 256, (out, inp // 2), dtype=np.uint8)
+    s = rng.integers(120, 134, (out, -(-inp // 32)), dtype=np.uint8)
+    vals = np.stack([_E2M1[packed & 15], _E2M1[packed >> 4]], -1).reshape(out, inp)
+    want = (vals * np.repeat(2.0 ** (s.astype(np.float64) - 127), 32, 1)[:, :inp]).astype(np.float32)
+    write_raw_safetensors(tmp_path / "model.safetensors", {"layers.0.ffn.shared_experts.w1.weight": ("I8", packed.view(np.int8)),
+                                                           "layers.0.ffn.shared_experts.w1.scale": ("F8_E8M0", s)})
+    weights, quantization = load_weights(tmp_path, tiny_args(), dtype=mx.float32)
+    w = weights["layers.0.ffn.shared_experts.w1.weight"]
+    if inp % 32 == 0:
+        assert quantization == {"layers.0.ffn.shared_experts.w1": {"mode": "mxfp4", "group_size": 32, "bits": 4}}
+        w = mx.dequantize(w, weights["layers.0.ffn.shared_experts.w1.scales"], group_size=32, bits=4, mode="mxfp4",
+                          dtype=mx.float32)
+    np.testing.assert_array_equal(np.array(w), want)
+    dense, q = load_weights(tmp_path, tiny_args(), fp4="dequantize", dtype=mx.float32)
+    assert q == {}
+    np.testing.assert_array_equal(np.array(dense["layers.0.ffn.shared_experts.w1.weight"]), want)
+
+
+def test_wo_a_and_compressor_always_dense(tmp_path):
+    rng = np.random.default_rng(0)
+    q = _e4m3_bytes(rng, (128, 256))
+    s = rng.integers(120, 134, (1, 2), dtype=np.uint8)
+    write_raw_safetensors(tmp_path / "model.safetensors", {
+        "layers.1.attn.wo_a.weight": ("F8_E4M3", q), "layers.1.attn.wo_a.scale": ("F8_E8M0", s),
+        "layers.1.attn.compressor.wkv.weight": ("F8_E4M3", q), "layers.1.attn.compressor.wkv.scale": ("F8_E8M0", s)})
+    weights, quantization = load_weights(tmp_path, tiny_args(), fp8="mxfp8", dtype=mx.bfloat16)
+    assert quantization == {}
+    assert weights["layers.1.attn.wo_a.weight"].dtype == mx.bfloat16
+    assert weights["layers.1.attn.compressor.wkv.weight"].dtype == mx.float32
+
+
+def test_fp8_scale_shape_checked(tmp_path):
+    q = _e4m3_bytes(np.random.default_rng(0), (256, 256))
+    write_raw_safetensors(tmp_path / "model.safetensors", {"layers.0.attn.wq_b.weight": ("F8_E4M3", q),
+                                                           "layers.0.attn.wq_b.scale": ("F8_E8M0", np.zeros((2, 3), np.uint8))})
+    with pytest.raises(WeightsError, match=r"model\.safetensors: scale 'layers\.0\.attn\.wq_b\.scale' has shape \[2, 3\], "
+                                           r"expected \[2, 2\] for FP8 'layers\.0\.attn\.wq_b\.weight' \[256, 256\]"):
+        load_weights(tmp_path, tiny_args())
+
+
+def test_loading_is_lazy(tmp_path):
+    """load_weights reads headers only; evaluating afterwards peaks near the kept size."""
+    rng = np.random.default_rng(0)
+    q = _e4m3_bytes(rng, (2048, 4096))
+    write_raw_safetensors(tmp_path / "model.safetensors", {
+        "head.weight": ("F8_E4M3", q), "head.scale": ("F8_E8M0", rng.integers(120, 134, (16, 32), dtype=np.uint8)),
+        "embed.weight": ("BF16", rng.integers(0, 2**14, (2048, 4096), dtype=np.uint16))})
+    mx.synchronize()
+    base = mx.get_active_memory()
+    weights, _ = load_weights(tmp_path, tiny_args(), fp8="mxfp8", dtype=mx.float32)
+    assert mx.get_active_memory() - base < 1 << 20  # nothing read yet (the data is ~24 MiB)
+    kept = sum(a.nbytes for a in weights.values())
+    mx.reset_peak_memory()
+    mx.eval(list(weights.values()))
+    assert mx.get_active_memory() - base <= kept * 1.05
+    assert mx.get_peak_memory() - base <= kept * 1.5
+
+
+def test_sanitize_passes_our_names_through():
+    w = {"layers.0.attn.wq_b.weight": mx.zeros((4, 8), mx.uint32), "layers.0.attn.wq_b.scales": mx.zeros((4, 1), mx.uint8)}
+    assert rename_weights(w, tiny_args()) == w
