@@ -53,7 +53,12 @@ RENAMES: list[tuple[str, str]] = [
     # official -> ours: only the hyper-connection tensors differ (experts are stacked apart)
     (r"hc_head_(fn|base|scale)", r"hc_head.\1"),
     (r"layers\.(\d+)\.hc_(attn|ffn)_(fn|base|scale)", r"layers.\1.hc_\2.\3"),
-    # transformers -> ours
+    # transformers as saved on disk by save_pretrained (v5 maps its modules back to official
+    # names under "model.", except that attention's kv_norm comes out as "attn.norm")
+    (_L + r"hc_(attn|ffn)_(fn|base|scale)", r"layers.\1.hc_\2.\3"),
+    (_L + r"attn\.norm", r"layers.\1.attn.kv_norm"),
+    (_L + r"(attn|ffn|attn_norm|ffn_norm)", r"layers.\1.\2"),
+    # transformers module names -> ours
     (r"model\.embed_tokens", "embed"),
     (r"model\.norm", "norm"),
     (r"lm_head", "head"),
@@ -300,7 +305,7 @@ def _plan(infos: dict[str, TensorInfo], args: ModelArgs) -> tuple[dict[str, _Ent
         if m and (m.group(3) is None or n_layers <= int(m.group(3)) < n_layers + n_mtp):
             skipped.append(name)
             continue
-        if m := _OFFICIAL_EXPERT.fullmatch(name):
+        if m := _OFFICIAL_EXPERT.fullmatch(rename(name)):
             experts.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = part(name)
             continue
         if m := _HF_GATE_UP.fullmatch(name):
