@@ -2,6 +2,7 @@
 // poisoned with 0xFF (NaN for floats) before the run, written to DIR/outN.bin after.
 #pragma once
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <string>
 

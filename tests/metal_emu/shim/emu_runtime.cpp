@@ -1,7 +1,117 @@
-// The scheduler: threadgroups in turn, every lane of a group an OS thread.
+// The scheduler and synchronisation of the emulator: threadgroups in turn, every lane of a
+// group an OS thread. Compiled once per sanitizer and linked with each kernel.
+#include <chrono>
+#include <condition_variable>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
 #include "msl_emu.h"
 
 namespace emu {
+
+void fail(const char* kind, const char* fmt, ...) {
+  std::fprintf(stderr, "EMU %s: ", kind);
+  va_list ap;
+  va_start(ap, fmt);
+  std::vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  std::fprintf(stderr, "\n");
+  std::fflush(stderr);
+  std::_Exit(3);
+}
+
+static int timeout_ms() {
+  const char* s = std::getenv("EMU_TIMEOUT_MS");
+  return s ? std::atoi(s) : 20000;
+}
+
+// A barrier over a changing set of lanes; lanes that return drop out.
+struct Barrier {
+  int expected = 0, arrived = 0, line = -1;
+  long gen = 0;
+  const char* what = "";
+  void arrive(std::unique_lock<std::mutex>& lk, std::condition_variable& cv, int at) {
+    if (arrived == 0) line = at;
+    else if (line != at) fail("divergence", "%s reached from line %d and line %d", what, line, at);
+    if (++arrived == expected) { release(cv); return; }
+    long g = gen;
+    if (!cv.wait_for(lk, std::chrono::milliseconds(timeout_ms()), [&] { return gen != g; }))
+      fail("deadlock", "%s at line %d: %d of %d lanes arrived", what, line, arrived, expected);
+  }
+  void leave(std::condition_variable& cv) {
+    --expected;
+    if (arrived > 0 && arrived == expected) release(cv);
+  }
+  void release(std::condition_variable& cv) {
+    arrived = 0;
+    line = -1;
+    ++gen;
+    cv.notify_all();
+  }
+};
+
+struct Simd {
+  Barrier bar;
+  uint64_t vals[32];
+  bool active[32];
+};
+
+struct Group {
+  std::mutex mu;
+  std::condition_variable cv;
+  Barrier tg;
+  std::vector<Simd> simd;
+  std::map<long, unsigned char*> tg_mem;
+  size_t tg_bytes = 0;
+};
+
+static thread_local Lane* cur_lane = nullptr;
+static Group* cur_group = nullptr;
+
+Lane& lane() { return *cur_lane; }
+
+void* tg_alloc_raw(long id, unsigned long size) {
+  Group& g = *cur_group;
+  std::lock_guard<std::mutex> lk(g.mu);
+  auto it = g.tg_mem.find(id);
+  if (it == g.tg_mem.end()) {
+    unsigned char* p = new unsigned char[size];  // exact size: ASan sees overruns
+    std::memset(p, 0xff, size);                  // NaN / -1: reads before writes show
+    g.tg_bytes += size;
+    if (g.tg_bytes > 32768) fail("threadgroup-memory", "%zu bytes > 32 KB", g.tg_bytes);
+    it = g.tg_mem.emplace(id, p).first;
+  }
+  return it->second;
+}
+
+void barrier(int line) {
+  Group& g = *cur_group;
+  std::unique_lock<std::mutex> lk(g.mu);
+  g.tg.arrive(lk, g.cv, line);
+}
+
+void simd_exchange(const void* v, unsigned size, int line, void* out, bool* active) {
+  Group& g = *cur_group;
+  Lane& l = lane();
+  Simd& s = g.simd[l.sgiitg];
+  std::unique_lock<std::mutex> lk(g.mu);
+  std::memcpy(&s.vals[l.tiisg], v, size);
+  s.active[l.tiisg] = true;
+  s.bar.arrive(lk, g.cv, line);
+  auto* o = static_cast<unsigned char*>(out);
+  for (int i = 0; i < 32; ++i) {
+    if (s.active[i]) std::memcpy(o + i * size, &s.vals[i], size);
+    else std::memset(o + i * size, 0xff, size);
+    active[i] = s.active[i];
+  }
+  s.bar.arrive(lk, g.cv, line);  // nobody overwrites vals before all have read them
+  s.active[l.tiisg] = false;
+}
 
 struct LaneArgs {
   Lane lane;

@@ -10,20 +10,11 @@
 
 #include <array>
 #include <bit>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
-#include <cstdarg>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <map>
-#include <mutex>
-#include <thread>
 #include <type_traits>
-#include <vector>
 
 typedef unsigned int uint;
 typedef unsigned short ushort;
@@ -54,112 +45,33 @@ enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_te
 
 namespace emu {
 
-[[noreturn]] inline void fail(const char* kind, const char* fmt, ...) {
-  std::fprintf(stderr, "EMU %s: ", kind);
-  va_list ap;
-  va_start(ap, fmt);
-  std::vfprintf(stderr, fmt, ap);
-  va_end(ap);
-  std::fprintf(stderr, "\n");
-  std::fflush(stderr);
-  std::_Exit(3);
-}
-
-inline int timeout_ms() {
-  const char* s = std::getenv("EMU_TIMEOUT_MS");
-  return s ? std::atoi(s) : 20000;
-}
+[[noreturn]] void fail(const char* kind, const char* fmt, ...);
 
 struct Lane {
   uint3 tpig, tpitg, tgpig, tptg, tpg, tgpg;
   uint tiitg, tiisg, sgiitg, sgptg;
 };
 
-// A barrier over a changing set of lanes; lanes that return drop out.
-struct Barrier {
-  int expected = 0, arrived = 0, line = -1;
-  long gen = 0;
-  const char* what = "";
-  void arrive(std::unique_lock<std::mutex>& lk, std::condition_variable& cv, int at) {
-    if (arrived == 0) line = at;
-    else if (line != at) fail("divergence", "%s reached from line %d and line %d", what, line, at);
-    if (++arrived == expected) { release(cv); return; }
-    long g = gen;
-    if (!cv.wait_for(lk, std::chrono::milliseconds(timeout_ms()), [&] { return gen != g; }))
-      fail("deadlock", "%s at line %d: %d of %d lanes arrived", what, line, arrived, expected);
-  }
-  void leave(std::condition_variable& cv) {
-    --expected;
-    if (arrived > 0 && arrived == expected) release(cv);
-  }
-  void release(std::condition_variable& cv) {
-    arrived = 0;
-    line = -1;
-    ++gen;
-    cv.notify_all();
-  }
-};
-
-struct Simd {
-  Barrier bar;
-  uint64_t vals[32];
-  bool active[32];
-};
-
-struct Group {
-  std::mutex mu;
-  std::condition_variable cv;
-  Barrier tg;
-  std::vector<Simd> simd;
-  std::map<long, unsigned char*> tg_mem;
-  size_t tg_bytes = 0;
-};
-
-inline thread_local Lane* cur_lane = nullptr;
-inline Group* cur_group = nullptr;
-
-inline Lane& lane() { return *cur_lane; }
+// Implemented in emu_runtime.cpp (compiled once per sanitizer), so a kernel's translation
+// unit stays small: the running lane, barriers, SIMD exchange, threadgroup arrays.
+Lane& lane();
+void barrier(int line);
+// All active lanes of the simdgroup publish `size` bytes; out[i] gets lane i's (poison if
+// inactive), active[i] whether lane i took part.
+void simd_exchange(const void* v, unsigned size, int line, void* out, bool* active);
+void* tg_alloc_raw(long id, unsigned long size);
+void run_grid(uint3 grid, uint3 tg, void (*body)(void*), void* ctx);
 
 template <class A>
-A* tg_alloc(long id) {
-  Group& g = *cur_group;
-  std::lock_guard<std::mutex> lk(g.mu);
-  auto it = g.tg_mem.find(id);
-  if (it == g.tg_mem.end()) {
-    unsigned char* p = new unsigned char[sizeof(A)];
-    std::memset(p, 0xff, sizeof(A));
-    g.tg_bytes += sizeof(A);
-    if (g.tg_bytes > 32768) fail("threadgroup-memory", "%zu bytes > 32 KB", g.tg_bytes);
-    it = g.tg_mem.emplace(id, p).first;
-  }
-  return reinterpret_cast<A*>(it->second);
-}
+A* tg_alloc(long id) { return static_cast<A*>(tg_alloc_raw(id, sizeof(A))); }
 
-inline void barrier(int line) {
-  Group& g = *cur_group;
-  std::unique_lock<std::mutex> lk(g.mu);
-  g.tg.arrive(lk, g.cv, line);
-}
-
-// All active lanes of the simdgroup publish v; returns everyone's values (inactive: poison).
 template <class T>
 std::array<T, 32> simd_collect(T v, int line, std::array<bool, 32>* active = nullptr) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>);
-  Group& g = *cur_group;
-  Lane& l = lane();
-  Simd& s = g.simd[l.sgiitg];
   std::array<T, 32> out;
-  std::unique_lock<std::mutex> lk(g.mu);
-  std::memcpy(&s.vals[l.tiisg], &v, sizeof(T));
-  s.active[l.tiisg] = true;
-  s.bar.arrive(lk, g.cv, line);
-  for (int i = 0; i < 32; ++i) {
-    if (s.active[i]) std::memcpy(&out[i], &s.vals[i], sizeof(T));
-    else std::memset(&out[i], 0xff, sizeof(T));
-    if (active) (*active)[i] = s.active[i];
-  }
-  s.bar.arrive(lk, g.cv, line);  // nobody overwrites vals before all have read them
-  s.active[l.tiisg] = false;
+  std::array<bool, 32> act;
+  simd_exchange(&v, sizeof(T), line, out.data(), act.data());
+  if (active) *active = act;
   return out;
 }
 
@@ -174,8 +86,6 @@ T butterfly(std::array<T, 32> v, const std::array<bool, 32>& active, T identity,
   }
   return v[lane().tiisg];
 }
-
-void run_grid(uint3 grid, uint3 tg, void (*body)(void*), void* ctx);
 
 }  // namespace emu
 
