@@ -30,7 +30,7 @@ class DecoderLayer(nn.Module):
         self.hc_attn, self.hc_ffn = HyperConnection(*hc), HyperConnection(*hc)
         self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.attn = Attention(args, layer, fused_sdpa=not cpu)
+        self.attn = Attention(args, layer)
         self.ffn = MoE(args, layer, grouped_dense=cpu)
 
     def __call__(self, x: mx.array, token_ids: mx.array, cache) -> mx.array:

@@ -102,3 +102,16 @@ def test_cpu_and_metal_paths_compute_the_same(fake_quant):
     ids = _ids(200, seed=6)
     for sizes in ([200], [150, 1, 1, 48]):
         _close(_run_chunks(cpu, ids, sizes), _run_chunks(gpu, ids, sizes), fake_quant=fake_quant)
+
+
+def test_query_blocking_computes_the_same(monkeypatch):
+    """Tiny score budgets force many query blocks (attention) and row/head pieces (indexer)."""
+    from mlx_v4.layers import attention, indexer
+
+    model = random_model(tiny_args(fake_quant=False), seed=12)
+    ids = _ids(300, seed=8)
+    whole = model(ids)
+    monkeypatch.setattr(attention, "SCORE_BUDGET", 3000)
+    monkeypatch.setattr(indexer, "SCORE_BUDGET", 700)
+    blocked = _run_chunks(model, ids, [290, 1, 9])
+    np.testing.assert_allclose(np.array(blocked), np.array(whole), atol=ATOL, rtol=0)

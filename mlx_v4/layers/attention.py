@@ -8,6 +8,10 @@ Queries: low-rank ``wq_a -> q_norm -> wq_b``, then a weightless RMS norm per hea
 last 64 dims (interleaved), its inverse on the output (the values carry rotated dims). A
 learned per-head sink adds ``exp(sink)`` to the softmax denominator. The output projection is
 grouped and low-rank: ``wo_a`` per group of heads, then ``wo_b``.
+
+Memory: queries are processed in blocks sized so that the score matrix stays under
+:data:`SCORE_BUDGET` elements, and CSA queries gather only their selected entries, so a
+prefill chunk's working set does not grow with the context.
 """
 
 from __future__ import annotations
@@ -21,22 +25,44 @@ from .indexer import Indexer
 from .norm import RMSNorm, rms_normalize
 from .rope import RoPE
 
+#: Largest score matrix (elements) one query block may build.
+SCORE_BUDGET = 1 << 24
 
-def attend(q: mx.array, keys: mx.array, mask: mx.array, sinks: mx.array, scale: float) -> mx.array:
+
+def attend(q: mx.array, window: mx.array, window_mask: mx.array, sinks: mx.array, scale: float,
+           comp: mx.array | None = None, comp_mask: mx.array | None = None) -> mx.array:
     """Softmax attention of every head over one shared K = V, with a per-head sink.
 
-    q [B, L, H, d]; keys [B, N, d]; mask [B, L, N] (True = visible); sinks [H] -> [B, L, H, d].
-    Heads fold into the query rows, so scores and output are two plain GEMMs (on MLX's CPU
-    backend these use BLAS; its fused SDPA does not and is ~4x slower here)."""
+    q [B, L, H, d]; window [B, W, d] keys shared by all queries, window_mask [B, L, W];
+    comp: either [B, N, d] shared by all queries (comp_mask [B, L, N]) or [B, L, k, d] rows
+    gathered per query (comp_mask [B, L, k]); sinks [H] -> [B, L, H, d].
+    Shared keys are two plain GEMMs with the heads folded into the query rows."""
     B, L, H, d = q.shape
-    scores = (q.reshape(B, L * H, d) @ keys.swapaxes(1, 2)).reshape(B, L, H, -1).astype(mx.float32) * scale
-    scores = mx.where(mask[:, :, None], scores, -mx.inf)
+    per_query = comp is not None and comp.ndim == 4
+    scores = (q.reshape(B, L * H, d) @ window.swapaxes(1, 2)).reshape(B, L, H, -1)
+    masks = [window_mask]
+    if comp is not None:
+        if per_query:
+            comp_scores = q @ comp.swapaxes(-1, -2)  # [B, L, H, k]
+        else:
+            comp_scores = (q.reshape(B, L * H, d) @ comp.swapaxes(1, 2)).reshape(B, L, H, -1)
+        scores = mx.concatenate([scores, comp_scores], axis=-1)
+        masks.append(comp_mask)
+    mask = masks[0] if len(masks) == 1 else mx.concatenate(masks, axis=-1)
+    scores = mx.where(mask[:, :, None], scores.astype(mx.float32) * scale, -mx.inf)
     sinks = sinks.astype(mx.float32)[:, None]
     peak = mx.maximum(scores.max(axis=-1, keepdims=True), sinks)  # [B, L, H, 1]
     weights = mx.exp(scores - peak)
-    weights = weights / (weights.sum(axis=-1, keepdims=True) + mx.exp(sinks - peak))
-    out = weights.astype(keys.dtype).reshape(B, L * H, -1) @ keys
-    return out.reshape(B, L, H, d)
+    weights = (weights / (weights.sum(axis=-1, keepdims=True) + mx.exp(sinks - peak))).astype(q.dtype)
+    W = window.shape[1]
+    out = (weights[..., :W].reshape(B, L * H, W) @ window).reshape(B, L, H, d)
+    if comp is not None:
+        wc = weights[..., W:]
+        if per_query:
+            out = out + wc @ comp  # [B, L, H, k] @ [B, L, k, d]
+        else:
+            out = out + (wc.reshape(B, L * H, -1) @ comp).reshape(B, L, H, d)
+    return out
 
 
 def grouped_projection(o: mx.array, layer: nn.Module, groups: int) -> mx.array:
@@ -44,10 +70,10 @@ def grouped_projection(o: mx.array, layer: nn.Module, groups: int) -> mx.array:
     B, L, G, _ = o.shape
     if isinstance(layer, nn.QuantizedLinear):
         rows = layer.weight.shape[0] // groups
+        biases = layer.get("biases")
         outs = []
         for g in range(groups):
             sl = slice(g * rows, (g + 1) * rows)
-            biases = layer.get("biases")
             outs.append(mx.quantized_matmul(
                 o[:, :, g], layer.weight[sl], layer.scales[sl], None if biases is None else biases[sl],
                 transpose=True, group_size=layer.group_size, bits=layer.bits, mode=layer.mode))
@@ -57,12 +83,9 @@ def grouped_projection(o: mx.array, layer: nn.Module, groups: int) -> mx.array:
 
 
 class Attention(nn.Module):
-    def __init__(self, args, layer: int, fused_sdpa: bool = False):
-        """``fused_sdpa``: use mx.fast.scaled_dot_product_attention (fast on Metal) instead of
-        :func:`attend` (fast on the CPU); both compute the same thing."""
+    def __init__(self, args, layer: int):
         super().__init__()
         D, H, hd = args.hidden_size, args.num_attention_heads, args.head_dim
-        self.fused_sdpa = fused_sdpa
         self.n_heads, self.head_dim, self.groups = H, hd, args.o_groups
         self.ratio = args.compress_ratios[layer]
         self.window, self.eps, self.fake_quant = args.sliding_window, args.rms_norm_eps, args.fake_quant
@@ -96,30 +119,24 @@ class Attention(nn.Module):
         if self.fake_quant:
             kv, packed = quantize_kv_entry(kv, self._rope.rope_dim)
         prev = cache.window_values(dtype)
-        keys = kv if prev is None else mx.concatenate([prev, kv], axis=1)  # [B, P + L, hd]
+        window = kv if prev is None else mx.concatenate([prev, kv], axis=1)  # [B, P + L, hd]
         cache.push_window(packed if cache.packed else (kv,))
         qpos = mx.arange(offset, offset + L)[:, None]
-        kpos = mx.arange(offset + L - keys.shape[1], offset + L)[None, :]
-        mask = mx.broadcast_to((kpos <= qpos) & (kpos > qpos - self.window), (B, L, keys.shape[1]))
+        kpos = mx.arange(offset + L - window.shape[1], offset + L)[None, :]
+        window_mask = mx.broadcast_to((kpos <= qpos) & (kpos > qpos - self.window), (B, L, window.shape[1]))
 
+        comp, selected = None, None
         if self.ratio:
-            keys, mask = self._add_compressed(x, qr, cache, cos, sin, keys, mask, qpos)
-
-        if self.fused_sdpa:
-            o = mx.fast.scaled_dot_product_attention(
-                q.transpose(0, 2, 1, 3), keys[:, None], keys[:, None], scale=self.head_dim**-0.5,
-                mask=mask[:, None], sinks=self.attn_sink.astype(dtype)).transpose(0, 2, 1, 3)
-        else:
-            o = attend(q, keys, mask, self.attn_sink, self.head_dim**-0.5)
+            comp, selected = self._compress(x, qr, cache, cos, sin)
+        o = self._attend_blocks(q, window, window_mask, comp, selected, cache, qpos)
         o = self._rope(o, cos[:, None], sin[:, None], inverse=True)
         o = grouped_projection(o.reshape(B, L, self.groups, -1), self.wo_a, self.groups)
         cache.offset += L
         return self.wo_b(o)
 
-    def _add_compressed(self, x, qr, cache, cos, sin, keys, mask, qpos):
-        """Run the compressor(s) on this chunk, then append the compressed keys each query may
-        see (all visible ones on HCA layers; the indexer's top-k on CSA layers) to keys/mask."""
-        B, L, _ = x.shape
+    def _compress(self, x, qr, cache, cos, sin):
+        """Run the compressor(s) on this chunk and append their entries to the cache.
+        Returns (all compressed entries [B, N, hd] or None, indexer picks [B, L, k] or None)."""
         dtype = x.dtype
         values, packed, cache.compressor = self.compressor(x, cache.offset, cache.compressor)
         if values is not None:
@@ -131,20 +148,29 @@ class Attention(nn.Module):
             if ivalues is not None:
                 cache.index_keys.append(ipacked if cache.packed else (ivalues,))
             selected = self.indexer.select(x, qr, cache.offset, cos, sin, cache.index_key_values(dtype))
-        n = cache.entries.length
-        if n == 0:
-            return keys, mask
-        visible = (qpos + 1) // self.ratio  # [L, 1] entries visible to each query
-        if selected is None:
-            comp = cache.entry_values(dtype)
-            comp_mask = mx.broadcast_to(mx.arange(n)[None, :] < visible, (B, L, n))
-        elif L == 1:
-            # Decode: gather only the selected rows.
-            comp = cache.gather_entries(mx.maximum(selected[:, 0], 0), dtype)  # [B, k, hd]
-            comp_mask = selected >= 0  # [B, 1, k]
-        else:
-            comp = cache.entry_values(dtype)
-            slots = mx.where(selected >= 0, selected, n)  # -1 -> a spill column dropped below
-            comp_mask = mx.put_along_axis(mx.zeros((B, L, n + 1), dtype=mx.bool_), slots,
-                                          mx.array(True), axis=-1)[..., :n]
-        return mx.concatenate([keys, comp], axis=1), mx.concatenate([mask, comp_mask], axis=-1)
+        if cache.entries.length == 0:
+            return None, None
+        return (cache.entry_values(dtype) if selected is None else None), selected
+
+    def _attend_blocks(self, q, window, window_mask, comp, selected, cache, qpos):
+        """Attention in query blocks; HCA (and CSA with every entry visible) attend to the
+        compressed entries under the causal rule ``i < (t + 1) // ratio``, CSA queries to
+        their own picks (gathered rows, -1 = none)."""
+        B, L, H, _ = q.shape
+        n = 0 if comp is None else comp.shape[1]
+        keys_per_query = window.shape[1] + (selected.shape[-1] if selected is not None else n)
+        block = max(1, min(L, SCORE_BUDGET // max(1, B * H * keys_per_query)))
+        outs = []
+        for s in range(0, L, block):
+            e = min(L, s + block)
+            comp_blk, comp_mask = None, None
+            if selected is not None:
+                picks = selected[:, s:e]
+                rows = cache.gather_entries(mx.maximum(picks, 0).reshape(B, -1), q.dtype)
+                comp_blk, comp_mask = rows.reshape(B, e - s, picks.shape[-1], -1), picks >= 0
+            elif comp is not None:
+                visible = (qpos[s:e] + 1) // self.ratio
+                comp_blk, comp_mask = comp, mx.broadcast_to(mx.arange(n)[None, :] < visible, (B, e - s, n))
+            outs.append(attend(q[:, s:e], window, window_mask[:, s:e], self.attn_sink, self.head_dim**-0.5,
+                               comp_blk, comp_mask))
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)

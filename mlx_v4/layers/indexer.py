@@ -17,6 +17,9 @@ from .compressor import Compressor
 from .fake_quant import fake_quant_fp4, hadamard
 from .rope import RoPE
 
+#: Largest score piece (elements) the indexer builds at once.
+SCORE_BUDGET = 1 << 24
+
 
 class Indexer(nn.Module):
     def __init__(self, args, rope: RoPE):
@@ -43,12 +46,24 @@ class Indexer(nn.Module):
         q = self._rope(q, cos[:, None], sin[:, None])
         if self.fake_quant:
             q = fake_quant_fp4(hadamard(q))
+        q = q.astype(mx.float32)
         w = self.weights_proj(x).astype(mx.float32) * (self.head_dim**-0.5 * self.n_heads**-0.5)
-        scores = mx.maximum(q.astype(mx.float32) @ keys.astype(mx.float32)[:, None].swapaxes(-1, -2), 0)
-        scores = (scores * w[..., None]).sum(axis=2)  # [B, L, N]
+        keys_t = keys.astype(mx.float32).swapaxes(1, 2)  # [B, d, N]
         visible = (mx.arange(offset, offset + L)[:, None] + 1) // 4  # entries visible to each query
-        hidden = mx.arange(n_total)[None, :] >= visible
-        scores = mx.where(hidden, -mx.inf, scores)
-        k = self.topk
-        idx = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
-        return mx.where(idx >= visible[None], -1, idx)
+        # ReLU sits between the heads' dot products and their weighted sum, so the [rows, heads, N]
+        # product is built in pieces of at most SCORE_BUDGET elements (bounded for any context).
+        heads = max(1, min(self.n_heads, SCORE_BUDGET // max(1, B * L * n_total)))
+        rows = max(1, min(L, SCORE_BUDGET // max(1, B * heads * n_total)))
+        picks = []
+        for s in range(0, L, rows):
+            e = min(L, s + rows)
+            scores = None
+            for h in range(0, self.n_heads, heads):
+                qh = q[:, s:e, h:h + heads].reshape(B, -1, self.head_dim)  # [B, rows*heads, d]
+                part = mx.maximum(qh @ keys_t, 0).reshape(B, e - s, -1, n_total)
+                part = (part * w[:, s:e, h:h + heads, None]).sum(axis=2)  # [B, rows, N]
+                scores = part if scores is None else scores + part
+            scores = mx.where(mx.arange(n_total)[None, :] >= visible[s:e], -mx.inf, scores)
+            idx = mx.argpartition(-scores, kth=self.topk - 1, axis=-1)[..., : self.topk].astype(mx.int32)
+            picks.append(mx.where(idx >= visible[None, s:e], -1, idx))
+        return picks[0] if len(picks) == 1 else mx.concatenate(picks, axis=1)
