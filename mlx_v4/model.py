@@ -24,13 +24,13 @@ class PositionError(ValueError):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, cpu: bool):
+    def __init__(self, args: ModelArgs, layer: int, cpu: bool, use_kernel: bool = False):
         super().__init__()
         hc = (args.hc_mult, args.hidden_size, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps)
         self.hc_attn, self.hc_ffn = HyperConnection(*hc), HyperConnection(*hc)
         self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.attn = Attention(args, layer)
+        self.attn = Attention(args, layer, use_kernel=use_kernel)
         self.ffn = MoE(args, layer, grouped_dense=cpu)
 
     def __call__(self, x: mx.array, token_ids: mx.array, cache) -> mx.array:
@@ -41,15 +41,17 @@ class DecoderLayer(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, args: ModelArgs, cpu: bool | None = None):
+    def __init__(self, args: ModelArgs, cpu: bool | None = None, use_kernel: bool | None = None):
         """``cpu``: choose the paths that are fast on MLX's CPU backend (default: when Metal is
-        absent). Both choices compute the same function; tests run both."""
+        absent). Both choices compute the same function; tests run both. ``use_kernel``: use
+        the custom Metal kernels (mlx_v4/kernels; default: when Metal is available)."""
         super().__init__()
         self.args = args
         self.model_type = args.model_type
         cpu = not metal_available() if cpu is None else cpu
+        use_kernel = metal_available() if use_kernel is None else use_kernel
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, i, cpu) for i in range(args.num_hidden_layers)]
+        self.layers = [DecoderLayer(args, i, cpu, use_kernel) for i in range(args.num_hidden_layers)]
         self.hc_head = HyperHead(args.hc_mult, args.hidden_size, args.hc_eps, args.rms_norm_eps)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)

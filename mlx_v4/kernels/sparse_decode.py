@@ -173,11 +173,13 @@ def sparse_decode_reference(q, window, codes, scales, rope, indices, sinks, *, s
     from ..layers.fake_quant import dequantize_kv_entry
 
     B, H, D = q.shape
+    K = indices.shape[1]
     idx = mx.maximum(indices, 0)[..., None]
-    parts = [mx.take_along_axis(p, idx, axis=1) for p in (codes, scales, rope)]
-    keys = mx.concatenate([window.astype(q.dtype), dequantize_kv_entry(*parts, dtype=q.dtype)], axis=1)
-    mask = mx.concatenate([mx.ones((B, 1, window.shape[1]), dtype=mx.bool_), (indices >= 0)[:, None]], axis=-1)
-    return attend(q[:, None], keys, mask, sinks, scale)[:, 0]
+    rows = dequantize_kv_entry(*[mx.take_along_axis(p, idx, axis=1) for p in (codes, scales, rope)], dtype=q.dtype)
+    window_mask = mx.ones((B, 1, window.shape[1]), dtype=mx.bool_)
+    out = attend(q[:, None], window.astype(q.dtype), window_mask, sinks, scale,
+                 rows.reshape(B, 1, K, D), (indices >= 0)[:, None])
+    return out[:, 0]
 
 
 def _heads_per_group(H: int, D: int) -> int:
@@ -239,4 +241,5 @@ def sparse_decode_attention(q, window, codes, scales, rope, indices, sinks, *, s
         return sparse_decode_reference(q, window, codes, scales, rope, indices, sinks, scale=scale)
     if splits is None:
         splits = default_splits(window.shape[1] + indices.shape[1])
-    return sparse_decode_kernel(q, window, codes, scales, rope, indices, sinks, scale=scale, splits=splits)
+    return sparse_decode_kernel(q, window, codes, scales, rope, indices, sinks, scale=scale, splits=splits,
+                                runner=metal_runner)

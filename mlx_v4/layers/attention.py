@@ -19,6 +19,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels.sparse_decode import sparse_decode_attention
 from .compressor import Compressor
 from .fake_quant import quantize_kv_entry
 from .indexer import Indexer
@@ -83,8 +84,11 @@ def grouped_projection(o: mx.array, layer: nn.Module, groups: int) -> mx.array:
 
 
 class Attention(nn.Module):
-    def __init__(self, args, layer: int):
+    def __init__(self, args, layer: int, use_kernel: bool = False):
+        """``use_kernel``: decode steps on CSA layers use the Metal sparse decode kernel
+        (mlx_v4/kernels/sparse_decode.py), which reads the packed FP8 cache rows directly."""
         super().__init__()
+        self.use_kernel = use_kernel
         D, H, hd = args.hidden_size, args.num_attention_heads, args.head_dim
         self.n_heads, self.head_dim, self.groups = H, hd, args.o_groups
         self.ratio = args.compress_ratios[layer]
@@ -157,6 +161,11 @@ class Attention(nn.Module):
         compressed entries under the causal rule ``i < (t + 1) // ratio``, CSA queries to
         their own picks (gathered rows, -1 = none)."""
         B, L, H, _ = q.shape
+        if self.use_kernel and L == 1 and selected is not None and cache.packed:
+            # Every kept window row is visible to the one query; the kernel gathers and
+            # dequantizes the picked rows itself (the whole store: picks index below length).
+            return sparse_decode_attention(q[:, 0], window, *cache.entries.parts, selected[:, 0], self.attn_sink,
+                                           scale=self.head_dim**-0.5, use_kernel=True)[:, None]
         n = 0 if comp is None else comp.shape[1]
         keys_per_query = window.shape[1] + (selected.shape[-1] if selected is not None else n)
         block = max(1, min(L, SCORE_BUDGET // max(1, B * H * keys_per_query)))
