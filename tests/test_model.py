@@ -115,3 +115,17 @@ def test_query_blocking_computes_the_same(monkeypatch):
     monkeypatch.setattr(indexer, "SCORE_BUDGET", 700)
     blocked = _run_chunks(model, ids, [290, 1, 9])
     np.testing.assert_allclose(np.array(blocked), np.array(whole), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("fake_quant", [False, True])
+def test_gathered_and_masked_csa_picks_agree(monkeypatch, fake_quant):
+    """CSA queries either score all entries under a pick mask or gather their picks."""
+    from mlx_v4.layers import attention
+
+    model = random_model(tiny_args(fake_quant=fake_quant, index_topk=4), seed=13)
+    ids = _ids(280, seed=9)
+    monkeypatch.setattr(attention, "GATHER_RATIO", 1e9)
+    masked = _run_chunks(model, ids, [270, 1, 9])
+    monkeypatch.setattr(attention, "GATHER_RATIO", 0.0)
+    gathered = _run_chunks(model, ids, [270, 1, 9])
+    _close(gathered, masked, fake_quant=fake_quant)

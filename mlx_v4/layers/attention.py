@@ -28,6 +28,9 @@ from .rope import RoPE
 
 #: Largest score matrix (elements) one query block may build.
 SCORE_BUDGET = 1 << 24
+#: CSA picks are gathered per query once that moves less than scoring every entry:
+#: ``H * N > GATHER_RATIO * k * head_dim``.
+GATHER_RATIO = 1.0
 
 
 def attend(q: mx.array, window: mx.array, window_mask: mx.array, sinks: mx.array, scale: float,
@@ -157,26 +160,38 @@ class Attention(nn.Module):
         return (cache.entry_values(dtype) if selected is None else None), selected
 
     def _attend_blocks(self, q, window, window_mask, comp, selected, cache, qpos):
-        """Attention in query blocks; HCA (and CSA with every entry visible) attend to the
-        compressed entries under the causal rule ``i < (t + 1) // ratio``, CSA queries to
-        their own picks (gathered rows, -1 = none)."""
-        B, L, H, _ = q.shape
+        """Attention in query blocks. HCA (and CSA while every entry is visible) attend to the
+        compressed entries under the causal rule ``i < (t + 1) // ratio``; CSA queries attend to
+        their own picks (-1 = none): scored densely against all entries under a pick mask while
+        that is cheaper (``H * N <= k * head_dim``), gathered per query beyond that."""
+        B, L, H, hd = q.shape
         if self.use_kernel and L == 1 and selected is not None and cache.packed:
             # Every kept window row is visible to the one query; the kernel gathers and
             # dequantizes the picked rows itself (the whole store: picks index below length).
             return sparse_decode_attention(q[:, 0], window, *cache.entries.parts, selected[:, 0], self.attn_sink,
                                            scale=self.head_dim**-0.5, use_kernel=True)[:, None]
-        n = 0 if comp is None else comp.shape[1]
-        keys_per_query = window.shape[1] + (selected.shape[-1] if selected is not None else n)
-        block = max(1, min(L, SCORE_BUDGET // max(1, B * H * keys_per_query)))
+        n = cache.entries.length if self.ratio else 0
+        gather = selected is not None and H * n > GATHER_RATIO * selected.shape[-1] * hd
+        if selected is not None and not gather:
+            comp = cache.entry_values(q.dtype)
+        if gather:
+            per_query = B * max(H * (window.shape[1] + selected.shape[-1]), selected.shape[-1] * hd)
+        else:
+            per_query = B * H * (window.shape[1] + n)
+        block = max(1, min(L, SCORE_BUDGET // per_query))
         outs = []
         for s in range(0, L, block):
             e = min(L, s + block)
             comp_blk, comp_mask = None, None
-            if selected is not None:
+            if gather:
                 picks = selected[:, s:e]
                 rows = cache.gather_entries(mx.maximum(picks, 0).reshape(B, -1), q.dtype)
                 comp_blk, comp_mask = rows.reshape(B, e - s, picks.shape[-1], -1), picks >= 0
+            elif selected is not None:
+                slots = mx.where(selected[:, s:e] >= 0, selected[:, s:e], n)  # -1 -> a spill column
+                comp_mask = mx.put_along_axis(mx.zeros((B, e - s, n + 1), dtype=mx.bool_), slots,
+                                              mx.array(True), axis=-1)[..., :n]
+                comp_blk = comp
             elif comp is not None:
                 visible = (qpos[s:e] + 1) // self.ratio
                 comp_blk, comp_mask = comp, mx.broadcast_to(mx.arange(n)[None, :] < visible, (B, e - s, n))
