@@ -124,8 +124,10 @@ def main():
     p.add_argument("--decode", default="2048,16384,65536")
     p.add_argument("--step", type=int, default=512)
     p.add_argument("--skip-long", action="store_true")
+    p.add_argument("--skip-bytes", action="store_true")
     a = p.parse_args()
-    part_bytes(a.tokens, a.step)
+    if not a.skip_bytes:
+        part_bytes(a.tokens, a.step)
     if not a.skip_long:
         part_long([int(x) for x in a.long.split(",")], [int(x) for x in a.decode.split(",")], a.step)
 
