@@ -125,6 +125,7 @@ class TensorInfo:
     name: str
     dtype: str  # safetensors dtype string
     shape: tuple[int, ...]
+    offset: int = 0  # absolute byte position of the tensor's data in the file (for streaming readers)
 
 
 # ---- files ------------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
         if end > data_bytes:
             raise WeightsError(f"{path}: truncated: tensor '{name}' ends at data byte {end} but the file holds "
                                f"only {data_bytes} data bytes")
-        out[name] = TensorInfo(path, name, dtype, shape)
+        out[name] = TensorInfo(path, name, dtype, shape, 8 + n + begin)
     return out
 
 
@@ -453,6 +454,20 @@ def _materialise(ours: str, e: _Entry, o: _Options) -> tuple[dict[str, mx.array]
 
 
 # ---- public API -------------------------------------------------------------------------------
+def plan_checkpoint(infos: dict[str, TensorInfo], args: ModelArgs):
+    """Source tensors -> ``({our name: entry}, skipped MTP names)``; an entry's ``parts`` are the
+    source tensors to stack (experts, in order), each with ``w`` and its ``scale``/``scales``/
+    ``biases``; ``half`` selects a half of a fused gate_up_proj. Used by quantize/ to stream."""
+    return _plan(infos, args)
+
+
+def materialise(ours: str, entry: _Entry, get: Callable[[TensorInfo], mx.array], *, fp8: str, fp4: str,
+                dtype: mx.Dtype, block: tuple[int, int] = (128, 128), own: dict | None = None):
+    """One planned entry -> ``({our name: lazy array}, quantization or None)``, exactly as
+    :func:`load_weights` converts it; ``get`` reads a source tensor (or a slice quantize/ chose)."""
+    return _materialise(ours, entry, _Options(fp8, fp4, dtype, block, own or {}, get))
+
+
 class Weights(dict):
     """our name -> array; ``sources`` our name -> (file, source tensor, source shape),
     ``skipped`` (dropped MTP tensors), ``model_dir``, ``index_file``."""
