@@ -13,6 +13,7 @@ from .chat import chat
 from .convert import convert
 from .generate import generate
 from .info import info
+from .serve import serve
 
 app = typer.Typer(
     name="mlx-v4",
@@ -28,6 +29,7 @@ app.command(help="Chat in the terminal (streaming, /help for slash commands, sav
 app.command(help="Answer one prompt; the answer goes to stdout, reasoning and stats to stderr.")(generate)
 app.command(help="Memory plan: weights, KV cache at a context length, and which Macs it fits.")(info)
 app.command(help="Prefill and decode speed and peak memory at several context lengths.")(bench)
+app.command(help="OpenAI/Anthropic-compatible HTTP server with a resident prefix cache.")(serve)
 app.command(help="Convert a checkpoint into mlx-v4's quantized format.")(convert)
 
 

@@ -1,0 +1,83 @@
+"""`mlx-v4 serve`: an OpenAI- and Anthropic-compatible HTTP server with a resident prefix cache.
+
+Flags map onto :class:`mlx_v4.server.ServerConfig`; the server itself lives in mlx_v4.server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import MODEL_HELP, UserError, is_demo, load_model, user_errors
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
+          "t": 1 << 40, "tb": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'8G', '512MB', '1073741824' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UserError(f"cannot read the size {text!r}", "use e.g. --cache-budget 8G or 512M")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@user_errors
+def serve(
+    model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="MLX_V4_API_KEY",
+                                                help="Key clients must send (Bearer or x-api-key); required off loopback.")] = None,
+    model_name: Annotated[str | None, typer.Option(help="Model id clients use (default: deepseek-v4, or 'demo').")] = None,
+    any_model: Annotated[bool, typer.Option("--any-model", help="Answer whatever model name a client asks for.")] = False,
+    max_tokens: Annotated[int, typer.Option(help="Default max tokens when a request sets none.")] = 4096,
+    cache_budget: Annotated[str, typer.Option(help="Bytes of KV caches kept resident for prefix reuse (LRU).")] = "8G",
+    cache_dir: Annotated[Path | None, typer.Option(help="Persist prefix caches here; a restart resumes them.")] = None,
+    max_active: Annotated[int, typer.Option(help="Requests decoded concurrently (round-robin, one step each).")] = 4,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting beyond that before 503s.")] = 256,
+    prefill_chunk: Annotated[int, typer.Option(help="Prompt ids fed per scheduling step.")] = 2048,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+):
+    if api_key is None and not is_loopback(host):
+        raise UserError(f"binding {host} (beyond loopback) needs --api-key",
+                        "pass --api-key KEY (or set MLX_V4_API_KEY), or bind 127.0.0.1")
+    if not 0 < port < 65536:
+        raise UserError(f"bad port {port}", "use a port between 1 and 65535")
+    if max_tokens < 1 or max_active < 1 or max_queue < 1 or prefill_chunk < 1:
+        raise UserError("--max-tokens, --max-active, --max-queue and --prefill-chunk must be positive")
+    budget = parse_bytes(cache_budget)
+    try:
+        import uvicorn
+
+        from mlx_v4.server import ServerConfig, create_app
+    except ImportError as e:
+        raise UserError(f"the server needs extra packages ({e.name} is missing)",
+                        "pip install 'mlx-v4[serve]'") from None
+    from .ui import UI
+
+    ui = UI()
+    m, tok, path = load_model(ui, model)
+    name = model_name or ("demo" if is_demo(path) else "deepseek-v4")
+    config = ServerConfig(model_name=name, api_key=api_key, default_max_tokens=max_tokens,
+                          cache_budget_bytes=budget, cache_dir=str(cache_dir) if cache_dir else None,
+                          max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                          accept_any_model=any_model)
+    app = create_app(m, tok, config)
+    ui.notice(f"serving {path} as '{name}' on http://{host}:{port}  (OpenAI: /v1/chat/completions, "
+              f"/v1/responses; Anthropic: /v1/messages)")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
