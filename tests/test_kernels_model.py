@@ -3,8 +3,8 @@ real Metal kernel, run by the CPU emulator) equal those of the reference path.""
 
 import mlx.core as mx
 import pytest
-
 from metal_emu import emu
+
 from mlx_v4.kernels import sparse_decode as sd
 from mlx_v4.model import Model
 from mlx_v4.testing.tiny import random_model, tiny_args

@@ -6,8 +6,8 @@ import math
 
 import mlx.core as mx
 import pytest
-
 from metal_emu import emu
+
 from mlx_v4.kernels import sparse_decode as sd
 from mlx_v4.layers.attention import attend
 from mlx_v4.layers.fake_quant import quantize_kv_entry

@@ -3,10 +3,10 @@ captured kernel, with mutants proving that Metal-illegal pointer use is rejected
 
 import mlx.core as mx
 import pytest
-
 from metal_emu import clcheck, emu
-from mlx_v4.kernels import sparse_decode as sd
 from test_kernels_sparse_decode import call, make_inputs
+
+from mlx_v4.kernels import sparse_decode as sd
 
 pytestmark = pytest.mark.skipif(not clcheck.have_clang(), reason="clang not installed (apt: clang)")
 

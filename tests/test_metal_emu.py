@@ -2,10 +2,10 @@
 
 import mlx.core as mx
 import pytest
-
 from metal_emu import emu
-from mlx_v4.kernels import sparse_decode as sd
 from test_kernels_sparse_decode import call, make_inputs
+
+from mlx_v4.kernels import sparse_decode as sd
 
 pytestmark = pytest.mark.skipif(not emu.have_compiler(), reason="no C++20 compiler for the Metal emulator")
 

@@ -15,8 +15,8 @@ the emulator's runner, so the same wrapper code is exercised on Linux.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import mlx.core as mx
 
@@ -44,6 +44,10 @@ CUDA_PRELUDE = r"""
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #ifndef V4_CUDA_PRELUDE
 #define V4_CUDA_PRELUDE
+typedef unsigned int uint;
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef int int32_t;
 #define device
 #define constant
 #define thread

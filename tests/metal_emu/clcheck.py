@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import tempfile
 
-from .emu import Capture, EmulatorError, SHIM
+from .emu import SHIM, Capture, EmulatorError
 
 CLANG = os.environ.get("EMU_CLANG", "clang")
 
@@ -36,7 +36,7 @@ def to_opencl(cap: Capture, mutate=None) -> str:
     tmpl = re.search(r"template <(.*?)>\n(?=\[\[kernel\]\])", src)
     if tmpl:
         lines = []
-        for decl, value in zip(tmpl.group(1).split(","), values):
+        for decl, value in zip(tmpl.group(1).split(","), values, strict=True):
             kind, name = decl.split()
             lines.append(f"using {name} = {value};" if kind == "typename" else f"constexpr {kind} {name} = {value};")
         src = src[: tmpl.start()] + "\n".join(lines) + "\n" + src[tmpl.end():]

@@ -253,7 +253,7 @@ def execute(exe: Path, cap: Capture, inputs, timeout: float = 300) -> list[mx.ar
     with tempfile.TemporaryDirectory() as d:
         for i, x in enumerate(inputs):
             _to_numpy_bytes(x).tofile(os.path.join(d, f"in{i}.bin"))
-        for i, (shape, dt) in enumerate(zip(cap.out_shapes, cap.out_dtypes)):
+        for i, (shape, dt) in enumerate(zip(cap.out_shapes, cap.out_dtypes, strict=True)):
             with open(os.path.join(d, f"out{i}.size"), "w") as f:
                 f.write(str(int(np.prod(shape)) * dt.size))
         env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0",
@@ -263,7 +263,7 @@ def execute(exe: Path, cap: Capture, inputs, timeout: float = 300) -> list[mx.ar
         if r.returncode:
             raise EmulatorError(f"kernel {cap.name} exited with {r.returncode}:\n{r.stderr[-6000:]}")
         outs = []
-        for i, (shape, dt) in enumerate(zip(cap.out_shapes, cap.out_dtypes)):
+        for i, (shape, dt) in enumerate(zip(cap.out_shapes, cap.out_dtypes, strict=True)):
             raw = np.fromfile(os.path.join(d, f"out{i}.bin"), dtype=np.uint8)
             outs.append(_from_bytes(raw, shape, dt))
         return outs
@@ -310,6 +310,6 @@ def capturing_runner(log: list):
 
     def run(spec, inputs, output_shapes, output_dtypes, grid, threadgroup, template):
         log.append(capture(spec, inputs, output_shapes, output_dtypes, grid, threadgroup, template))
-        return [mx.zeros(s, dtype=t) for s, t in zip(output_shapes, output_dtypes)]
+        return [mx.zeros(s, dtype=t) for s, t in zip(output_shapes, output_dtypes, strict=True)]
 
     return run

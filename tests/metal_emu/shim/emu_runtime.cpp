@@ -5,7 +5,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
-#include <map>
+#include <atomic>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -56,6 +56,8 @@ struct Barrier {
 };
 
 struct Simd {
+  std::mutex mu;  // per simdgroup: a collective orders only its own lanes
+  std::condition_variable cv;
   Barrier bar;
   uint64_t vals[32];
   bool active[32];
@@ -66,9 +68,24 @@ struct Group {
   std::condition_variable cv;
   Barrier tg;
   std::vector<Simd> simd;
-  std::map<long, unsigned char*> tg_mem;
-  size_t tg_bytes = 0;
+  // Threadgroup arrays by declaration id, allocated by the first lane that reaches one.
+  // Lock-free (relaxed) so allocation adds no happens-before edge that would hide a race
+  // from ThreadSanitizer (a missing barrier must stay visible).
+  std::atomic<unsigned char*> tg_mem[256];
+  std::atomic<size_t> tg_bytes{0};
+  Group() { for (auto& p : tg_mem) p.store(nullptr, std::memory_order_relaxed); }
 };
+
+#if defined(__SANITIZE_THREAD__)
+// Order each lane's use of a threadgroup array after its allocation (and poisoning) only.
+extern "C" void __tsan_acquire(void* addr);
+extern "C" void __tsan_release(void* addr);
+#define EMU_TSAN_RELEASE(p) __tsan_release(p)
+#define EMU_TSAN_ACQUIRE(p) __tsan_acquire(p)
+#else
+#define EMU_TSAN_RELEASE(p)
+#define EMU_TSAN_ACQUIRE(p)
+#endif
 
 static thread_local Lane* cur_lane = nullptr;
 static Group* cur_group = nullptr;
@@ -77,16 +94,22 @@ Lane& lane() { return *cur_lane; }
 
 void* tg_alloc_raw(long id, unsigned long size) {
   Group& g = *cur_group;
-  std::lock_guard<std::mutex> lk(g.mu);
-  auto it = g.tg_mem.find(id);
-  if (it == g.tg_mem.end()) {
-    unsigned char* p = new unsigned char[size];  // exact size: ASan sees overruns
-    std::memset(p, 0xff, size);                  // NaN / -1: reads before writes show
-    g.tg_bytes += size;
-    if (g.tg_bytes > 32768) fail("threadgroup-memory", "%zu bytes > 32 KB", g.tg_bytes);
-    it = g.tg_mem.emplace(id, p).first;
+  if (id < 0 || id >= 256) fail("threadgroup-memory", "too many threadgroup arrays");
+  unsigned char* p = g.tg_mem[id].load(std::memory_order_relaxed);
+  if (!p) {
+    unsigned char* fresh = new unsigned char[size];  // exact size: ASan sees overruns
+    std::memset(fresh, 0xff, size);                  // NaN / -1: reads before writes show
+    EMU_TSAN_RELEASE(fresh);
+    if (g.tg_mem[id].compare_exchange_strong(p, fresh, std::memory_order_relaxed)) {
+      if (g.tg_bytes.fetch_add(size, std::memory_order_relaxed) + size > 32768)
+        fail("threadgroup-memory", "%zu bytes > 32 KB", g.tg_bytes.load());
+      p = fresh;
+    } else {
+      delete[] fresh;
+    }
   }
-  return it->second;
+  EMU_TSAN_ACQUIRE(p);
+  return p;
 }
 
 void barrier(int line) {
@@ -99,17 +122,17 @@ void simd_exchange(const void* v, unsigned size, int line, void* out, bool* acti
   Group& g = *cur_group;
   Lane& l = lane();
   Simd& s = g.simd[l.sgiitg];
-  std::unique_lock<std::mutex> lk(g.mu);
+  std::unique_lock<std::mutex> lk(s.mu);
   std::memcpy(&s.vals[l.tiisg], v, size);
   s.active[l.tiisg] = true;
-  s.bar.arrive(lk, g.cv, line);
+  s.bar.arrive(lk, s.cv, line);
   auto* o = static_cast<unsigned char*>(out);
   for (int i = 0; i < 32; ++i) {
     if (s.active[i]) std::memcpy(o + i * size, &s.vals[i], size);
     else std::memset(o + i * size, 0xff, size);
     active[i] = s.active[i];
   }
-  s.bar.arrive(lk, g.cv, line);  // nobody overwrites vals before all have read them
+  s.bar.arrive(lk, s.cv, line);  // nobody overwrites vals before all have read them
   s.active[l.tiisg] = false;
 }
 
@@ -123,9 +146,13 @@ static void lane_main(LaneArgs* a) {
   cur_lane = &a->lane;
   a->body(a->ctx);
   Group& g = *cur_group;
-  std::lock_guard<std::mutex> lk(g.mu);
-  g.tg.leave(g.cv);
-  g.simd[a->lane.sgiitg].bar.leave(g.cv);
+  {
+    std::lock_guard<std::mutex> lk(g.mu);
+    g.tg.leave(g.cv);
+  }
+  Simd& s = g.simd[a->lane.sgiitg];
+  std::lock_guard<std::mutex> lk(s.mu);
+  s.bar.leave(s.cv);
 }
 
 void run_grid(uint3 grid, uint3 tg, void (*body)(void*), void* ctx) {
@@ -139,9 +166,9 @@ void run_grid(uint3 grid, uint3 tg, void (*body)(void*), void* ctx) {
         uint n = size.x * size.y * size.z;
         uint nsg = (n + 31) / 32;
         Group g;
+        g.simd = std::vector<Simd>(nsg);
         g.tg.expected = int(n);
         g.tg.what = "threadgroup_barrier";
-        g.simd.resize(nsg);
         for (uint s = 0; s < nsg; ++s) {
           g.simd[s].bar.expected = int(std::min(32u, n - s * 32));
           g.simd[s].bar.what = "simdgroup collective";
@@ -171,7 +198,7 @@ void run_grid(uint3 grid, uint3 tg, void (*body)(void*), void* ctx) {
         threads.reserve(n);
         for (uint t = 0; t < n; ++t) threads.emplace_back(lane_main, &args[t]);
         for (auto& th : threads) th.join();
-        for (auto& kv : g.tg_mem) delete[] kv.second;
+        for (auto& p : g.tg_mem) delete[] p.load(std::memory_order_relaxed);
         cur_group = nullptr;
       }
 }
