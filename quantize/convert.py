@@ -1,0 +1,239 @@
+"""``convert(src, dst, recipe=...)``: a checkpoint -> an mlx-v4 model directory, streaming.
+
+Order of work, so that no failure leaves something that looks finished:
+
+1. a finished ``dst`` (completion marker) for the same request is a no-op (unless ``force``);
+2. the source is resolved (a Hub repo id is downloaded, resumably), every header validated and
+   every output tensor planned: bad input fails here, before anything is written;
+3. the resume manifest ``.mlx-v4-progress.json`` records finished shards; shards are written
+   one by one (temp name, fsync, rename), skipping those a previous run finished;
+4. tokenizer files, README.md, config.json, the index, and last the marker ``.mlx-v4-complete``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_v4.weights import INDEX_FILE, resolve_model_path
+
+from . import card
+from .io import TEMP_SUFFIX, Reader, ShardWriter, write_atomic, write_json
+from .plan import (
+    Source,
+    chunk_offset,
+    chunk_src_bytes,
+    chunks,
+    layout,
+    open_source,
+    plan_hash,
+    plan_jobs,
+    produce,
+)
+from .progress import Progress
+from .recipes import ConvertError, Override, Quant, get_recipe
+
+log = logging.getLogger("mlx_v4.quantize")
+
+MARKER = ".mlx-v4-complete"
+MANIFEST = ".mlx-v4-progress.json"
+FORMAT_VERSION = 1
+#: Copied from the source when present (tokenizer, chat template, generation defaults).
+EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+               "generation_config.json", "chat_template.jinja", "chat_template.json")
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    recipe: str
+    noop: bool = False
+    shards_written: list[str] = field(default_factory=list)
+    shards_reused: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    seconds: float = 0.0
+    verify: object = None  # verify.VerifyReport
+    url: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def _request(src, recipe: str, group_size: int, override, max_shard_bytes: int) -> dict:
+    return {"source": str(src), "recipe": recipe, "group_size": group_size, "override": override is not None,
+            "max_shard_bytes": int(max_shard_bytes), "format_version": FORMAT_VERSION}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        d = json.loads(path.read_text())
+        return d if isinstance(d, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _prepare_dst(dst: Path, force: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise ConvertError(f"{dst}: exists and is not a directory")
+    if not dst.exists():
+        return
+    ours = (dst / MARKER).exists() or (dst / MANIFEST).exists()
+    if any(dst.iterdir()) and not ours:
+        raise ConvertError(f"{dst}: directory is not empty and is not an mlx-v4 conversion; choose a new "
+                           "or empty directory")
+    if force and ours:
+        shutil.rmtree(dst)
+
+
+def convert(src: str | Path, dst: str | Path, *, recipe: str = "mxfp4", group_size: int = 64,
+            override: Override | None = None, max_shard_bytes: int = 5_000_000_000, force: bool = False,
+            verify: bool = False, upload_repo: str | None = None, private: bool = False,
+            progress: bool | None = None, chunk_bytes: int = 256 << 20,
+            on_shard: Callable[[str], None] | None = None) -> ConvertResult:
+    """Convert ``src`` (a directory or a Hugging Face repo id: the official FP8/FP4 release, or
+    bf16/fp32 safetensors with official or transformers names) into an mlx-v4 directory ``dst``.
+
+    ``recipe``: 4bit, 8bit, mixed-4-8, mxfp4, bf16 (see recipes.py); ``group_size`` for affine
+    formats (32/64/128); ``override(module, class, target)`` may return another target per
+    module. ``max_shard_bytes`` caps output shards. ``force`` redoes a finished output. ``verify``
+    compares the converted and the source model (mean KL, top-1 agreement); ``upload_repo``
+    uploads the result. ``progress``: bars on a terminal (None = when stderr is one).
+    ``on_shard(name)`` is called after each shard is durably written."""
+    t0 = time.monotonic()
+    dst = Path(dst).expanduser()
+    rec = get_recipe(recipe, group_size)
+    request = _request(src, rec.name, group_size, override, max_shard_bytes)
+    _prepare_dst(dst, force)
+    result = ConvertResult(dst, rec.name)
+    marker = _read_json(dst / MARKER)
+    if marker is not None:
+        if marker.get("request") != request:
+            raise ConvertError(f"{dst}: holds a finished conversion of {marker.get('request', {}).get('source')!r} "
+                               f"(recipe {marker.get('request', {}).get('recipe')!r}); pass force=True (--force) "
+                               "to replace it")
+        log.info("%s: already converted (%s); nothing to do", dst, MARKER)
+        result.noop = True
+        source_dir = None
+    else:
+        source_dir = resolve_model_path(str(src))
+        _convert(source_dir, dst, rec, request, override, max_shard_bytes, progress, chunk_bytes, on_shard, result)
+    result.seconds = time.monotonic() - t0
+    if verify:
+        from .verify import verify_conversion
+
+        result.verify = verify_conversion(dst, source_dir or resolve_model_path(str(src)))
+    if upload_repo:
+        from .upload import upload
+
+        result.url = upload(dst, upload_repo, private=private)
+    return result
+
+
+def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_bytes, progress, chunk_bytes,
+             on_shard, result: ConvertResult) -> None:
+    src = open_source(source_dir)
+    jobs, skipped = plan_jobs(src, rec, override)
+    if skipped:
+        log.info("dropping %d MTP tensors (speculative decoding is not implemented)", len(skipped))
+    shards = layout(jobs, max_shard_bytes)
+    phash = plan_hash(src, shards, request)
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for tmp in dst.glob(f".*{TEMP_SUFFIX}"):  # leftovers of a killed run
+        tmp.unlink()
+    manifest = _read_json(dst / MANIFEST) or {}
+    done = manifest.get("done", {}) if manifest.get("plan") == phash else {}
+    names = {s.name for s in shards}
+    for f in dst.glob("model-*.safetensors"):
+        if f.name not in names or f.name not in done or f.stat().st_size != done[f.name]:
+            f.unlink()  # another plan's shard, or one not recorded as finished
+    done = {k: v for k, v in done.items() if (dst / k).is_file()}
+    manifest = {"plan": phash, "request": request, "done": done}
+    write_json(dst / MANIFEST, manifest)
+
+    todo = [s for s in shards if s.name not in done]
+    need = sum(j.out_bytes for s in todo for j in s.jobs)
+    free = shutil.disk_usage(dst).free
+    if need > free:
+        raise ConvertError(f"{dst}: needs {need / 1e9:.2f} GB more for the remaining shards but the device "
+                           f"has {free / 1e9:.2f} GB free")
+
+    reader = Reader()
+    total_src = sum(j.src_bytes for s in todo for j in s.jobs)
+    with Progress(sum(len(s.jobs) for s in todo), total_src, f"{rec.name} -> {dst.name}", progress) as bar:
+        for s in shards:
+            if s.name in done:
+                result.shards_reused.append(s.name)
+                continue
+            writer = ShardWriter(dst / s.name, s.tensors)
+            try:
+                for job in s.jobs:
+                    for e, a, sub in chunks(job, src, chunk_bytes):
+                        out = produce(job, sub, reader.read, src)
+                        mx.eval(*out.values())
+                        for name, arr in out.items():
+                            writer.write(name, chunk_offset(job, e, a, name, arr), arr)
+                        del out
+                        bar.advance(nbytes=chunk_src_bytes(sub))
+                    bar.advance(tensors=1)
+                done[s.name] = writer.finish()
+            except BaseException:
+                writer.abort()
+                reader.close()
+                raise
+            write_json(dst / MANIFEST, manifest)
+            result.shards_written.append(s.name)
+            log.info("wrote %s (%.2f GB)", s.name, done[s.name] / 1e9)
+            if on_shard is not None:
+                on_shard(s.name)
+    reader.close()
+    result.bytes_read = reader.bytes_read
+    _finish(src, dst, rec, request, shards, phash)
+
+
+def _finish(src: Source, dst: Path, rec, request, shards, phash) -> None:
+    for name in EXTRA_FILES:
+        f = src.path / name
+        if f.is_file():
+            write_atomic(dst / name, f.read_bytes())
+    quantization, classes = {}, {}
+    for s in shards:
+        for j in s.jobs:
+            if isinstance(j.target, Quant):
+                quantization[j.module] = j.target.params()
+            classes.setdefault(j.klass, set()).add(str(j.target) if j.klass != "tid2eid" else "int32")
+    config = {k: v for k, v in src.config.items() if k not in ("quantization_config", "quantization")}
+    qc = src.config.get("quantization_config") or {}
+    if isinstance(qc, dict) and qc.get("expert_dtype") and "expert_dtype" not in config:
+        config["expert_dtype"] = qc["expert_dtype"]
+    if quantization:
+        common = max({json.dumps(q, sort_keys=True) for q in quantization.values()},
+                     key=lambda q: sum(json.dumps(v, sort_keys=True) == q for v in quantization.values()))
+        config["quantization"] = json.loads(common) | quantization
+    conversion = {"recipe": rec.name, "description": rec.description, "source": request["source"],
+                  "source_fingerprint": src.fingerprint,
+                  "classes": {k: sorted(v)[0] if len(v) == 1 else sorted(v) for k, v in sorted(classes.items())}}
+    config["mlx_v4_conversion"] = conversion
+    write_atomic(dst / "README.md", card.model_card(config, conversion, shards))
+    write_json(dst / "config.json", config)
+    weight_map = {n: s.name for s in shards for n, _, _ in s.tensors}
+    total = sum(j.out_bytes for s in shards for j in s.jobs)
+    write_json(dst / INDEX_FILE, {"metadata": {"total_size": total, "format": "mlx"}, "weight_map": weight_map})
+    write_json(dst / MARKER, {"request": request, "plan": phash, "files": sorted(s.name for s in shards),
+                              "completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    (dst / MANIFEST).unlink(missing_ok=True)
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` holds a finished conversion (its completion marker, written last)."""
+    return _read_json(Path(path) / MARKER) is not None
+
+
+__all__ = ["convert", "ConvertResult", "is_complete", "MARKER", "MANIFEST"]
