@@ -400,7 +400,8 @@ def test_sanitize_passes_our_names_through():
 
 # ---- whole official checkpoints (mlx_v4.testing.official writes them) ---------------------------
 
-RAGGED_CONFIG = TINY_CONFIG | dict(hidden_size=160, moe_intermediate_size=48, q_lora_rank=96)
+# Not multiples of 128 (ragged FP8 tiles); FP4 experts need in-dims in whole blocks of 32.
+RAGGED_CONFIG = TINY_CONFIG | dict(hidden_size=160, moe_intermediate_size=96, q_lora_rank=96)
 
 
 def _dense(weights, quantization, name):
