@@ -32,7 +32,7 @@ from mlx_v4.weights import (
 )
 
 from .io import mx_dtype, st_dtype
-from .recipes import MXFP4, MXFP8, ConvertError, Override, Quant, Recipe, Target, choose, classify
+from .recipes import ConvertError, Override, Quant, Recipe, Target, choose, classify
 
 _ITEM = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
          "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "BOOL": 1}
@@ -98,8 +98,9 @@ def produce(job: Job, entry, get: Callable[[TensorInfo], mx.array], src: Source,
     """One (sub-)entry -> {output name: lazy array} in the job's target format."""
     t = job.target if target is None else target
     module, leaf = job.name.rsplit(".", 1)
-    arrays, quant = materialise(job.name, entry, get, fp8="mxfp8" if t == MXFP8 else "dequantize",
-                                fp4="mxfp4" if t == MXFP4 else "dequantize", dtype=job.work_dtype,
+    # FP8/FP4 always arrive as mxfp8/mxfp4 (exact): they pass through when that is the target, and
+    # MLX's dequantize kernel expands them otherwise (faster than a table lookup, same values).
+    arrays, quant = materialise(job.name, entry, get, fp8="mxfp8", fp4="mxfp4", dtype=job.work_dtype,
                                 block=src.block, own=src.own)
     if quant is not None:
         q = Quant(quant["bits"], quant["group_size"], quant["mode"])

@@ -1,0 +1,325 @@
+"""quantize/: every recipe on a tiny official FP8/FP4 checkpoint loads with mlx_v4.load and stays
+close to the source; native formats pass through bit for bit; streaming chunks give the same
+bytes as whole tensors; resume, no-op, force, bad input, full disk, upload (HTTP mocked), verify."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_v4.quantize import MANIFEST, MARKER, ConvertError, Quant, convert, is_complete
+
+import mlx_v4
+from mlx_v4.testing import official
+from mlx_v4.testing.tiny import TINY_CONFIG
+from mlx_v4.weights import WeightsError, read_header
+
+SHARD = 1 << 20  # small output shards: several per tiny model
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src")
+    raw = official.random_official_weights(TINY_CONFIG, seed=3)
+    exact = official.write_official_checkpoint(path, TINY_CONFIG, raw, max_shard_bytes=1 << 19)
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 4096}')
+    return path, exact
+
+
+@pytest.fixture(scope="module")
+def converted(source, tmp_path_factory):
+    root, cache = tmp_path_factory.mktemp("out"), {}
+
+    def get(recipe):
+        if recipe not in cache:
+            cache[recipe] = convert(source[0], root / recipe, recipe=recipe, max_shard_bytes=SHARD,
+                                    verify=True, progress=False)
+        return cache[recipe]
+    return get
+
+
+def _tensors(path):
+    out = {}
+    for f in sorted(path.glob("model-*.safetensors")):
+        out.update(mx.load(str(f)))
+    return out
+
+
+def _raw(path, name):
+    """Raw bytes of one tensor of an official shard (independent of weights.py's readers)."""
+    for f in path.glob("*.safetensors"):
+        n = struct.unpack("<Q", f.read_bytes()[:8])[0]
+        header = json.loads(f.read_bytes()[8:8 + n])
+        if name in header:
+            b, e = header[name]["data_offsets"]
+            return np.frombuffer(f.read_bytes()[8 + n + b:8 + n + e], np.uint8)
+    raise KeyError(name)
+
+
+# ---- every recipe -----------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe", ["4bit", "8bit", "mixed-4-8", "mxfp4", "bf16"])
+def test_recipe_loads_and_is_complete(converted, recipe):
+    r = converted(recipe)
+    assert is_complete(r.path) and not (r.path / MANIFEST).exists()
+    cfg = json.loads((r.path / "config.json").read_text())
+    assert cfg["mlx_v4_conversion"]["recipe"] == recipe and "quantization_config" not in cfg
+    classes = cfg["mlx_v4_conversion"]["classes"]
+    assert classes["hyper"] == classes["sink"] == classes["router_bias"] == classes["ape"] == "fp32"
+    assert classes["tid2eid"] == "int32"
+    index = json.loads((r.path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert (r.path / "tokenizer_config.json").exists() and "mlx" in (r.path / "README.md").read_text()
+    model, tokenizer = mlx_v4.load(r.path)
+    assert model(mx.array([[1, 2, 3]])).shape == (1, 3, TINY_CONFIG["vocab_size"])
+    t = _tensors(r.path)
+    assert t["layers.0.ffn.gate.tid2eid"].dtype == mx.int32
+    assert t["layers.0.hc_attn.fn"].dtype == t["layers.1.attn.attn_sink"].dtype == mx.float32
+    if recipe in ("4bit", "mixed-4-8"):
+        assert cfg["quantization"]["layers.1.ffn.experts.w1"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+    if recipe == "mixed-4-8":
+        assert cfg["quantization"]["layers.1.attn.wq_b"]["bits"] == 8 and cfg["quantization"]["embed"]["bits"] == 8
+    if recipe == "bf16":
+        assert "quantization" not in cfg
+
+
+def test_quality_ordering(converted):
+    kl = {r: converted(r).verify.kl_mean for r in ("4bit", "8bit", "mixed-4-8", "mxfp4", "bf16")}
+    top1 = {r: converted(r).verify.top1_agreement for r in kl}
+    assert kl["bf16"] < 1e-5 and top1["bf16"] == 1.0  # FP8/FP4 values are exact in bf16
+    assert kl["mxfp4"] < 1e-3 and top1["mxfp4"] > 0.95  # the release's own values
+    assert kl["8bit"] < kl["4bit"] / 3 and kl["4bit"] < 1.0
+    assert kl["8bit"] < kl["mixed-4-8"] < kl["4bit"]
+    assert top1["8bit"] >= top1["4bit"]
+
+
+def test_mxfp4_experts_and_mxfp8_bit_exact(source, converted):
+    src, exact = source
+    t = _tensors(converted("mxfp4").path)
+    for w in ("w1", "w2", "w3"):
+        got = np.asarray(t[f"layers.2.ffn.experts.{w}.weight"]).view(np.uint8)
+        scales = np.asarray(t[f"layers.2.ffn.experts.{w}.scales"])
+        for e in range(TINY_CONFIG["n_routed_experts"]):
+            np.testing.assert_array_equal(got[e].reshape(-1), _raw(src, f"layers.2.ffn.experts.{e}.{w}.weight"))
+            np.testing.assert_array_equal(scales[e].reshape(-1), _raw(src, f"layers.2.ffn.experts.{e}.{w}.scale"))
+    for name in ("layers.1.attn.wq_b", "layers.3.ffn.shared_experts.w2", "layers.1.attn.indexer.wq_b"):
+        np.testing.assert_array_equal(np.asarray(t[name + ".weight"]).view(np.uint8).reshape(-1), _raw(src, name + ".weight"))
+        deq = mx.dequantize(t[name + ".weight"], t[name + ".scales"], group_size=32, bits=8, mode="mxfp8",
+                            dtype=mx.float32)
+        np.testing.assert_array_equal(np.asarray(deq), exact[name + ".weight"])
+
+
+def test_chunked_streaming_equals_whole_tensors(source, converted, tmp_path):
+    """Tiny chunks (one FP8 tile row / a few rows, one expert at a time) write the same bytes."""
+    whole = _tensors(converted("mixed-4-8").path)
+    r = convert(source[0], tmp_path / "c", recipe="mixed-4-8", max_shard_bytes=SHARD, chunk_bytes=1, progress=False)
+    chunked = _tensors(r.path)
+    assert whole.keys() == chunked.keys()
+    for k in whole:
+        assert mx.array_equal(whole[k], chunked[k]), k
+
+
+def test_override_and_group_size(source, tmp_path):
+    def override(module, klass, target):
+        if module == "layers.1.attn.wq_b":
+            return Quant(8, 32)
+        return "bf16" if klass == "embed" else None
+
+    r = convert(source[0], tmp_path / "o", recipe="4bit", group_size=128, override=override, max_shard_bytes=SHARD,
+                progress=False)
+    q = json.loads((r.path / "config.json").read_text())["quantization"]
+    assert q["layers.1.attn.wq_b"] == {"group_size": 32, "bits": 8, "mode": "affine"}
+    assert q["layers.1.ffn.experts.w1"]["group_size"] == 128 and "embed" not in q
+    mlx_v4.load(r.path)
+    with pytest.raises(ConvertError, match="layers.0.ffn.gate"):
+        convert(source[0], tmp_path / "bad", recipe="8bit", progress=False,
+                override=lambda m, c, t: Quant(4, 64) if c == "router" else None)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bf16_source_with_official_names(tmp_path):
+    raw = official.random_official_weights(TINY_CONFIG, seed=4, include_mtp=False)
+    official.write_official_checkpoint(tmp_path / "src", TINY_CONFIG, raw, fp8=False, expert_fp4=False)
+    r = convert(tmp_path / "src", tmp_path / "out", recipe="8bit", verify=True, progress=False)
+    assert r.verify.kl_mean < 0.1
+    assert mx.load(str(next(r.path.glob("model-*.safetensors"))))  # readable by MLX itself
+
+
+# ---- resume, no-op, force ---------------------------------------------------------------------
+def test_resume_after_kill_noop_and_force(source, tmp_path):
+    dst = tmp_path / "r"
+
+    def killed(name):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(source[0], dst, recipe="mixed-4-8", max_shard_bytes=SHARD, on_shard=killed, progress=False)
+    first = sorted(dst.glob("model-*.safetensors"))
+    assert len(first) == 1 and not is_complete(dst) and (dst / MANIFEST).exists()
+    assert not (dst / "config.json").exists()
+    with pytest.raises(Exception, match="config.json"):
+        mlx_v4.load(dst)  # a half-written output is not a model
+    before = first[0].stat().st_mtime_ns
+    r = convert(source[0], dst, recipe="mixed-4-8", max_shard_bytes=SHARD, progress=False)
+    assert r.shards_reused == [first[0].name] and len(r.shards_written) >= 2
+    assert first[0].stat().st_mtime_ns == before and is_complete(dst)
+    mtimes = {f.name: f.stat().st_mtime_ns for f in dst.iterdir()}
+    again = convert(source[0], dst, recipe="mixed-4-8", max_shard_bytes=SHARD, progress=False)
+    assert again.noop and mtimes == {f.name: f.stat().st_mtime_ns for f in dst.iterdir()}
+    with pytest.raises(ConvertError, match="force"):
+        convert(source[0], dst, recipe="4bit", max_shard_bytes=SHARD, progress=False)
+    forced = convert(source[0], dst, recipe="4bit", max_shard_bytes=SHARD, force=True, progress=False)
+    assert not forced.noop and forced.shards_written and not forced.shards_reused
+    assert json.loads((dst / "config.json").read_text())["mlx_v4_conversion"]["recipe"] == "4bit"
+
+
+def test_refuses_foreign_directory(source, tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(ConvertError, match="not an mlx-v4 conversion"):
+        convert(source[0], tmp_path, recipe="bf16", progress=False, force=True)
+    assert (tmp_path / "mine.txt").exists()
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def _copy(source, tmp_path):
+    dst = tmp_path / "src"
+    shutil.copytree(source[0], dst)
+    return dst, json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def _no_output(path):
+    assert not (path / MARKER).exists() and not (path / "config.json").exists()
+
+
+def _corrupt_missing_shard(src, wm):
+    f = sorted(set(wm.values()))[1]
+    (src / f).unlink()
+    return f
+
+
+def _corrupt_absent_tensor(src, wm):
+    wm = dict(wm, **{"layers.0.attn.wq_a.weight": sorted(set(wm.values()))[-1]})
+    if wm["layers.0.attn.wq_a.weight"] == json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]["layers.0.attn.wq_a.weight"]:
+        wm["layers.0.attn.wq_a.weight"] = sorted(set(wm.values()))[0]
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    return wm["layers.0.attn.wq_a.weight"]
+
+
+def _corrupt_truncated(src, wm):
+    f = sorted(set(wm.values()))[2]
+    data = (src / f).read_bytes()
+    (src / f).write_bytes(data[: len(data) // 2])
+    return f
+
+
+def _corrupt_header(src, wm):
+    f = sorted(set(wm.values()))[0]
+    data = bytearray((src / f).read_bytes())
+    data[8:12] = b"}}}}"
+    (src / f).write_bytes(bytes(data))
+    return f
+
+
+def _corrupt_dtype(src, wm):
+    f = wm["layers.0.attn.wq_a.weight"]
+    tensors = {k: (d, np.frombuffer(bytes(r), np.uint8).view({"F8_E4M3": np.uint8, "F8_E8M0": np.uint8, "I8": np.int8,
+               "F32": np.float32, "I64": np.int64}.get(d, np.uint16)).reshape(s))
+               for k, (d, s, r) in official.read_safetensors(src / f).items()}
+    d, a = tensors["layers.0.attn.wq_a.weight"]
+    tensors["layers.0.attn.wq_a.weight"] = ("F64", np.zeros(a.shape, np.float64))
+    official.write_safetensors(src / f, tensors)
+    return f
+
+
+def _corrupt_model_type(src, wm):
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(cfg | {"model_type": "llama"}))
+    return "config.json"
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_missing_shard, _corrupt_absent_tensor, _corrupt_truncated,
+                                     _corrupt_header, _corrupt_dtype, _corrupt_model_type])
+def test_bad_input_names_the_file(source, tmp_path, corrupt):
+    src, wm = _copy(source, tmp_path)
+    fname = corrupt(src, wm)
+    with pytest.raises(ValueError) as e:
+        convert(src, tmp_path / "out", recipe="8bit", progress=False)
+    assert fname in str(e.value), str(e.value)
+    _no_output(tmp_path / "out")
+
+
+def test_full_disk(source, tmp_path, monkeypatch):
+    real, calls = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(ConvertError, match=r"model-0000\d-of-\d+\.safetensors: no space left") as e:
+        convert(source[0], tmp_path / "out", recipe="8bit", max_shard_bytes=SHARD, progress=False)
+    assert str(tmp_path / "out") in str(e.value)
+    _no_output(tmp_path / "out")
+    assert not list((tmp_path / "out").glob(".*.partial"))
+    monkeypatch.setattr(os, "pwrite", real)
+    r = convert(source[0], tmp_path / "out", recipe="8bit", max_shard_bytes=SHARD, progress=False)  # resumes
+    assert is_complete(r.path)
+
+
+def test_read_header_of_output(converted):
+    for f in converted("8bit").path.glob("model-*.safetensors"):
+        assert read_header(f)  # valid safetensors, 8-byte aligned header
+
+
+def test_missing_source_dir(tmp_path):
+    with pytest.raises(WeightsError, match="no-such"):
+        convert(tmp_path / "no-such", tmp_path / "out", progress=False)
+
+
+# ---- upload (huggingface_hub with its HTTP client mocked) -----------------------------------------
+def test_upload_mocked_http(source, converted, monkeypatch):
+    httpx = pytest.importorskip("httpx")
+    import huggingface_hub
+
+    seen = []
+
+    def handler(req):
+        path = req.url.path
+        seen.append((req.method, path))
+        if path == "/api/repos/create":
+            return httpx.Response(200, json={"url": "https://huggingface.co/me/tiny-mlx", "name": "me/tiny-mlx"})
+        if path == "/api/validate-yaml":
+            return httpx.Response(200, json={})
+        if path.endswith("/preupload/main"):
+            files = json.loads(req.content)["files"]
+            return httpx.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular",
+                                                        "shouldIgnore": False} for f in files]})
+        if path.endswith("/commit/main"):
+            lines = [json.loads(x) for x in req.content.decode().splitlines()]
+            seen.append(sorted(x["value"]["path"] for x in lines if x["key"] == "file"))
+            return httpx.Response(200, json={"commitUrl": "https://huggingface.co/me/tiny-mlx/commit/abc",
+                                             "commitOid": "abc"})
+        return httpx.Response(404, json={"error": f"not mocked: {path}"})
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    huggingface_hub.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(handler)))
+    huggingface_hub.close_session()
+    done = converted("bf16")
+    try:  # the output is finished: convert is a no-op and uploads it
+        r = convert(source[0], done.path, recipe="bf16", max_shard_bytes=SHARD, upload_repo="me/tiny-mlx",
+                    progress=False)
+    finally:
+        huggingface_hub.set_client_factory(huggingface_hub.utils._http.default_client_factory)
+        huggingface_hub.close_session()
+    assert r.noop and r.url.endswith("/commit/abc")
+    assert ("POST", "/api/repos/create") in seen and ("POST", "/api/models/me/tiny-mlx/commit/main") in seen
+    files = next(x for x in seen if isinstance(x, list))
+    assert "config.json" in files and "model.safetensors.index.json" in files and MARKER not in files
+    assert any(f.startswith("model-") for f in files)
