@@ -1,0 +1,128 @@
+"""Time to first token per turn of a growing agent conversation, with and without prefix reuse.
+
+Replays a coding-agent conversation through `mlx-v4 serve`'s app on loopback (OpenAI Chat
+Completions, streamed, with tools): a system prompt, then turns that each add a tool result of
+``--turn-tokens`` tokens (file contents) and a short question, so the context grows to roughly
+``turns * turn_tokens``. The same replay runs against two servers: one with the prefix cache
+(each turn reuses the previous turn's KV cache and feeds only the new suffix) and one with a
+zero byte budget (every turn prefills the whole context). TTFT is the time from sending the
+request to the first streamed chunk that carries generated text.
+
+    python benchmarks/server.py                       # tiny random model, real vocabulary
+    python benchmarks/server.py --turns 12 --turn-tokens 2000
+    python benchmarks/server.py --model deepseek-ai/DeepSeek-V4-Flash --turn-tokens 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import mlx_v4  # noqa: F401  (BLAS preload before mlx.core)
+
+WORDS = ("def class return import self value index token cache layer attention window compress "
+         "ratio entry store prefill decode sample stream event answer reason tool call result "
+         "file path line error test assert config model weight tensor shape dtype").split()
+TOOLS = [{"type": "function", "function": {
+    "name": "read_file", "description": "Read a file of the repository",
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]
+
+
+def fake_file(rng: random.Random, tokens: int) -> str:
+    """About ``tokens`` tokens of code-like text."""
+    lines = []
+    n = 0
+    while n < tokens:
+        k = rng.randint(4, 12)
+        lines.append("    " * rng.randint(0, 3) + " ".join(rng.choice(WORDS) for _ in range(k)))
+        n += k + 2
+    return "\n".join(lines)
+
+
+SYSTEM = "You are a coding agent. Read files with read_file, then answer."
+
+
+def replay(url: str, turns: int, turn_tokens: int, max_tokens: int, seed: int, system: str = SYSTEM) -> list[dict]:
+    import httpx
+
+    rng = random.Random(seed)
+    messages = [{"role": "system", "content": system},
+                {"role": "user", "content": "Find where the KV cache is rewound and explain it."}]
+    rows = []
+    with httpx.Client(base_url=url, timeout=3600) as client:
+        for turn in range(turns):
+            body = {"model": "bench", "messages": messages, "tools": TOOLS, "stream": True, "max_tokens": max_tokens,
+                    "temperature": 0, "thinking": {"type": "disabled"}}
+            t0 = time.perf_counter()
+            ttft, text, usage = None, "", None
+            with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    for ch in chunk.get("choices") or []:
+                        d = ch.get("delta") or {}
+                        piece = (d.get("content") or "") + (d.get("reasoning_content") or "")
+                        if ttft is None and (piece or d.get("tool_calls")):
+                            ttft = time.perf_counter() - t0
+                        text += d.get("content") or ""
+                    usage = chunk.get("usage") or usage
+            total = time.perf_counter() - t0
+            rows.append({"turn": turn + 1, "prompt": usage["prompt_tokens"],
+                         "cached": usage["prompt_tokens_details"]["cached_tokens"],
+                         "ttft": ttft if ttft is not None else total, "total": total})
+            call_id = f"call_{turn}"
+            messages.append({"role": "assistant", "content": text, "tool_calls": [
+                {"id": call_id, "type": "function",
+                 "function": {"name": "read_file", "arguments": json.dumps({"path": f"mlx_v4/file{turn}.py"})}}]})
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": fake_file(rng, turn_tokens)})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model dir or repo id (default: tiny random model, real vocab)")
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--turn-tokens", type=int, default=1500, help="tokens of tool output added per turn")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from mlx_v4.server import ServerConfig, create_app
+    from mlx_v4.server.background import running
+    from mlx_v4.tokenizer import load_tokenizer
+
+    if args.model:
+        model, tok = mlx_v4.load(args.model)
+        name = args.model
+    else:
+        from mlx_v4.testing.tiny import random_model, tiny_args
+
+        model, tok = random_model(tiny_args(vocab_size=129280)), load_tokenizer()
+        name = "tiny random model (4 layers, hidden 128, vocab 129280)"
+
+    results = {}
+    for label, budget in (("reuse", 64 << 30), ("no reuse", 0)):
+        app = create_app(model, tok, ServerConfig(model_name="bench", cache_budget_bytes=budget))
+        with running(app) as url:
+            # warm-up (allocator, first-call costs) on another conversation: nothing it leaves
+            # in the cache is a prefix of the measured one
+            replay(url, 2, args.turn_tokens, 2, args.seed + 99, system="Warm-up. " + SYSTEM)
+            results[label] = replay(url, args.turns, args.turn_tokens, args.max_tokens, args.seed)
+
+    print(f"model: {name}; {args.turns} turns, +{args.turn_tokens} tool-output tokens per turn, "
+          f"max_tokens {args.max_tokens}")
+    print(f"{'turn':>4} {'prompt':>8} {'cached':>8} {'TTFT reuse':>11} {'TTFT no reuse':>14} {'speedup':>8}")
+    for a, b in zip(results["reuse"], results["no reuse"], strict=True):
+        print(f"{a['turn']:>4} {a['prompt']:>8} {a['cached']:>8} {a['ttft']:>10.3f}s {b['ttft']:>13.3f}s "
+              f"{b['ttft'] / max(a['ttft'], 1e-9):>7.1f}x")
+    ta = sum(r["ttft"] for r in results["reuse"])
+    tb = sum(r["ttft"] for r in results["no reuse"])
+    print(f"total TTFT: {ta:.2f}s with reuse, {tb:.2f}s without ({tb / max(ta, 1e-9):.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
