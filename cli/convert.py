@@ -8,21 +8,40 @@ import typer
 
 from .common import UserError, user_errors
 
+RECIPE_HELP = ("4bit, 8bit, mixed-4-8 (experts 4-bit, the rest 8-bit), mxfp4 (the release's FP4/FP8 "
+               "kept exactly; alias native) or bf16.")
+
 
 @user_errors
 def convert(
     src: Annotated[str, typer.Argument(help="Source checkpoint: a directory or a Hugging Face repo id.")],
-    dst: Annotated[str, typer.Argument(help="Output directory (must not exist yet).")],
-    recipe: Annotated[str, typer.Option(help="Quantization recipe, e.g. native, mxfp4, q4, q8.")] = "native",
+    dst: Annotated[str, typer.Argument(help="Output directory (new, or a conversion to resume).")],
+    recipe: Annotated[str, typer.Option(help=RECIPE_HELP)] = "mxfp4",
+    group_size: Annotated[int, typer.Option(help="Group size of the affine formats: 32, 64 or 128.")] = 64,
+    shard_size: Annotated[float, typer.Option(help="Largest output shard, in GB.")] = 5.0,
+    force: Annotated[bool, typer.Option("--force", help="Redo a finished conversion in DST.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Compare with the source model: mean KL, top-1 agreement.")] = False,
+    upload_repo: Annotated[str | None, typer.Option(help="Upload the result to this Hugging Face repo.")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the upload repo as private.")] = False,
 ):
     try:
         from mlx_v4.quantize import convert as _convert
     except ImportError:
         raise UserError("conversion is not available in this build (mlx_v4.quantize.convert is missing)",
                         "install a release of mlx-v4 that includes the quantize package") from None
+    import logging
+
     from .ui import UI
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # plain progress when not a terminal
     ui = UI()
-    with ui.status(f"converting {src} -> {dst} ({recipe})"):
-        result = _convert(src, dst, recipe=recipe)
-    ui.notice(f"wrote {result or dst}")
+    result = _convert(src, dst, recipe=recipe, group_size=group_size, max_shard_bytes=int(shard_size * 1e9),
+                      force=force, verify=verify, upload_repo=upload_repo, private=private)
+    if getattr(result, "noop", False):
+        ui.notice(f"{dst} is already converted (use --force to redo it)")
+    else:
+        ui.notice(f"wrote {result or dst}")
+    if getattr(result, "verify", None) is not None:
+        print(f"quality vs source: {result.verify}")
+    if getattr(result, "url", None):
+        ui.notice(f"uploaded: {result.url}")

@@ -308,3 +308,22 @@ def test_demo_info_and_bench():
     r = run("bench", "--contexts", "64,200", "--gen", 4)
     assert r.exit_code == 0, r.output
     assert "prefill tok/s" in r.stdout and "200" in r.stdout
+
+
+# ---- convert (the real quantize package on a tiny official checkpoint) -------------------------
+
+def test_convert_verify_and_errors(tmp_path):
+    pytest.importorskip("mlx_v4.quantize")
+    from mlx_v4.testing import official
+    from mlx_v4.testing.tiny import TINY_CONFIG
+
+    raw = official.random_official_weights(TINY_CONFIG, seed=5, include_mtp=False)
+    official.write_official_checkpoint(tmp_path / "src", TINY_CONFIG, raw)
+    r = run("convert", tmp_path / "src", tmp_path / "out", "--recipe", "8bit", "--group-size", 32, "--verify")
+    assert r.exit_code == 0, r.output
+    assert "mean KL" in r.stdout and "top-1 agreement" in r.stdout
+    assert (tmp_path / "out" / ".mlx-v4-complete").exists()
+    r = run("convert", tmp_path / "src", tmp_path / "out", "--recipe", "8bit", "--group-size", 32)
+    assert r.exit_code == 0 and "already converted" in r.stderr
+    one_line_error(run("convert", tmp_path / "src", tmp_path / "out2", "--recipe", "3bit"), "recipe")
+    one_line_error(run("convert", tmp_path / "nope", tmp_path / "out3"), "nope")
