@@ -138,6 +138,8 @@ def plan_jobs(src: Source, recipe: Recipe, override: Override | None) -> tuple[l
                   for p in entry.parts for t in _part_tensors(p)), _work_dtype(entry))
         dense = produce(job, one if stacked else entry, _zeros, src, target="bf16")
         job.target = choose(name, klass, recipe, tuple(dense[name].shape), override)
+        if klass == "compressor" and job.target == "bf16" and job.work_dtype == mx.float32:
+            job.target = "fp32"  # the model runs compressors in fp32: an fp32 source keeps them exact
         out = produce(job, one if stacked else entry, _zeros, src)
         lead = (len(entry.parts),) if stacked else ()
         job.outputs = [(k, lead + tuple(v.shape), st_dtype(v.dtype)) for k, v in out.items()]

@@ -323,3 +323,27 @@ def test_upload_mocked_http(source, converted, monkeypatch):
     files = next(x for x in seen if isinstance(x, list))
     assert "config.json" in files and "model.safetensors.index.json" in files and MARKER not in files
     assert any(f.startswith("model-") for f in files)
+
+
+def test_transformers_names_fp32_source(tmp_path):
+    """Transformers names (fused gate_up_proj [E, 2I, D] split into w1/w3), fp32: chunks along the
+    experts axis give the same bytes as whole tensors, and bf16 output equals the source rounded."""
+    from test_weights import our_random_weights, to_transformers
+
+    from mlx_v4.testing.tiny import tiny_args
+
+    ours = our_random_weights(tiny_args(), seed=6)
+    hf = {k: v.astype(mx.int64) if k.endswith("tid2eid") else v for k, v in to_transformers(ours).items()}
+    (tmp_path / "src").mkdir()
+    mx.save_safetensors(str(tmp_path / "src" / "model.safetensors"), hf)
+    (tmp_path / "src" / "config.json").write_text(json.dumps(TINY_CONFIG))
+    bf = convert(tmp_path / "src", tmp_path / "bf16", recipe="bf16", progress=False)
+    t = _tensors(bf.path)
+    for name in ("layers.1.ffn.experts.w1.weight", "layers.1.ffn.experts.w3.weight", "layers.2.attn.wq_b.weight"):
+        assert mx.array_equal(t[name], ours[name].astype(mx.bfloat16)), name
+    assert t["layers.1.attn.compressor.wkv.weight"].dtype == mx.float32  # fp32 source stays fp32
+    a = convert(tmp_path / "src", tmp_path / "a", recipe="mixed-4-8", progress=False)
+    b = convert(tmp_path / "src", tmp_path / "b", recipe="mixed-4-8", chunk_bytes=1, progress=False)
+    ta, tb = _tensors(a.path), _tensors(b.path)
+    assert all(mx.array_equal(ta[k], tb[k]) for k in ta)
+    mlx_v4.load(a.path)
