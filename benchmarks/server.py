@@ -44,42 +44,49 @@ def fake_file(rng: random.Random, tokens: int) -> str:
 SYSTEM = "You are a coding agent. Read files with read_file, then answer."
 
 
-def replay(url: str, turns: int, turn_tokens: int, max_tokens: int, seed: int, system: str = SYSTEM) -> list[dict]:
-    import httpx
+class Replay:
+    """One agent conversation against one server, a turn at a time."""
 
-    rng = random.Random(seed)
-    messages = [{"role": "system", "content": system},
-                {"role": "user", "content": "Find where the KV cache is rewound and explain it."}]
-    rows = []
-    with httpx.Client(base_url=url, timeout=3600) as client:
-        for turn in range(turns):
-            body = {"model": "bench", "messages": messages, "tools": TOOLS, "stream": True, "max_tokens": max_tokens,
-                    "temperature": 0, "thinking": {"type": "disabled"}}
-            t0 = time.perf_counter()
-            ttft, text, usage = None, "", None
-            with client.stream("POST", "/v1/chat/completions", json=body) as r:
-                r.raise_for_status()
-                for line in r.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    for ch in chunk.get("choices") or []:
-                        d = ch.get("delta") or {}
-                        piece = (d.get("content") or "") + (d.get("reasoning_content") or "")
-                        if ttft is None and (piece or d.get("tool_calls")):
-                            ttft = time.perf_counter() - t0
-                        text += d.get("content") or ""
-                    usage = chunk.get("usage") or usage
-            total = time.perf_counter() - t0
-            rows.append({"turn": turn + 1, "prompt": usage["prompt_tokens"],
-                         "cached": usage["prompt_tokens_details"]["cached_tokens"],
-                         "ttft": ttft if ttft is not None else total, "total": total})
-            call_id = f"call_{turn}"
-            messages.append({"role": "assistant", "content": text, "tool_calls": [
-                {"id": call_id, "type": "function",
-                 "function": {"name": "read_file", "arguments": json.dumps({"path": f"mlx_v4/file{turn}.py"})}}]})
-            messages.append({"role": "tool", "tool_call_id": call_id, "content": fake_file(rng, turn_tokens)})
-    return rows
+    def __init__(self, url: str, turn_tokens: int, max_tokens: int, seed: int, system: str = SYSTEM):
+        import httpx
+
+        self.client = httpx.Client(base_url=url, timeout=3600)
+        self.rng = random.Random(seed)
+        self.turn_tokens, self.max_tokens = turn_tokens, max_tokens
+        self.messages = [{"role": "system", "content": system},
+                         {"role": "user", "content": "Find where the KV cache is rewound and explain it."}]
+        self.turn = 0
+
+    def step(self) -> dict:
+        body = {"model": "bench", "messages": self.messages, "tools": TOOLS, "stream": True,
+                "max_tokens": self.max_tokens, "temperature": 0, "thinking": {"type": "disabled"}}
+        t0 = time.perf_counter()
+        ttft, text, usage = None, "", None
+        with self.client.stream("POST", "/v1/chat/completions", json=body) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                for ch in chunk.get("choices") or []:
+                    d = ch.get("delta") or {}
+                    piece = (d.get("content") or "") + (d.get("reasoning_content") or "")
+                    if ttft is None and (piece or d.get("tool_calls")):
+                        ttft = time.perf_counter() - t0
+                    text += d.get("content") or ""
+                usage = chunk.get("usage") or usage
+        total = time.perf_counter() - t0
+        self.turn += 1
+        row = {"turn": self.turn, "prompt": usage["prompt_tokens"],
+               "cached": usage["prompt_tokens_details"]["cached_tokens"],
+               "ttft": ttft if ttft is not None else total, "total": total}
+        call_id = f"call_{self.turn}"
+        self.messages.append({"role": "assistant", "content": text, "tool_calls": [
+            {"id": call_id, "type": "function",
+             "function": {"name": "read_file", "arguments": json.dumps({"path": f"mlx_v4/file{self.turn}.py"})}}]})
+        self.messages.append({"role": "tool", "tool_call_id": call_id,
+                              "content": fake_file(self.rng, self.turn_tokens)})
+        return row
 
 
 def main():
@@ -104,14 +111,24 @@ def main():
         model, tok = random_model(tiny_args(vocab_size=129280)), load_tokenizer()
         name = "tiny random model (4 layers, hidden 128, vocab 129280)"
 
-    results = {}
-    for label, budget in (("reuse", 64 << 30), ("no reuse", 0)):
-        app = create_app(model, tok, ServerConfig(model_name="bench", cache_budget_bytes=budget))
-        with running(app) as url:
+    import contextlib
+
+    results = {"reuse": [], "no reuse": []}
+    with contextlib.ExitStack() as stack:
+        replays = {}
+        for label, budget in (("reuse", 64 << 30), ("no reuse", 0)):
+            app = create_app(model, tok, ServerConfig(model_name="bench", cache_budget_bytes=budget))
+            url = stack.enter_context(running(app))
             # warm-up (allocator, first-call costs) on another conversation: nothing it leaves
             # in the cache is a prefix of the measured one
-            replay(url, 2, args.turn_tokens, 2, args.seed + 99, system="Warm-up. " + SYSTEM)
-            results[label] = replay(url, args.turns, args.turn_tokens, args.max_tokens, args.seed)
+            warm = Replay(url, args.turn_tokens, 2, args.seed + 99, system="Warm-up. " + SYSTEM)
+            warm.step()
+            warm.step()
+            replays[label] = Replay(url, args.turn_tokens, args.max_tokens, args.seed)
+        # the two servers take turns, so load from anything else on the machine hits both alike
+        for _ in range(args.turns):
+            for label, rep in replays.items():
+                results[label].append(rep.step())
 
     print(f"model: {name}; {args.turns} turns, +{args.turn_tokens} tool-output tokens per turn, "
           f"max_tokens {args.max_tokens}")

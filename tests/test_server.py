@@ -227,3 +227,18 @@ def test_disconnect_stops_generation(tokenizer):
         # the slot is free: a new request is answered
         r = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+# ---- the command ----------------------------------------------------------------------------------
+
+def test_cli_serve_flags():
+    from typer.testing import CliRunner
+
+    from mlx_v4.cli.app import app
+    from mlx_v4.cli.serve import is_loopback, parse_bytes
+
+    r = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0"])
+    assert r.exit_code == 1 and "--api-key" in r.output
+    assert parse_bytes("8G") == 8 << 30 and parse_bytes("512mb") == 512 << 20 and parse_bytes("100") == 100
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
