@@ -32,7 +32,6 @@ class Progress:
                 from rich.progress import (
                     BarColumn,
                     DownloadColumn,
-                    MofNCompleteColumn,
                     Progress,
                     TextColumn,
                     TimeRemainingColumn,
@@ -41,12 +40,10 @@ class Progress:
             except ImportError:
                 self.enabled = False
             else:
-                self._bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                      MofNCompleteColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                      TimeRemainingColumn(), transient=False)
+                self._bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                                      TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
                 self._bars.__enter__()
-                self._t = self._bars.add_task(f"{self.title}: tensors", total=self.total_tensors)
-                self._b = self._bars.add_task("source bytes", total=self.total_bytes)
+                self._task = self._bars.add_task(self._describe(), total=self.total_bytes)
         log.info("%s: %d tensors, %s to read", self.title, self.total_tensors, _gb(self.total_bytes))
         return self
 
@@ -54,8 +51,7 @@ class Progress:
         self.tensors += tensors
         self.nbytes += nbytes
         if self._bars is not None:
-            self._bars.update(self._t, advance=tensors)
-            self._bars.update(self._b, advance=nbytes)
+            self._bars.update(self._task, advance=nbytes, description=self._describe())
             return
         now = time.monotonic()
         if now - self._last_log >= 10 or (tensors and self.tensors == self.total_tensors):
@@ -65,6 +61,9 @@ class Progress:
             log.info("%d/%d tensors, %s / %s, %.0f MB/s, ETA %s", self.tensors, self.total_tensors,
                      _gb(self.nbytes), _gb(self.total_bytes), rate / 1e6,
                      f"{eta:.0f} s" if eta != float("inf") else "?")
+
+    def _describe(self) -> str:
+        return f"{self.title}: {self.tensors}/{self.total_tensors} tensors"
 
     def note(self, message: str) -> None:
         if self._bars is not None:

@@ -131,7 +131,7 @@ def test_override_and_group_size(source, tmp_path):
         return "bf16" if klass == "embed" else None
 
     r = convert(source[0], tmp_path / "o", recipe="4bit", group_size=128, override=override, max_shard_bytes=SHARD,
-                progress=False)
+                progress=True)  # Rich bars (rendered to a non-terminal here)
     q = json.loads((r.path / "config.json").read_text())["quantization"]
     assert q["layers.1.attn.wq_b"] == {"group_size": 32, "bits": 8, "mode": "affine"}
     assert q["layers.1.ffn.experts.w1"]["group_size"] == 128 and "embed" not in q
