@@ -8,11 +8,14 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..config import ModelArgs
 from ..model import Model
 
+# 16 indexer heads: with few heads, ReLU zeroes every head of a (query, entry) pair often enough
+# that top-k meets exact ties at 0, whose order is implementation-defined (transformers' own
+# full and incremental paths then pick differently).
 TINY_CONFIG = dict(
     model_type="deepseek_v4", vocab_size=1024, hidden_size=128, num_hidden_layers=4,
     compress_ratios=[0, 4, 128, 4, 0], num_hash_layers=1, num_attention_heads=4, head_dim=128,
     qk_rope_head_dim=64, q_lora_rank=64, o_groups=2, o_lora_rank=64, n_routed_experts=8,
-    num_experts_per_tok=2, moe_intermediate_size=64, index_n_heads=4, index_head_dim=64, index_topk=8,
+    num_experts_per_tok=2, moe_intermediate_size=64, index_n_heads=16, index_head_dim=64, index_topk=8,
     sliding_window=128, max_position_embeddings=65536,
     rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
                   "beta_fast": 32, "beta_slow": 1},
