@@ -272,3 +272,16 @@ def test_write_read_safetensors_roundtrip(tmp_path):
     for k, (dt, arr) in tensors.items():
         assert back[k][0] == dt and back[k][1] == arr.shape
         assert back[k][2].tobytes() == arr.tobytes()
+
+
+def test_bf16_names(tmp_path):
+    raw = official.random_official_weights(TINY_CONFIG, seed=3, include_mtp=False)
+    for i, spec in enumerate([r"attn\.wo_a\.weight$", {"layers.1.attn.wo_a.weight", "layers.2.ffn.experts.0.w1.weight"}]):
+        exact = official.write_official_checkpoint(tmp_path / str(i), TINY_CONFIG, raw, bf16_names=spec)
+        wm = json.loads((tmp_path / str(i) / "model.safetensors.index.json").read_text())["weight_map"]
+        forced = [n for n in raw if (re.search(spec, n) if isinstance(spec, str) else n in spec)]
+        assert forced and "layers.1.attn.wo_a.scale" not in wm
+        for n in forced:
+            assert official.read_safetensors(tmp_path / str(i) / wm[n])[n][0] == "BF16"
+            np.testing.assert_array_equal(exact[n], raw[n].astype(ml_dtypes.bfloat16).astype(np.float32))
+        assert official.read_safetensors(tmp_path / str(i) / wm["layers.1.attn.wq_a.weight"])["layers.1.attn.wq_a.weight"][0] == "F8_E4M3"

@@ -96,7 +96,7 @@ def official_shapes(cfg: dict, include_mtp: bool = True) -> dict[str, tuple[int,
     """Every tensor of the release (float view, before quantization) for a config dict."""
     a = ModelArgs.from_dict(cfg)  # fills the defaults; pure Python
     D, H, hd, hc, n_layers = a.hidden_size, a.num_attention_heads, a.head_dim, a.hc_mult, a.num_hidden_layers
-    E, I, k = a.n_routed_experts, a.moe_intermediate_size, a.num_experts_per_tok
+    E, inter, k = a.n_routed_experts, a.moe_intermediate_size, a.num_experts_per_tok
     G, R, ql = a.o_groups, a.o_lora_rank, a.q_lora_rank
     nI, dI, V = a.index_n_heads, a.index_head_dim, a.vocab_size
     ratios = a.compress_ratios + ([a.mtp_compress_ratio] if a.mtp_compress_ratio is not None else [])
@@ -128,10 +128,10 @@ def official_shapes(cfg: dict, include_mtp: bool = True) -> dict[str, tuple[int,
         s[f + "gate.weight"] = (E, D)
         s[f + ("gate.tid2eid" if hash_layer else "gate.bias")] = (V, k) if hash_layer else (E,)
         for e in range(E):
-            s |= {f"{f}experts.{e}.w1.weight": (I, D), f"{f}experts.{e}.w3.weight": (I, D),
-                  f"{f}experts.{e}.w2.weight": (D, I)}
-        s |= {f + "shared_experts.w1.weight": (I, D), f + "shared_experts.w3.weight": (I, D),
-              f + "shared_experts.w2.weight": (D, I)}
+            s |= {f"{f}experts.{e}.w1.weight": (inter, D), f"{f}experts.{e}.w3.weight": (inter, D),
+                  f"{f}experts.{e}.w2.weight": (D, inter)}
+        s |= {f + "shared_experts.w1.weight": (inter, D), f + "shared_experts.w3.weight": (inter, D),
+              f + "shared_experts.w2.weight": (D, inter)}
         return s
 
     for i in range(n_layers):
@@ -211,9 +211,19 @@ def read_safetensors(path) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]
 
 
 def write_official_checkpoint(path, cfg: dict, weights: dict[str, np.ndarray], *, fp8: bool = True,
-                              expert_fp4: bool = True, max_shard_bytes: int = 5 << 30) -> dict[str, np.ndarray]:
+                              expert_fp4: bool = True, max_shard_bytes: int = 5 << 30,
+                              bf16_names=None) -> dict[str, np.ndarray]:
     """Write config.json, shards and model.safetensors.index.json in the release's layout.
-    Returns the exact float32 values every stored weight encodes (official names)."""
+    Returns the exact float32 values every stored weight encodes (official names).
+
+    ``bf16_names``: a regex (searched) or a collection of exact names stored BF16 even where
+    the release quantizes them (e.g. ``r"attn\.wo_a"``, as convert.py dequantizes it)."""
+    if bf16_names is None:
+        force_bf16 = lambda name: False  # noqa: E731
+    elif isinstance(bf16_names, (str, re.Pattern)):
+        force_bf16 = re.compile(bf16_names).search
+    else:
+        force_bf16 = set(bf16_names).__contains__
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     stored: dict[str, tuple[str, np.ndarray]] = {}
@@ -222,6 +232,9 @@ def write_official_checkpoint(path, cfg: dict, weights: dict[str, np.ndarray], *
         stem = name[: -len(".weight")] if name.endswith(".weight") else name
         if w.dtype == np.int64:
             stored[name], exact[name] = ("I64", w), w
+        elif force_bf16(name):
+            b = _bf16(w)
+            stored[name], exact[name] = ("BF16", b), b.astype(np.float32)
         elif expert_fp4 and _EXPERT.search(name):
             packed, scale = quantize_fp4_e2m1(w)
             stored[name], stored[stem + ".scale"] = ("I8", packed), ("F8_E8M0", scale)
