@@ -117,7 +117,7 @@ def test_mxfp4_experts_and_mxfp8_bit_exact(source, converted):
 def test_chunked_streaming_equals_whole_tensors(source, converted, tmp_path):
     """Tiny chunks (one FP8 tile row / a few rows, one expert at a time) write the same bytes."""
     whole = _tensors(converted("mixed-4-8").path)
-    r = convert(source[0], tmp_path / "c", recipe="mixed-4-8", max_shard_bytes=SHARD, chunk_bytes=1, progress=False)
+    r = convert(source[0], tmp_path / "c", recipe="mixed-4-8", max_shard_bytes=SHARD, chunk_bytes=1 << 14, progress=False)
     chunked = _tensors(r.path)
     assert whole.keys() == chunked.keys()
     for k in whole:
@@ -343,7 +343,7 @@ def test_transformers_names_fp32_source(tmp_path):
         assert mx.array_equal(t[name], ours[name].astype(mx.bfloat16)), name
     assert t["layers.1.attn.compressor.wkv.weight"].dtype == mx.float32  # fp32 source stays fp32
     a = convert(tmp_path / "src", tmp_path / "a", recipe="mixed-4-8", progress=False)
-    b = convert(tmp_path / "src", tmp_path / "b", recipe="mixed-4-8", chunk_bytes=1, progress=False)
+    b = convert(tmp_path / "src", tmp_path / "b", recipe="mixed-4-8", chunk_bytes=1 << 14, progress=False)
     ta, tb = _tensors(a.path), _tensors(b.path)
     assert all(mx.array_equal(ta[k], tb[k]) for k in ta)
     mlx_v4.load(a.path)
