@@ -175,7 +175,8 @@ class ChatLoop:
 def chat(
     model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    think: Annotated[bool, typer.Option("--think/--no-think", help="Reason before answering.")] = True,
+    think: Annotated[bool | None, typer.Option("--think/--no-think", help="Reason before answering "
+                                               "(default: on, off for the bundled demo, which was trained without it).")] = None,
     effort: Annotated[str, typer.Option(help="Reasoning effort when thinking: high or max.")] = "high",
     temp: Annotated[float | None, typer.Option(help="Sampling temperature, 0 = greedy (default: the model's generation_config).")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
@@ -200,7 +201,8 @@ def chat(
     if saved is not None:
         session = ChatSession.load(saved, m, tok)
     else:
-        session = ChatSession(m, tok, system=system, thinking=think, reasoning_effort=effort)
+        thinking = think if think is not None else not is_demo(path)
+        session = ChatSession(m, tok, system=system, thinking=thinking, reasoning_effort=effort)
     ui.banner(model_name=path, demo=is_demo(path), thinking=session.thinking,
               effort=getattr(session, "reasoning_effort", effort),
               max_context=m.args.max_position_embeddings)

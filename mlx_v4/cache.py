@@ -319,16 +319,30 @@ class CacheFileError(ValueError):
     """A saved cache that cannot be used with this model."""
 
 
+_STATE_FIELDS = ("kv", "score", "prev_kv", "prev_score")
+#: Checkpoints kept in a saved file (the newest ones): each costs one window + compressor state.
+SAVED_CHECKPOINTS = 8
+
+
+def _state_arrays(prefix: str, window: list[mx.array], comp: CompressorState | None,
+                  index_comp: CompressorState | None) -> dict[str, mx.array]:
+    out = {f"{prefix}window.{k}": p for k, p in enumerate(window)}
+    for name, state in (("compressor", comp), ("index_compressor", index_comp)):
+        if state is not None:
+            out |= {f"{prefix}{name}.{k}": getattr(state, k) for k in _STATE_FIELDS if getattr(state, k) is not None}
+    return out
+
+
 def _layer_arrays(i: int, c: WindowCache) -> dict[str, mx.array]:
-    out = {f"{i}.window.{k}": p for k, p in enumerate(c.window_parts)}
+    out = _state_arrays(f"{i}.", c.window_parts, getattr(c, "compressor", None),
+                        getattr(c, "index_compressor", None))
     if isinstance(c, HCACache):
         out |= {f"{i}.entries.{k}": p for k, p in enumerate(c.entries.view())}
-        out |= {f"{i}.compressor.{k}": getattr(c.compressor, k)
-                for k in ("kv", "score", "prev_kv", "prev_score") if getattr(c.compressor, k) is not None}
     if isinstance(c, CSACache):
         out |= {f"{i}.index.{k}": p for k, p in enumerate(c.index_keys.view())}
-        out |= {f"{i}.index_compressor.{k}": getattr(c.index_compressor, k)
-                for k in ("kv", "score", "prev_kv", "prev_score") if getattr(c.index_compressor, k) is not None}
+    for off in sorted(o for o in c.checkpoints if o != c.offset)[-SAVED_CHECKPOINTS:]:
+        snap = c.checkpoints[off]
+        out |= _state_arrays(f"{i}.ckpt{off}.", snap.window, snap.compressor, snap.index_compressor)
     return out
 
 
@@ -350,6 +364,9 @@ def save_cache(path, cache: list[WindowCache], *, tokens: list[int], fingerprint
         "format": "mlx-v4-cache", "format_version": str(CACHE_FORMAT_VERSION), "fingerprint": fingerprint,
         "offset": str(cache_offset(cache)), "kinds": ",".join(c.kind for c in cache),
         "packed": str(bool(cache and cache[0].packed)), "meta": json.dumps(meta or {}),
+        "checkpoints": json.dumps([{str(off): [c.checkpoints[off].n_entries, c.checkpoints[off].n_index]
+                                    for off in sorted(o for o in c.checkpoints if o != c.offset)[-SAVED_CHECKPOINTS:]}
+                                   for c in cache]),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
@@ -395,7 +412,9 @@ def load_cache(path, model) -> tuple[list[WindowCache], list[int], dict]:
         return out
 
     def state(prefix: str) -> CompressorState:
-        return CompressorState(*(arrays.get(f"{prefix}.{k}") for k in ("kv", "score", "prev_kv", "prev_score")))
+        return CompressorState(*(arrays.get(f"{prefix}.{k}") for k in _STATE_FIELDS))
+
+    saved_checkpoints = json.loads(metadata.get("checkpoints", "[]")) or [{} for _ in cache]
 
     for i, c in enumerate(cache):
         c.offset = offset
@@ -408,6 +427,12 @@ def load_cache(path, model) -> tuple[list[WindowCache], list[int], dict]:
             if keys := parts(f"{i}.index"):
                 c.index_keys.append(tuple(keys))
             c.index_compressor = state(f"{i}.index_compressor")
+        for off, (n_entries, n_index) in saved_checkpoints[i].items():
+            p = f"{i}.ckpt{off}"
+            c.checkpoints[int(off)] = _Snapshot(
+                int(off), parts(f"{p}.window"),
+                state(f"{p}.compressor") if isinstance(c, HCACache) else None,
+                state(f"{p}.index_compressor") if isinstance(c, CSACache) else None, n_entries, n_index)
         c.checkpoint()
     tokens = arrays["tokens"].tolist() if "tokens" in arrays else []
     if len(tokens) != offset:

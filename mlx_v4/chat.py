@@ -355,5 +355,6 @@ class ChatSession:
         session.messages = list(state["messages"])
         cache, tokens, _ = load_cache(path, model)
         session.cache, session._tokens = cache, list(tokens)
-        session._marks = [cache_offset(cache)]  # load_cache checkpoints the end
+        # the saved checkpoints (turn boundaries) come back with the cache, plus its end
+        session._marks = sorted(cache[0].checkpoints) if cache else [cache_offset(cache)]
         return session

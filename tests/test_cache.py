@@ -117,3 +117,18 @@ def test_nbytes_breakdown_sums(model):
     cache = make_cache(model.args)
     model(_ids(50), cache)
     assert cache_nbytes(cache) == sum(cache_breakdown(cache).values()) > 0
+
+
+def test_saved_checkpoints_survive_load(model, tmp_path):
+    """A resumed session can still rewind to the checkpoints made before it was saved."""
+    ids = _ids(300, seed=6)
+    cache = make_cache(model.args)
+    model(ids[:, :150], cache)
+    checkpoint(cache)
+    model(ids[:, 150:260], cache)
+    path = tmp_path / "c.safetensors"
+    save_cache(path, cache, tokens=ids[0, :260].tolist(), fingerprint=model.fingerprint)
+    loaded, _, _ = load_cache(path, model)
+    rewind(loaded, 150)
+    rewind(cache, 150)
+    np.testing.assert_array_equal(np.array(model(ids[:, 150:300], loaded)), np.array(model(ids[:, 150:300], cache)))
