@@ -76,9 +76,9 @@ def hf_state_dict(model: DeepseekV4ForCausalLM, exact: dict[str, np.ndarray], n_
     out = {}
     for name, param in model.state_dict().items():
         if m := re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", name):
-            layer = m[1]
-            def w(e, k):
+            def w(e, k, layer=m[1]):
                 return exact[f"layers.{layer}.ffn.experts.{e}.{k}.weight"]
+
             if m[2] == "gate_up_proj":
                 value = np.stack([np.concatenate([w(e, "w1"), w(e, "w3")], 0) for e in range(n_experts)])
             else:

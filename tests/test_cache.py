@@ -5,8 +5,18 @@ import numpy as np
 import pytest
 
 from mlx_v4.cache import (
-    CacheFileError, cache_breakdown, cache_nbytes, cache_offset, checkpoint, entry_nbytes, load_cache,
-    make_cache, planned_nbytes, reserve, rewind, save_cache,
+    CacheFileError,
+    cache_breakdown,
+    cache_nbytes,
+    cache_offset,
+    checkpoint,
+    entry_nbytes,
+    load_cache,
+    make_cache,
+    planned_nbytes,
+    reserve,
+    rewind,
+    save_cache,
 )
 from mlx_v4.config import preset
 from mlx_v4.testing.tiny import random_model, tiny_args

@@ -232,10 +232,9 @@ def test_disconnect_stops_generation(tokenizer):
 # ---- the command ----------------------------------------------------------------------------------
 
 def test_cli_serve_flags():
-    from typer.testing import CliRunner
-
     from mlx_v4.cli.app import app
     from mlx_v4.cli.serve import is_loopback, parse_bytes
+    from typer.testing import CliRunner
 
     r = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0"])
     assert r.exit_code == 1 and "--api-key" in r.output
