@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlx_v4.model import PositionError
-from mlx_v4.testing.tiny import random_model, tiny_args
+from mlx_v4.testing.tiny import random_model, run_chunks, tiny_args
 
 ATOL = 2e-5  # float32 on CPU; chunking changes only summation order
 # With the FP8/FP4 simulations on, a last-bit difference from another summation order can move
@@ -37,14 +37,6 @@ def _ids(n, batch=1, seed=0):
     return mx.array(np.random.default_rng(seed).integers(0, 1024, (batch, n)), dtype=mx.int32)
 
 
-def _run_chunks(model, ids, sizes):
-    cache, outs, pos = model.make_cache(), [], 0
-    for n in sizes:
-        outs.append(model(ids[:, pos:pos + n], cache))
-        mx.eval(outs[-1], [c.state for c in cache])
-        pos += n
-    assert pos == ids.shape[1] and cache[0].offset == pos
-    return mx.concatenate(outs, axis=1)
 
 
 def test_uneven_chunks_equal_full_forward(model):
@@ -52,14 +44,14 @@ def test_uneven_chunks_equal_full_forward(model):
     # (more than index_topk=8, so the indexer really selects).
     ids = _ids(300)
     full = model(ids)
-    chunked = _run_chunks(model, ids, [1, 3, 124, 5, 127, 1, 39])
+    chunked = run_chunks(model, ids, [1, 3, 124, 5, 127, 1, 39])
     _close(chunked, full, model)
 
 
 def test_token_by_token_equals_full_forward(model):
     ids = _ids(270, seed=1)
     full = model(ids)
-    stepped = _run_chunks(model, ids, [130] + [1] * 140)
+    stepped = run_chunks(model, ids, [130] + [1] * 140)
     _close(stepped, full, model)
 
 
@@ -69,7 +61,7 @@ def test_batch_rows_are_independent(model):
     for b in range(2):
         one = model(ids[b:b + 1])
         _close(both[b], one[0], model)
-    stepped = _run_chunks(model, ids, [100, 1, 1, 48])
+    stepped = run_chunks(model, ids, [100, 1, 1, 48])
     _close(stepped, both, model)
 
 
@@ -101,7 +93,7 @@ def test_cpu_and_metal_paths_compute_the_same(fake_quant):
     cpu, gpu = random_model(args, seed=11, cpu=True), random_model(args, seed=11, cpu=False)
     ids = _ids(200, seed=6)
     for sizes in ([200], [150, 1, 1, 48]):
-        _close(_run_chunks(cpu, ids, sizes), _run_chunks(gpu, ids, sizes), fake_quant=fake_quant)
+        _close(run_chunks(cpu, ids, sizes), run_chunks(gpu, ids, sizes), fake_quant=fake_quant)
 
 
 def test_query_blocking_computes_the_same(monkeypatch):
@@ -113,7 +105,7 @@ def test_query_blocking_computes_the_same(monkeypatch):
     whole = model(ids)
     monkeypatch.setattr(attention, "SCORE_BUDGET", 3000)
     monkeypatch.setattr(indexer, "SCORE_BUDGET", 700)
-    blocked = _run_chunks(model, ids, [290, 1, 9])
+    blocked = run_chunks(model, ids, [290, 1, 9])
     np.testing.assert_allclose(np.array(blocked), np.array(whole), atol=ATOL, rtol=0)
 
 
@@ -125,7 +117,7 @@ def test_gathered_and_masked_csa_picks_agree(monkeypatch, fake_quant):
     model = random_model(tiny_args(fake_quant=fake_quant, index_topk=4), seed=13)
     ids = _ids(280, seed=9)
     monkeypatch.setattr(attention, "GATHER_RATIO", 1e9)
-    masked = _run_chunks(model, ids, [270, 1, 9])
+    masked = run_chunks(model, ids, [270, 1, 9])
     monkeypatch.setattr(attention, "GATHER_RATIO", 0.0)
-    gathered = _run_chunks(model, ids, [270, 1, 9])
+    gathered = run_chunks(model, ids, [270, 1, 9])
     _close(gathered, masked, fake_quant=fake_quant)

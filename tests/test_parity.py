@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import mlx_v4
+from mlx_v4.testing.tiny import run_chunks
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ATOL = 1e-4  # float32: only operation order differs from transformers
@@ -34,14 +35,6 @@ def model(request):
     return model
 
 
-def _chunks(model, ids, sizes):
-    cache, outs, pos = model.make_cache(), [], 0
-    for n in sizes:
-        outs.append(model(ids[:, pos:pos + n], cache))
-        mx.eval(outs[-1], [c.state for c in cache])
-        pos += n
-    assert pos == ids.shape[1]
-    return mx.concatenate(outs, axis=1)
 
 
 def test_full_sequence_logits(model, reference):
@@ -51,19 +44,19 @@ def test_full_sequence_logits(model, reference):
 
 def test_token_by_token_decoding(model, reference):
     # prefill 100, then one token at a time across the 128 window and both ratio-128 windows
-    got = _chunks(model, reference["ids_b1"], [100] + [1] * 200)
+    got = run_chunks(model, reference["ids_b1"], [100] + [1] * 200)
     np.testing.assert_allclose(np.array(got), np.array(reference["logits_b1"]), atol=ATOL, rtol=0)
 
 
 def test_uneven_chunks(model, reference):
-    got = _chunks(model, reference["ids_b1"], [3, 61, 1, 127, 2, 70, 36])
+    got = run_chunks(model, reference["ids_b1"], [3, 61, 1, 127, 2, 70, 36])
     np.testing.assert_allclose(np.array(got), np.array(reference["logits_b1"]), atol=ATOL, rtol=0)
 
 
 def test_batch_of_two(model, reference):
     np.testing.assert_allclose(np.array(model(reference["ids_b2"])), np.array(reference["logits_b2"]),
                                atol=ATOL, rtol=0)
-    got = _chunks(model, reference["ids_b2"], [90, 1, 1, 68])
+    got = run_chunks(model, reference["ids_b2"], [90, 1, 1, 68])
     np.testing.assert_allclose(np.array(got), np.array(reference["logits_b2"]), atol=ATOL, rtol=0)
 
 

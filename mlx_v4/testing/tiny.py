@@ -48,3 +48,16 @@ def random_model(args: ModelArgs, seed: int = 0, dtype=mx.float32, cpu: bool | N
     model.update(tree_unflatten(list(params.items())))
     mx.eval(model.parameters())
     return model
+
+
+def run_chunks(model: Model, ids: mx.array, sizes: list[int]) -> mx.array:
+    """Feed ``ids`` [B, L] through a fresh cache in chunks of ``sizes``; the logits of every
+    position, evaluating each chunk (as generation does)."""
+    cache, outs, pos = model.make_cache(), [], 0
+    for n in sizes:
+        outs.append(model(ids[:, pos:pos + n], cache))
+        mx.eval(outs[-1], [c.state for c in cache])
+        pos += n
+    if pos != ids.shape[1] or cache[0].offset != pos:
+        raise ValueError(f"chunk sizes {sizes} do not cover {ids.shape[1]} tokens")
+    return mx.concatenate(outs, axis=1)
