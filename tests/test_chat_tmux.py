@@ -21,12 +21,6 @@ TESTS = Path(__file__).parent
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
 
-def _demo_missing() -> str | None:
-    from test_cli import _demo_ready
-
-    return _demo_ready()
-
-
 class Pane:
     def __init__(self, tmp: Path, command: list[str], env: dict[str, str]):
         self.socket = str(tmp / "tmux.sock")
@@ -71,8 +65,6 @@ class Pane:
 
 def _tiny_full_vocab(d: Path) -> Path:
     """A random tiny model with the real vocabulary, so the real tokenizer and chat recipe run."""
-    pytest.importorskip("mlx_v4.chat")
-    pytest.importorskip("mlx_v4.weights")
     import json
 
     import mlx.core as mx
@@ -98,9 +90,6 @@ def chat_command(request, tmp_path):
         model.mkdir()
         base = [sys.executable, str(TESTS / "test_cli_fakes.py"), "chat", "--model", str(model)]
     else:
-        reason = _demo_missing()
-        if reason:
-            pytest.skip(reason)
         base = [sys.executable, "-m", "mlx_v4.cli", "chat", "--max-tokens", "24", "--temp", "0"]
     env = {"MLX_V4_HOME": str(tmp_path / "home"), "PYTHONPATH": str(TESTS),
            "TERM": "xterm-256color", "PATH": os.environ.get("PATH", "")}

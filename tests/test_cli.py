@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import test_cli_fakes as fakes
@@ -226,7 +225,6 @@ def test_convert_unavailable_is_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    pytest.importorskip("mlx_v4.weights")
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -265,23 +263,8 @@ def test_info_tiny_checkpoint_counts_parameters(tiny_dir):
 
 # ---- the real demo model ---------------------------------------------------------------------
 
-def _demo_ready() -> str | None:
-    import mlx_v4
-
-    if not (Path(mlx_v4.DEMO_MODEL_PATH) / "config.json").exists():
-        return "the bundled demo model is not trained yet (mlx_v4/demo/config.json missing)"
-    for mod in ("mlx_v4.chat", "mlx_v4.generation", "mlx_v4.weights"):
-        try:
-            __import__(mod)
-        except ImportError as e:
-            return f"{mod} is not importable yet ({e})"
-    return None
 
 
-demo = pytest.mark.skipif(_demo_ready() is not None, reason=str(_demo_ready()))
-
-
-@demo
 def test_demo_generate_pipes_only_the_answer():
     # the demo was trained in chat (non-thinking) mode; with --think its text would all be reasoning
     r = run("generate", "--prompt", "What is a Python list?", "--max-tokens", 24, "--temp", 0, "--no-think")
@@ -290,7 +273,6 @@ def test_demo_generate_pipes_only_the_answer():
     assert "tok/s" in r.stderr and "tok/s" not in r.stdout
 
 
-@demo
 def test_demo_chat_two_turns_save_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_V4_HOME", str(tmp_path))
     r = run("chat", "--no-think", "--max-tokens", 16, "--temp", 0,
@@ -302,7 +284,6 @@ def test_demo_chat_two_turns_save_resume(tmp_path, monkeypatch):
     assert "What is a dict?" in r.stderr
 
 
-@demo
 def test_demo_info_and_bench():
     r = run("info", "demo", "--context", 2048)
     assert r.exit_code == 0, r.output
@@ -314,7 +295,6 @@ def test_demo_info_and_bench():
 # ---- convert (the real quantize package on a tiny official checkpoint) -------------------------
 
 def test_convert_verify_and_errors(tmp_path):
-    pytest.importorskip("mlx_v4.quantize")
     from mlx_v4.testing import official
     from mlx_v4.testing.tiny import TINY_CONFIG
 
