@@ -116,8 +116,8 @@ def test_gathered_and_masked_csa_picks_agree(monkeypatch, fake_quant):
 
     model = random_model(tiny_args(fake_quant=fake_quant, index_topk=4), seed=13)
     ids = _ids(280, seed=9)
-    monkeypatch.setattr(attention, "GATHER_RATIO", 1e9)
+    monkeypatch.setattr(attention, "PICKS_PATH", "mask")
     masked = run_chunks(model, ids, [270, 1, 9])
-    monkeypatch.setattr(attention, "GATHER_RATIO", 0.0)
+    monkeypatch.setattr(attention, "PICKS_PATH", "gather")
     gathered = run_chunks(model, ids, [270, 1, 9])
     _close(gathered, masked, fake_quant=fake_quant)

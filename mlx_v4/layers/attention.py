@@ -28,9 +28,8 @@ from .rope import RoPE
 
 #: Largest score matrix (elements) one query block may build.
 SCORE_BUDGET = 1 << 24
-#: CSA picks are gathered per query once that moves less than scoring every entry:
-#: ``H * N > GATHER_RATIO * k * head_dim``.
-GATHER_RATIO = 1.0
+#: Tests force one way of reading CSA picks ("gather" or "mask"); None chooses by cost.
+PICKS_PATH: str | None = None
 
 
 def attend(q: mx.array, window: mx.array, window_mask: mx.array, sinks: mx.array, scale: float,
@@ -159,11 +158,21 @@ class Attention(nn.Module):
             return None, None
         return (cache.entry_values(dtype) if selected is None else None), selected
 
+    @staticmethod
+    def _gather_picks(L: int, H: int, hd: int, n: int, k: int) -> bool:
+        """Gather the picked rows unless scoring every entry under a mask is cheaper: it is
+        while the heads' dot products with all N entries cost less than reading k rows per query
+        (H*N <= k*hd), the L*k gathered rows outnumber the N rows to dequantize, and the N
+        dequantized rows stay within the score budget (so memory does not grow with context)."""
+        if PICKS_PATH is not None:
+            return PICKS_PATH == "gather"
+        return H * n > k * hd or L * k < n or n * hd > SCORE_BUDGET
+
     def _attend_blocks(self, q, window, window_mask, comp, selected, cache, qpos):
         """Attention in query blocks. HCA (and CSA while every entry is visible) attend to the
         compressed entries under the causal rule ``i < (t + 1) // ratio``; CSA queries attend to
-        their own picks (-1 = none): scored densely against all entries under a pick mask while
-        that is cheaper (``H * N <= k * head_dim``), gathered per query beyond that."""
+        their own picks (-1 = none), gathered per query or scored against all entries under a
+        pick mask (see :meth:`_gather_picks`)."""
         B, L, H, hd = q.shape
         if self.use_kernel and L == 1 and selected is not None and cache.packed:
             # Every kept window row is visible to the one query; the kernel gathers and
@@ -171,7 +180,7 @@ class Attention(nn.Module):
             return sparse_decode_attention(q[:, 0], window, *cache.entries.parts, selected[:, 0], self.attn_sink,
                                            scale=self.head_dim**-0.5, use_kernel=True)[:, None]
         n = cache.entries.length if self.ratio else 0
-        gather = selected is not None and H * n > GATHER_RATIO * selected.shape[-1] * hd
+        gather = selected is not None and self._gather_picks(L, H, hd, n, selected.shape[-1])
         if selected is not None and not gather:
             comp = cache.entry_values(q.dtype)
         if gather:
