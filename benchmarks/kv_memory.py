@@ -125,7 +125,12 @@ def main():
     p.add_argument("--step", type=int, default=512)
     p.add_argument("--skip-long", action="store_true")
     p.add_argument("--skip-bytes", action="store_true")
+    p.add_argument("--score-budget", type=int, help="override SCORE_BUDGET (elements) of attention and indexer")
     a = p.parse_args()
+    if a.score_budget:
+        from mlx_v4.layers import attention, indexer
+
+        attention.SCORE_BUDGET = indexer.SCORE_BUDGET = a.score_budget
     if not a.skip_bytes:
         part_bytes(a.tokens, a.step)
     if not a.skip_long:
