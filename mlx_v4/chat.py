@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .cache import cache_offset, checkpoint, rewind
 from .generation import Answer, Finish, Reasoning, Stats, Token, ToolCall, check_context, stream_generate
-from .tokenizer import ASSISTANT_ID
+from .tokenizer import ASSISTANT_ID, USER_ID
 
 _ROLES = ("system", "user", "assistant", "tool", "latest_reminder")
 
@@ -271,14 +271,17 @@ class ChatSession:
         parser = ReplyParser(self.tokenizer, thinking=self.thinking, stop=stop, tools=bool(self.tools))
         self.messages += new_messages
         fed_before = cache_offset(self.cache)
+        # A role tag never belongs inside a reply: a model that emits one has ended its turn
+        # (small models do this instead of EOS).
+        turn_end = {USER_ID, ASSISTANT_ID}
         eos = set(getattr(self.tokenizer, "eos_token_ids", {self.tokenizer.eos_id})) | {
-            int(self.model.args.eos_token_id)}
+            int(self.model.args.eos_token_id)} | turn_end
         finish = None
         generated: list[int] = []
         try:
             for ev in stream_generate(self.model, self.tokenizer, suffix, cache=self.cache, max_tokens=max_tokens,
                                       stop=stop, prefill_step_size=self.prefill_step_size, checkpoints=marks,
-                                      **sampling):
+                                      eos_token_ids=turn_end, **sampling):
                 if isinstance(ev, Token):
                     generated.append(ev.id)
                     yield ev

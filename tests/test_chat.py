@@ -191,3 +191,13 @@ def test_rewinds_on_the_real_cache_match_a_fresh_prefill(tok):
     a = model(probe, cache=s.cache)
     b = model(probe, cache=fresh)
     np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)
+
+
+def test_a_role_tag_ends_the_turn(tok):
+    """A model that emits <｜Assistant｜> (or <｜User｜>) instead of EOS has ended its reply."""
+    model = ScriptedModel([tok.encode("A class.") + [ASSISTANT_ID] + tok.encode("more text") + [EOS_ID]])
+    s = ChatSession(model, tok, thinking=False, temperature=0.0)
+    events = list(s.send("What is a class?"))
+    answer = "".join(e.text for e in events if isinstance(e, Answer))
+    finish = [e for e in events if isinstance(e, Finish)][-1]
+    assert answer == "A class." and finish.reason == "stop"
