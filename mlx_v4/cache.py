@@ -19,7 +19,7 @@ reference (MLX arrays are immutable, so a snapshot costs no copy).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -79,11 +79,6 @@ class EntryStore:
         """Bytes allocated (capacity, not just the filled rows)."""
         return 0 if self.parts is None else sum(p.nbytes for p in self.parts)
 
-    @property
-    def used_nbytes(self) -> int:
-        if self.parts is None or self.capacity == 0:
-            return 0
-        return self.nbytes * self.length // self.capacity
 
 
 @dataclass
@@ -297,17 +292,6 @@ def cache_breakdown(cache: list[WindowCache]) -> dict[str, int]:
         for k, v in c.breakdown().items():
             out[k] = out.get(k, 0) + v
     return out
-
-
-@dataclass
-class CacheInfo:
-    tokens: int
-    nbytes: int
-    breakdown: dict[str, int] = field(default_factory=dict)
-
-
-def cache_info(cache: list[WindowCache]) -> CacheInfo:
-    return CacheInfo(cache_offset(cache), cache_nbytes(cache), cache_breakdown(cache))
 
 
 # ---- persistence -----------------------------------------------------------------------------
