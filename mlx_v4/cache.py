@@ -80,7 +80,6 @@ class EntryStore:
         return 0 if self.parts is None else sum(p.nbytes for p in self.parts)
 
 
-
 @dataclass
 class _Snapshot:
     offset: int
