@@ -178,6 +178,50 @@ class HCACache(WindowCache):
                  for p in self.entries.view()]
         return self._decode_entries(parts, dtype)
 
+    def index_key_parts(self) -> tuple[mx.array, ...] | None:
+        """What the indexer scores against: packed (codes, scales) or (values,); None if empty."""
+        if self.index_keys.length == 0:
+            return None
+        return tuple(self.index_keys.view())
+
+    def _extra_snapshot(self) -> dict:
+        return dict(compressor=self.compressor, index_compressor=None,
+                    n_entries=self.entries.length, n_index=0)
+
+    def _restore(self, snap: _Snapshot) -> None:
+        super()._restore(snap)
+        self.compressor = snap.compressor
+        self.entries.truncate(snap.n_entries)
+
+    @property
+    def state(self) -> list[mx.array]:
+        return super().state + self.entries.view() + self.compressor.arrays()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.breakdown().values())
+
+    def breakdown(self) -> dict[str, int]:
+        return super().breakdown() | {"compressed": self.entries.nbytes,
+                                      "compressor_state": _state_nbytes(self.compressor)}
+
+
+class CSACache(HCACache):
+    """Window, compressed entries, and the lightning indexer's keys (ratio 4)."""
+
+    kind = "csa"
+
+    def __init__(self, window: int, rope_dim: int, packed: bool):
+        super().__init__(window, rope_dim, packed)
+        self.index_keys = EntryStore()
+        self.index_compressor = CompressorState()
+
+    def index_key_parts(self) -> tuple[mx.array, ...] | None:
+        """What the indexer scores against: packed (codes, scales) or (values,); None if empty."""
+        if self.index_keys.length == 0:
+            return None
+        return tuple(self.index_keys.view())
+
     def _extra_snapshot(self) -> dict:
         return dict(compressor=self.compressor, index_compressor=None,
                     n_entries=self.entries.length, n_index=0)
@@ -215,6 +259,12 @@ class CSACache(HCACache):
             return None
         parts = self.index_keys.view()
         return dequantize_fp4(*parts, dtype=dtype) if self.packed else parts[0].astype(dtype)
+
+    def index_key_parts(self) -> tuple[mx.array, ...] | None:
+        """What the indexer scores against: packed (codes, scales) or (values,); None if empty."""
+        if self.index_keys.length == 0:
+            return None
+        return tuple(self.index_keys.view())
 
     def _extra_snapshot(self) -> dict:
         return dict(compressor=self.compressor, index_compressor=self.index_compressor,

@@ -153,7 +153,7 @@ class Attention(nn.Module):
                 x, cache.offset, cache.index_compressor)
             if ivalues is not None:
                 cache.index_keys.append(ipacked if cache.packed else (ivalues,))
-            selected = self.indexer.select(x, qr, cache.offset, cos, sin, cache.index_key_values(dtype))
+            selected = self.indexer.select(x, qr, cache.offset, cos, sin, cache.index_key_parts())
         if cache.entries.length == 0:
             return None, None
         return (cache.entry_values(dtype) if selected is None else None), selected

@@ -33,13 +33,14 @@ class Indexer(nn.Module):
         self.fake_quant = args.fake_quant
 
     def select(self, x: mx.array, qr: mx.array, offset: int, cos: mx.array, sin: mx.array,
-               keys: mx.array | None) -> mx.array | None:
+               keys: tuple[mx.array, ...] | None) -> mx.array | None:
         """Top-k entry ids [B, L, k] for each query (-1 = no entry); None when every visible
         entry fits in k (then the caller uses the plain causal mask, which is the same set).
 
-        x [B, L, D]; qr [B, L, q_lora]; keys [B, N, d] all index keys that exist so far."""
+        x [B, L, D]; qr [B, L, q_lora]; keys: all index keys that exist so far, either
+        ``(values [B, N, d],)`` or packed ``(fp4 codes uint8 [B, N, d/2], E8M0 uint8 [B, N, d/32])``."""
         B, L, _ = x.shape
-        n_total = 0 if keys is None else keys.shape[1]
+        n_total = 0 if keys is None else keys[0].shape[1]
         if n_total <= self.topk:
             return None
         q = self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim)
@@ -48,7 +49,7 @@ class Indexer(nn.Module):
             q = fake_quant_fp4(hadamard(q))
         q = q.astype(mx.float32)
         w = self.weights_proj(x).astype(mx.float32) * (self.head_dim**-0.5 * self.n_heads**-0.5)
-        keys_t = keys.astype(mx.float32).swapaxes(1, 2)  # [B, d, N]
+        score = _packed_scores if len(keys) == 2 else _dense_scores
         visible = (mx.arange(offset, offset + L)[:, None] + 1) // 4  # entries visible to each query
         # ReLU sits between the heads' dot products and their weighted sum, so the [rows, heads, N]
         # product is built in pieces of at most SCORE_BUDGET elements (bounded for any context).
@@ -60,10 +61,24 @@ class Indexer(nn.Module):
             scores = None
             for h in range(0, self.n_heads, heads):
                 qh = q[:, s:e, h:h + heads].reshape(B, -1, self.head_dim)  # [B, rows*heads, d]
-                part = mx.maximum(qh @ keys_t, 0).reshape(B, e - s, -1, n_total)
+                part = mx.maximum(score(qh, keys), 0).reshape(B, e - s, -1, n_total)
                 part = (part * w[:, s:e, h:h + heads, None]).sum(axis=2)  # [B, rows, N]
                 scores = part if scores is None else scores + part
             scores = mx.where(mx.arange(n_total)[None, :] >= visible[s:e], -mx.inf, scores)
             idx = mx.argpartition(-scores, kth=self.topk - 1, axis=-1)[..., : self.topk].astype(mx.int32)
             picks.append(mx.where(idx >= visible[None, s:e], -1, idx))
         return picks[0] if len(picks) == 1 else mx.concatenate(picks, axis=1)
+
+
+def _dense_scores(q: mx.array, keys: tuple[mx.array]) -> mx.array:
+    """q [B, M, d] . values [B, N, d] -> [B, M, N] float32."""
+    return q @ keys[0].astype(mx.float32).swapaxes(1, 2)
+
+
+def _packed_scores(q: mx.array, keys: tuple[mx.array, mx.array]) -> mx.array:
+    """The same product read straight from the packed FP4 keys: their layout (element 2i in the
+    low nibble, E8M0 per 32) is MLX's ``mxfp4``, so the keys are never dequantized in memory
+    (68 bytes per key read instead of 512 written and read again; 2-3x faster on CPU)."""
+    codes, scales = keys
+    return mx.quantized_matmul(q, codes.view(mx.uint32), scales, transpose=True,
+                               group_size=32, bits=4, mode="mxfp4")
