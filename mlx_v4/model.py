@@ -27,7 +27,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int, cpu: bool, use_kernel: bool = False):
         super().__init__()
         hc = (args.hc_mult, args.hidden_size, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps)
-        self.hc_attn, self.hc_ffn = HyperConnection(*hc), HyperConnection(*hc)
+        self.hc_attn = HyperConnection(*hc, use_kernel=use_kernel)
+        self.hc_ffn = HyperConnection(*hc, use_kernel=use_kernel)
         self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.attn = Attention(args, layer, use_kernel=use_kernel)

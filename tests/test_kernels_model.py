@@ -5,6 +5,7 @@ import mlx.core as mx
 import pytest
 from metal_emu import emu
 
+from mlx_v4.kernels import hyper_mix as hm
 from mlx_v4.kernels import sparse_decode as sd
 from mlx_v4.model import Model
 from mlx_v4.testing.tiny import random_model, tiny_args
@@ -13,8 +14,10 @@ from mlx_v4.testing.tiny import random_model, tiny_args
 def test_model_passes_use_kernel_down():
     args = tiny_args()
     on, off = Model(args, use_kernel=True), Model(args, use_kernel=False)
-    assert all(layer.attn.use_kernel for layer in on.layers)
-    assert not any(layer.attn.use_kernel for layer in off.layers)
+    assert all(layer.attn.use_kernel and layer.hc_attn.use_kernel and layer.hc_ffn.use_kernel
+               for layer in on.layers)
+    assert not any(layer.attn.use_kernel or layer.hc_attn.use_kernel or layer.hc_ffn.use_kernel
+                   for layer in off.layers)
 
 
 def decode_logits(model, prompt, steps):
@@ -43,4 +46,20 @@ def test_decode_logits_same_with_kernel(monkeypatch):
     got = decode_logits(model, prompt, steps=3)
     csa_layers = sum(1 for r in args.compress_ratios[: args.num_hidden_layers] if r == 4)
     assert len(log) == 3 * csa_layers  # every decode step of every CSA layer ran the kernel
+    assert mx.allclose(got, want, atol=1e-4, rtol=1e-4), float(mx.abs(got - want).max())
+
+
+@pytest.mark.skipif(not emu.have_compiler(), reason="no C++20 compiler for the Metal emulator")
+def test_hyper_connections_same_with_kernel(monkeypatch):
+    args = tiny_args()
+    model = random_model(args, seed=6)
+    prompt = mx.random.randint(0, args.vocab_size, (1, 9), key=mx.random.key(2))
+    want = decode_logits(model, prompt, steps=2)
+
+    log = []
+    monkeypatch.setattr(hm, "metal_runner", emu.runner("asan", log=log))
+    for layer in model.layers:
+        layer.hc_attn.use_kernel = layer.hc_ffn.use_kernel = True
+    got = decode_logits(model, prompt, steps=2)
+    assert len(log) == 3 * 2 * args.num_hidden_layers  # prefill + 2 steps, two per layer
     assert mx.allclose(got, want, atol=1e-4, rtol=1e-4), float(mx.abs(got - want).max())

@@ -45,17 +45,26 @@ def _mix_weights(mixes, base, scale, hc: int, iters: int, hc_eps: float):
     return pre, post, sinkhorn(comb, iters, hc_eps)
 
 
-def _collapse(x, fn, base, scale, hc: int, iters: int, hc_eps: float, norm_eps: float):
+def _collapse(x, fn, base, scale, hc: int, iters: int, hc_eps: float, norm_eps: float,
+              use_kernel: bool = False):
     xf, mixes = _mixes(x, fn, norm_eps)
-    # Sinkhorn is ~60 tiny ops: compiled, they fuse into a few kernels (decode is launch-bound).
-    pre, post, comb = _mix_weights(mixes, base, scale, hc, iters, hc_eps)
+    if use_kernel:  # one Metal thread per token does all of it (mlx_v4/kernels/hyper_mix.py)
+        from ..kernels.hyper_mix import hyper_mix
+
+        pre, post, comb = hyper_mix(mixes, base, scale, hc=hc, iters=iters, eps=hc_eps, use_kernel=True)
+    else:
+        # Sinkhorn is ~60 tiny ops: compiled, they fuse into a few kernels (decode is launch-bound).
+        pre, post, comb = _mix_weights(mixes, base, scale, hc, iters, hc_eps)
     y = (pre[..., None] * xf.reshape(x.shape)).sum(axis=2)
     return y.astype(x.dtype), post, comb
 
 
 class HyperConnection(nn.Module):
-    def __init__(self, hc_mult: int, hidden_size: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
+    def __init__(self, hc_mult: int, hidden_size: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float,
+                 use_kernel: bool = False):
+        """``use_kernel``: the mixing weights come from the fused Metal kernel (kernel 4)."""
         super().__init__()
+        self.use_kernel = use_kernel
         n_mix = (2 + hc_mult) * hc_mult
         self.fn = mx.zeros((n_mix, hc_mult * hidden_size))
         self.base = mx.zeros((n_mix,))
@@ -64,7 +73,8 @@ class HyperConnection(nn.Module):
 
     def collapse(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """x [B, L, hc, D] -> (sub-block input [B, L, D], post [B, L, hc], comb [B, L, hc, hc])."""
-        return _collapse(x, self.fn, self.base, self.scale, self.hc_mult, self.iters, self.hc_eps, self.norm_eps)
+        return _collapse(x, self.fn, self.base, self.scale, self.hc_mult, self.iters, self.hc_eps, self.norm_eps,
+                         self.use_kernel)
 
     @staticmethod
     def expand(o: mx.array, residual: mx.array, post: mx.array, comb: mx.array) -> mx.array:
