@@ -1,29 +1,39 @@
-"""Run the kernel tests for real on an NVIDIA GPU through mx.fast.cuda_kernel.
+"""Run the kernels for real on an NVIDIA GPU and compare them with their pure-MLX references.
 
-Needs an MLX build with the CUDA backend (pip install mlx[cuda12]). Each kernel body is the
-Metal-dialect source of mlx_v4/kernels, mapped to CUDA by the prelude in its header; the
-outputs are compared with the pure-MLX references on random shapes (the same ones the
-emulator tests use). Not run in CI (no GPU there).
+Each kernel body is the Metal-dialect source of mlx_v4/kernels, mapped to CUDA by the prelude
+in its header. Two ways to launch it, chosen in this order:
 
-    python scripts/cuda_check.py
+* ``mx.fast.cuda_kernel`` (an MLX build with the CUDA backend, ``pip install mlx[cuda13]``);
+* CuPy (``cupy.RawKernel``, NVRTC): the source is assembled as ``mx.fast.cuda_kernel``
+  assembles it (tests/metal_emu/nvrtc.py), the grid is counted in threads as in MLX, and
+  outputs are poisoned with 0xFF bytes (NaN) so an unwritten element fails. MLX itself then
+  runs on the CPU and computes the references. This is what a machine that cannot install the
+  90 MB mlx-cuda wheel uses (the lent H200 has CuPy but no package registry).
+
+The shapes are the emulator tests' ragged ones plus Flash/Pro sizes. Not run in CI (no GPU).
+
+    python scripts/cuda_check.py [--runner mlx|cupy]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 
 from mlx_v4.kernels import hyper_mix as hm  # noqa: E402
 from mlx_v4.kernels import sparse_decode as sd  # noqa: E402
 
-_KERNELS = {}
+_KERNELS: dict = {}
 
 
-def cuda_runner(spec, inputs, output_shapes, output_dtypes, grid, threadgroup, template):
+def mlx_cuda_runner(spec, inputs, output_shapes, output_dtypes, grid, threadgroup, template):
     kernel = _KERNELS.get(spec.name)
     if kernel is None:
         kernel = _KERNELS[spec.name] = mx.fast.cuda_kernel(
@@ -33,10 +43,46 @@ def cuda_runner(spec, inputs, output_shapes, output_dtypes, grid, threadgroup, t
                   grid=grid, threadgroup=threadgroup, template=list(template))
 
 
-def main() -> int:
-    if not mx.cuda.is_available():
-        print("no CUDA backend in this MLX build")
-        return 2
+# bf16 has no numpy dtype: it travels as its uint16 bits.
+_NP = {mx.float32: np.float32, mx.int32: np.int32, mx.uint8: np.uint8, mx.uint16: np.uint16,
+       mx.bfloat16: np.uint16, mx.float16: np.float16}
+
+
+def cupy_runner(spec, inputs, output_shapes, output_dtypes, grid, threadgroup, template):
+    import cupy as cp  # noqa: PLC0415
+    from metal_emu import nvrtc  # noqa: PLC0415
+
+    src = nvrtc.source(spec, inputs, output_dtypes, template, toolkit=True)
+    kernel = _KERNELS.get(src)
+    if kernel is None:
+        kernel = _KERNELS[src] = cp.RawKernel(src, spec.name, options=(
+            "-std=c++17", "--device-as-default-execution-space"), backend="nvrtc")
+    args = []
+    for x in inputs:
+        host = np.array(x.view(mx.uint16) if x.dtype == mx.bfloat16 else x)
+        args.append(cp.asarray(np.ascontiguousarray(host)))
+    outs = []
+    for shape, dtype in zip(output_shapes, output_dtypes, strict=True):
+        out = cp.empty(tuple(shape), dtype=_NP[dtype])
+        out.view(cp.uint8).fill(0xFF)  # poison: an element the kernel never writes reads as NaN
+        outs.append(out)
+    blocks = tuple(-(-g // t) for g, t in zip(grid, threadgroup, strict=True))  # grid counts threads
+    kernel(blocks, tuple(threadgroup), tuple(args + outs))
+    cp.cuda.runtime.deviceSynchronize()
+    result = []
+    for out, dtype in zip(outs, output_dtypes, strict=True):
+        a = mx.array(cp.asnumpy(out))
+        result.append(a.view(mx.bfloat16) if dtype == mx.bfloat16 else a)
+    return result
+
+
+def report(name: str, err: float, tol: float) -> bool:
+    ok = err <= tol  # NaN (an unwritten element) fails
+    print(f"{name}: max err {err:.2e} (tol {tol:.1e}) {'ok' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def check_sparse_decode(runner: Callable) -> int:
     from test_kernels_sparse_decode import CASES, call, make_inputs  # noqa: PLC0415
 
     failures = 0
@@ -46,18 +92,46 @@ def main() -> int:
             x, _ = make_inputs(1, B, H, D, rope, W, N, K, dtype=dtype)
             x32 = dict(x, q=x["q"].astype(mx.float32), window=x["window"].astype(mx.float32))
             ref = call(sd.sparse_decode_reference, x32, scale=D**-0.5)
-            out = call(sd.sparse_decode_kernel, x, scale=D**-0.5, splits=splits, runner=cuda_runner)
+            out = call(sd.sparse_decode_kernel, x, scale=D**-0.5, splits=splits, runner=runner)
             err = float(mx.abs(out.astype(mx.float32) - ref).max())
-            ok = err < (2e-5 if dtype == mx.float32 else 3e-2 * max(1.0, float(mx.abs(ref).max())))
-            failures += not ok
-            print(f"sparse_decode {case} {dtype}: max err {err:.2e} {'ok' if ok else 'FAIL'}")
+            tol = 2e-5 if dtype == mx.float32 else 3e-2 * max(1.0, float(mx.abs(ref).max()))
+            failures += not report(f"sparse_decode {case} {dtype}", err, tol)
+    return failures
+
+
+def check_hyper_mix(runner: Callable) -> int:
+    mx.random.seed(0)
     mixes = mx.random.normal((3, 70, 24))
     base, scale = 0.5 * mx.random.normal((24,)), 1 + 0.3 * mx.random.normal((3,))
     want = hm.hyper_mix_reference(mixes, base, scale, hc=4, iters=20, eps=1e-6)
-    got = hm.hyper_mix_kernel(mixes, base, scale, hc=4, iters=20, eps=1e-6, runner=cuda_runner)
+    got = hm.hyper_mix_kernel(mixes, base, scale, hc=4, iters=20, eps=1e-6, runner=runner)
     err = max(float(mx.abs(g - w).max()) for g, w in zip(got, want, strict=True))
-    failures += err > 1e-5
-    print(f"hyper_mix: max err {err:.2e} {'ok' if err <= 1e-5 else 'FAIL'}")
+    return int(not report("hyper_mix (3, 70)", err, 1e-5))
+
+
+CHECKS = [check_sparse_decode, check_hyper_mix]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runner", choices=("mlx", "cupy"), help="default: mlx if its CUDA backend is there")
+    choice = p.parse_args().runner
+    if choice is None:
+        choice = "mlx" if mx.cuda.is_available() else "cupy"
+    if choice == "mlx" and not mx.cuda.is_available():
+        print("no CUDA backend in this MLX build (pip install mlx[cuda13]), or use --runner cupy")
+        return 2
+    if choice == "cupy":
+        try:
+            import cupy  # noqa: F401, PLC0415
+        except ImportError:
+            print("CuPy is not installed (pip install cupy-cuda13x)")
+            return 2
+        mx.set_default_device(mx.cpu)  # MLX computes the references; CuPy owns the GPU
+    runner = mlx_cuda_runner if choice == "mlx" else cupy_runner
+    print(f"runner: {choice}")
+    failures = sum(check(runner) for check in CHECKS)
+    print("all kernels match their references" if not failures else f"{failures} FAILED")
     return 1 if failures else 0
 
 
