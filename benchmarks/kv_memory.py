@@ -125,12 +125,17 @@ def main():
     p.add_argument("--step", type=int, default=512)
     p.add_argument("--skip-long", action="store_true")
     p.add_argument("--skip-bytes", action="store_true")
-    p.add_argument("--score-budget", type=int, help="override SCORE_BUDGET (elements) of attention and indexer")
+    p.add_argument("--score-budget", type=int, help="override attention.SCORE_BUDGET (elements per query block)")
+    p.add_argument("--index-budget", type=int, help="override indexer.SCORE_BUDGET (elements per score piece)")
+    p.add_argument("--dequant-budget", type=int, help="override attention.DEQUANT_BUDGET (entry elements)")
     a = p.parse_args()
-    if a.score_budget:
-        from mlx_v4.layers import attention, indexer
+    from mlx_v4.layers import attention, indexer
 
-        attention.SCORE_BUDGET = indexer.SCORE_BUDGET = a.score_budget
+    attention.SCORE_BUDGET = a.score_budget or attention.SCORE_BUDGET
+    attention.DEQUANT_BUDGET = a.dequant_budget or attention.DEQUANT_BUDGET
+    indexer.SCORE_BUDGET = a.index_budget or indexer.SCORE_BUDGET
+    print(f"budgets (elements): attention scores {attention.SCORE_BUDGET}, dequantized entries "
+          f"{attention.DEQUANT_BUDGET}, indexer scores {indexer.SCORE_BUDGET}")
     if not a.skip_bytes:
         part_bytes(a.tokens, a.step)
     if not a.skip_long:

@@ -28,6 +28,9 @@ from .rope import RoPE
 
 #: Largest score matrix (elements) one query block may build.
 SCORE_BUDGET = 1 << 24
+#: Most compressed-entry elements a CSA layer dequantizes at once to score them all under a pick
+#: mask (4 MB in float32); past it the picks are gathered, so prefill memory stays flat.
+DEQUANT_BUDGET = 1 << 20
 #: Tests force one way of reading CSA picks ("gather" or "mask"); None chooses by cost.
 PICKS_PATH: str | None = None
 
@@ -163,10 +166,10 @@ class Attention(nn.Module):
         """Gather the picked rows unless scoring every entry under a mask is cheaper: it is
         while the heads' dot products with all N entries cost less than reading k rows per query
         (H*N <= k*hd), the L*k gathered rows outnumber the N rows to dequantize, and the N
-        dequantized rows stay within the score budget (so memory does not grow with context)."""
+        dequantized rows stay within DEQUANT_BUDGET (so memory does not grow with context)."""
         if PICKS_PATH is not None:
             return PICKS_PATH == "gather"
-        return H * n > k * hd or L * k < n or n * hd > SCORE_BUDGET
+        return H * n > k * hd or L * k < n or n * hd > DEQUANT_BUDGET
 
     def _attend_blocks(self, q, window, window_mask, comp, selected, cache, qpos):
         """Attention in query blocks. HCA (and CSA while every entry is visible) attend to the

@@ -17,8 +17,9 @@ from .compressor import Compressor
 from .fake_quant import fake_quant_fp4, hadamard
 from .rope import RoPE
 
-#: Largest score piece (elements) the indexer builds at once.
-SCORE_BUDGET = 1 << 24
+#: Largest score piece (elements) the indexer builds at once: [rows, heads, cols] products and
+#: the [rows, N] scores top-k reads (4 MB in float32, so prefill memory stays flat with context).
+SCORE_BUDGET = 1 << 20
 
 
 class Indexer(nn.Module):
@@ -52,18 +53,20 @@ class Indexer(nn.Module):
         score = _packed_scores if len(keys) == 2 else _dense_scores
         visible = (mx.arange(offset, offset + L)[:, None] + 1) // 4  # entries visible to each query
         # ReLU sits between the heads' dot products and their weighted sum, so the [rows, heads, N]
-        # product is built in pieces of at most SCORE_BUDGET elements (bounded for any context).
-        heads = max(1, min(self.n_heads, SCORE_BUDGET // max(1, B * L * n_total)))
-        rows = max(1, min(L, SCORE_BUDGET // max(1, B * heads * n_total)))
+        # product is built in pieces of at most SCORE_BUDGET elements, and the [rows, N] scores
+        # that top-k needs whole are capped too: memory is bounded for any context.
+        rows = max(1, min(L, SCORE_BUDGET // max(1, B * n_total)))
+        cols = max(1, min(n_total, SCORE_BUDGET // max(1, B * rows * self.n_heads)))
         picks = []
         for s in range(0, L, rows):
             e = min(L, s + rows)
-            scores = None
-            for h in range(0, self.n_heads, heads):
-                qh = q[:, s:e, h:h + heads].reshape(B, -1, self.head_dim)  # [B, rows*heads, d]
-                part = mx.maximum(score(qh, keys), 0).reshape(B, e - s, -1, n_total)
-                part = (part * w[:, s:e, h:h + heads, None]).sum(axis=2)  # [B, rows, N]
-                scores = part if scores is None else scores + part
+            qs = q[:, s:e].reshape(B, -1, self.head_dim)  # [B, rows*heads, d]
+            pieces = []
+            for c in range(0, n_total, cols):
+                part = mx.maximum(score(qs, tuple(k[:, c:c + cols] for k in keys)), 0)
+                part = part.reshape(B, e - s, self.n_heads, -1)  # [B, rows, heads, cols]
+                pieces.append((part * w[:, s:e, :, None]).sum(axis=2))  # [B, rows, cols]
+            scores = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=-1)
             scores = mx.where(mx.arange(n_total)[None, :] >= visible[s:e], -mx.inf, scores)
             idx = mx.argpartition(-scores, kth=self.topk - 1, axis=-1)[..., : self.topk].astype(mx.int32)
             picks.append(mx.where(idx >= visible[None, s:e], -1, idx))
