@@ -31,6 +31,8 @@ from mlx_v4.kernels import hyper_mix as hm  # noqa: E402
 from mlx_v4.kernels import sparse_decode as sd  # noqa: E402
 
 _KERNELS: dict = {}
+#: With --time, the CuPy runner times every launch (20 repeats) and appends a line here.
+TIMINGS: list[str] | None = None
 
 
 def mlx_cuda_runner(spec, inputs, output_shapes, output_dtypes, grid, threadgroup, template):
@@ -69,6 +71,17 @@ def cupy_runner(spec, inputs, output_shapes, output_dtypes, grid, threadgroup, t
     blocks = tuple(-(-g // t) for g, t in zip(grid, threadgroup, strict=True))  # grid counts threads
     kernel(blocks, tuple(threadgroup), tuple(args + outs))
     cp.cuda.runtime.deviceSynchronize()
+    if TIMINGS is not None:  # the CUDA twin's time, not a Metal number
+        start, stop, reps = cp.cuda.Event(), cp.cuda.Event(), 20
+        start.record()
+        for _ in range(reps):
+            kernel(blocks, tuple(threadgroup), tuple(args + outs))
+        stop.record()
+        stop.synchronize()
+        us = cp.cuda.get_elapsed_time(start, stop) * 1000 / reps
+        moved = sum(a.nbytes for a in args) + sum(o.nbytes for o in outs)
+        TIMINGS.append(f"  {spec.name} grid {tuple(grid)} tg {tuple(threadgroup)}: {us:8.1f} us/launch, "
+                       f"{moved / 1e6:8.2f} MB in+out buffers, {moved / us / 1e3:7.1f} GB/s")
     result = []
     for out, dtype in zip(outs, output_dtypes, strict=True):
         a = mx.array(cp.asnumpy(out))
@@ -115,7 +128,9 @@ CHECKS = [check_sparse_decode, check_hyper_mix]
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runner", choices=("mlx", "cupy"), help="default: mlx if its CUDA backend is there")
-    choice = p.parse_args().runner
+    p.add_argument("--time", action="store_true", help="CuPy runner: time each launch (CUDA, not Metal)")
+    opts = p.parse_args()
+    choice = opts.runner
     if choice is None:
         choice = "mlx" if mx.cuda.is_available() else "cupy"
     if choice == "mlx" and not mx.cuda.is_available():
@@ -130,7 +145,12 @@ def main() -> int:
         mx.set_default_device(mx.cpu)  # MLX computes the references; CuPy owns the GPU
     runner = mlx_cuda_runner if choice == "mlx" else cupy_runner
     print(f"runner: {choice}")
+    global TIMINGS
+    TIMINGS = [] if opts.time and choice == "cupy" else None
     failures = sum(check(runner) for check in CHECKS)
+    if TIMINGS:
+        print("CUDA twin timings (buffers counted whole, so GB/s is a lower bound on traffic):")
+        print("\n".join(TIMINGS))
     print("all kernels match their references" if not failures else f"{failures} FAILED")
     return 1 if failures else 0
 
