@@ -149,7 +149,7 @@ def main() -> int:
     TIMINGS = [] if opts.time and choice == "cupy" else None
     failures = sum(check(runner) for check in CHECKS)
     if TIMINGS:
-        print("CUDA twin timings (buffers counted whole, so GB/s is a lower bound on traffic):")
+        print("CUDA twin timings (whole buffers counted: an upper bound on the bytes a gather touches):")
         print("\n".join(TIMINGS))
     print("all kernels match their references" if not failures else f"{failures} FAILED")
     return 1 if failures else 0
