@@ -59,6 +59,7 @@ from ._base import CUDA_PRELUDE, DECODE_HEADER, KernelSpec, metal_runner
 # uint overloads of the collectives the select kernel uses (the shared prelude has float ones).
 _CUDA_EXTRA = r"""
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+typedef unsigned int uint32_t;  // the packed keys arrive as uint32 words
 __device__ inline uint simd_sum(uint x) {
   for (int k = 1; k < 32; k <<= 1) x += __shfl_xor_sync(0xffffffffu, x, k);
   return x;
@@ -300,42 +301,61 @@ def default_select_splits(n_keys: int, k: int, rows: int) -> int:
     return max(1, min(64, n_keys // chunk))
 
 
+def indexer_scores_kernel(q, w, packed, scales, *, n_keys: int, offset: int, threads: int = 256,
+                          heads_stage: int | None = None, runner=metal_runner) -> mx.array:
+    """The scoring launch: fp32 scores [B, L, n_keys] as :func:`indexer_scores_reference`."""
+    B, L, H, D = q.shape
+    cap = packed.shape[1]
+    if D % 32 or packed.shape[-1] * 2 != D or scales.shape[-1] * 32 != D or n_keys > cap or n_keys < 1:
+        raise ValueError(f"indexer kernel: keys {packed.shape}/{scales.shape}/n_keys={n_keys} "
+                         f"do not match head_dim={D}")
+    if threads % 32:
+        raise ValueError("threadgroup size must be a multiple of 32")
+    hc = heads_stage or heads_per_stage(H, D)
+    if H % hc:
+        raise ValueError(f"heads_stage={hc} does not divide {H} heads")
+    words = mx.contiguous(packed).view(mx.uint32)  # [B, C, D/8]: 8 codes per word, low nibble first
+    dims = mx.array([L, n_keys, cap, offset], dtype=mx.int32)
+    (scores,) = runner(SCORE, [q.astype(mx.float32), w.astype(mx.float32), words, scales, dims],
+                       [(B, L, n_keys)], [mx.float32], (math.ceil(n_keys / threads) * threads, L, B),
+                       (threads, 1, 1), [("D", D), ("H", H), ("HC", hc), ("TG", threads)])
+    return scores
+
+
+def topk_select_kernel(scores, *, offset: int, k: int, splits: int = 1, threads: int = 256,
+                       runner=metal_runner) -> mx.array:
+    """The select launch(es): ids [B, L, k] of the k largest visible scores of each row
+    (visible: ``s < (offset + l + 1) // 4``), -1 fill; ``splits > 1``: chunked, then merged."""
+    B, L, N = scores.shape
+    if threads % 32:
+        raise ValueError("threadgroup size must be a multiple of 32")
+    tg = (threads, 1, 1)
+    no_ids = mx.zeros((1,), dtype=mx.int32)  # not read without HAS_IDS; keeps the buffer non-empty
+    chunk = math.ceil(N / max(1, splits))
+    splits = math.ceil(N / chunk)
+    dims = mx.array([N, L, offset, chunk, splits], dtype=mx.int32)
+    template = [("TG", threads), ("K", k), ("HAS_IDS", False), ("WRITE_VALUES", splits > 1)]
+    idx, val = runner(SELECT, [scores, no_ids, dims], [(B, L, splits * k)] * 2, [mx.int32, mx.float32],
+                      (threads * splits, L, B), tg, template)
+    if splits == 1:
+        return idx
+    dims = mx.array([splits * k, L, offset, splits * k, 1], dtype=mx.int32)
+    idx, _ = runner(SELECT, [val, idx, dims], [(B, L, k)] * 2, [mx.int32, mx.float32], (threads, L, B), tg,
+                    [("TG", threads), ("K", k), ("HAS_IDS", True), ("WRITE_VALUES", False)])
+    return idx
+
+
 def indexer_topk_kernel(q, w, packed, scales, *, n_keys: int, offset: int, k: int, splits: int = 1,
                         score_threads: int = 256, select_threads: int = 256, heads_stage: int | None = None,
                         runner=metal_runner) -> mx.array:
     """The kernel launches for :func:`indexer_topk`: scoring, then one select (``splits == 1``)
     or a chunked select plus a merge select over the ``splits * k`` candidates."""
-    B, L, H, D = q.shape
-    cap = packed.shape[1]
-    if D % 32 or packed.shape[-1] * 2 != D or scales.shape[-1] * 32 != D or n_keys > cap:
-        raise ValueError(f"indexer kernel: keys {packed.shape}/{scales.shape} do not match head_dim={D}")
-    if score_threads % 32 or select_threads % 32:
-        raise ValueError("threadgroup sizes must be multiples of 32")
-    hc = heads_stage or heads_per_stage(H, D)
-    if H % hc:
-        raise ValueError(f"heads_stage={hc} does not divide {H} heads")
+    B, L = q.shape[:2]
     if n_keys == 0:
         return mx.full((B, L, k), -1, dtype=mx.int32)
-    tiles = math.ceil(n_keys / score_threads)
-    words = mx.contiguous(packed).view(mx.uint32)  # [B, C, D/8]: 8 codes per word, low nibble first
-    dims = mx.array([L, n_keys, cap, offset], dtype=mx.int32)
-    (scores,) = runner(SCORE, [q.astype(mx.float32), w.astype(mx.float32), words, scales, dims],
-                       [(B, L, n_keys)], [mx.float32], (tiles * score_threads, L, B), (score_threads, 1, 1),
-                       [("D", D), ("H", H), ("HC", hc), ("TG", score_threads)])
-    tg = (select_threads, 1, 1)
-    no_ids = mx.zeros((1,), dtype=mx.int32)  # not read without HAS_IDS; keeps the buffer non-empty
-    chunk = math.ceil(n_keys / max(1, splits))
-    splits = math.ceil(n_keys / chunk)
-    dims = mx.array([n_keys, L, offset, chunk, splits], dtype=mx.int32)
-    template = [("TG", select_threads), ("K", k), ("HAS_IDS", False), ("WRITE_VALUES", splits > 1)]
-    idx, val = runner(SELECT, [scores, no_ids, dims], [(B, L, splits * k)] * 2, [mx.int32, mx.float32],
-                      (select_threads * splits, L, B), tg, template)
-    if splits == 1:
-        return idx
-    dims = mx.array([splits * k, L, offset, splits * k, 1], dtype=mx.int32)
-    idx, _ = runner(SELECT, [val, idx, dims], [(B, L, k)] * 2, [mx.int32, mx.float32], (select_threads, L, B), tg,
-                    [("TG", select_threads), ("K", k), ("HAS_IDS", True), ("WRITE_VALUES", False)])
-    return idx
+    scores = indexer_scores_kernel(q, w, packed, scales, n_keys=n_keys, offset=offset, threads=score_threads,
+                                   heads_stage=heads_stage, runner=runner)
+    return topk_select_kernel(scores, offset=offset, k=k, splits=splits, threads=select_threads, runner=runner)
 
 
 def indexer_topk(q, w, packed, scales, *, n_keys: int, offset: int, k: int, use_kernel: bool,
