@@ -27,8 +27,9 @@ threadgroup memory, select there" only works for short rows. Instead:
    candidate thresholds (no atomics, no dynamic register indexing), summed with ``simd_sum``
    and threadgroup memory. The last pass gives the exact k-th key T; an emission pass then
    writes every entry above T and the first ``k - #above`` entries equal to T at offsets
-   from a threadgroup prefix scan. A row's scores are read 9 times (L1/L2 serve the
-   re-reads); only ``k`` indices are written.
+   from a threadgroup prefix scan. A row's scores are read :data:`SELECT_READS` = 10 times
+   (8 radix passes, a count and an emission pass; L1/L2 serve the re-reads); only ``k``
+   indices are written.
    Split select (long rows, e.g. decode): ``P`` threadgroups each select the top k of one
    chunk of the row and write (score, index) candidates; a second launch of the same body
    selects the final k from the ``P * k`` candidates. Exact: with distinct scores every
@@ -37,8 +38,10 @@ threadgroup memory, select there" only works for short rows. Instead:
 Bytes per call (N visible keys, H heads, d dims, R = B * L rows; decode R = 1):
 scoring reads ``N * (d/2 + d/32)`` key bytes per row (68 * N at d = 128; the same key tile is
 re-read by each row's threadgroup in prefill, mostly from L2), ``R * H * (d + 1) * 4`` of
-queries/weights, writes ``4 * N * R``; select reads ``9 * 4 * N * R`` (one pass with split:
-plus ``9 * 8 * P * k`` for the merge), writes ``4 * k * R`` (+ ``8 * P * k * R`` candidates).
+queries/weights, writes ``4 * N * R``; select reads ``10 * 4 * N * R`` (with split: plus
+``10 * 8 * P * k * R`` in the merge), writes ``4 * k * R`` (+ ``8 * P * k * R`` candidates).
+At Flash decode, 1M context (N = 262,144): 17.8 MB of keys, 1 MB of scores written, 10.5 MB
+of score re-reads + 2.6 MB of candidate traffic, 2 KB of picks.
 See ``benchmarks/kernels.py`` for Flash/Pro numbers. FLOPs: ``2 * H * d * N * R``.
 
 Ties: with distinct scores the picked set equals the reference's. With exact ties at the cut
@@ -55,6 +58,9 @@ import math
 import mlx.core as mx
 
 from ._base import CUDA_PRELUDE, DECODE_HEADER, KernelSpec, metal_runner
+
+#: Times the select reads each score (8 radix passes of 4 bits, a count pass, an emission pass).
+SELECT_READS = 10
 
 # uint overloads of the collectives the select kernel uses (the shared prelude has float ones).
 _CUDA_EXTRA = r"""
