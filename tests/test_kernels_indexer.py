@@ -108,6 +108,17 @@ def test_kernel_matches_reference_asan(case):
 
 
 @needs_emu
+def test_row_blocks_under_a_small_score_budget():
+    """Prefill rows scored and selected in blocks (offset advanced per block)."""
+    q, w, p, s = make_inputs(9, 2, 7, 4, 64, 40, 44)
+    ref = ik.indexer_topk_reference(q, w, p, s, n_keys=40, offset=140, k=5)
+    log = []
+    out = ik.indexer_topk_kernel(q, w, p, s, n_keys=40, offset=140, k=5, score_threads=64, select_threads=64,
+                                 heads_stage=2, score_budget=3 * 2 * 40, runner=emu.runner("asan", log=log))
+    assert len(log) == 2 * 3 and same_sets(out, ref)  # rows 3 + 3 + 1
+
+
+@needs_emu
 def test_select_negative_and_signed_zero_scores():
     """The order-preserving key: all-negative rows, +-0 and large magnitudes, and -inf past
     the causal limit; k-th value found exactly."""

@@ -341,27 +341,40 @@ def topk_select_kernel(scores, *, offset: int, k: int, splits: int = 1, threads:
     splits = math.ceil(N / chunk)
     dims = mx.array([N, L, offset, chunk, splits], dtype=mx.int32)
     template = [("TG", threads), ("K", k), ("HAS_IDS", False), ("WRITE_VALUES", splits > 1)]
-    idx, val = runner(SELECT, [scores, no_ids, dims], [(B, L, splits * k)] * 2, [mx.int32, mx.float32],
+    val_shape = (B, L, splits * k) if splits > 1 else (1,)  # scores of the picks: only for the merge
+    idx, val = runner(SELECT, [scores, no_ids, dims], [(B, L, splits * k), val_shape], [mx.int32, mx.float32],
                       (threads * splits, L, B), tg, template)
     if splits == 1:
         return idx
     dims = mx.array([splits * k, L, offset, splits * k, 1], dtype=mx.int32)
-    idx, _ = runner(SELECT, [val, idx, dims], [(B, L, k)] * 2, [mx.int32, mx.float32], (threads, L, B), tg,
+    idx, _ = runner(SELECT, [val, idx, dims], [(B, L, k), (1,)], [mx.int32, mx.float32], (threads, L, B), tg,
                     [("TG", threads), ("K", k), ("HAS_IDS", True), ("WRITE_VALUES", False)])
     return idx
 
 
+#: Largest fp32 score buffer (elements) one launch pair writes; prefill rows go in blocks.
+SCORE_BUDGET = 1 << 24
+
+
 def indexer_topk_kernel(q, w, packed, scales, *, n_keys: int, offset: int, k: int, splits: int = 1,
                         score_threads: int = 256, select_threads: int = 256, heads_stage: int | None = None,
-                        runner=metal_runner) -> mx.array:
+                        score_budget: int | None = None, runner=metal_runner) -> mx.array:
     """The kernel launches for :func:`indexer_topk`: scoring, then one select (``splits == 1``)
-    or a chunked select plus a merge select over the ``splits * k`` candidates."""
+    or a chunked select plus a merge select over the ``splits * k`` candidates. Query rows go
+    in blocks whose [B, rows, N] scores fit ``score_budget`` (a 2K-token prefill chunk at 1M
+    context would otherwise write 2 GB of scores)."""
     B, L = q.shape[:2]
     if n_keys == 0:
         return mx.full((B, L, k), -1, dtype=mx.int32)
-    scores = indexer_scores_kernel(q, w, packed, scales, n_keys=n_keys, offset=offset, threads=score_threads,
-                                   heads_stage=heads_stage, runner=runner)
-    return topk_select_kernel(scores, offset=offset, k=k, splits=splits, threads=select_threads, runner=runner)
+    rows = max(1, min(L, (score_budget or SCORE_BUDGET) // (B * n_keys)))
+    picks = []
+    for s in range(0, L, rows):
+        e = min(L, s + rows)
+        scores = indexer_scores_kernel(q[:, s:e], w[:, s:e], packed, scales, n_keys=n_keys, offset=offset + s,
+                                       threads=score_threads, heads_stage=heads_stage, runner=runner)
+        picks.append(topk_select_kernel(scores, offset=offset + s, k=k, splits=splits, threads=select_threads,
+                                        runner=runner))
+    return picks[0] if len(picks) == 1 else mx.concatenate(picks, axis=1)
 
 
 def indexer_topk(q, w, packed, scales, *, n_keys: int, offset: int, k: int, use_kernel: bool,
