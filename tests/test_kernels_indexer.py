@@ -81,13 +81,15 @@ def test_default_select_splits():
 
 # (B, L, H, D, N, cap, offset, k, splits): N not a multiple of the 64-thread tiles; L > 1 with
 # the causal limit inside the chunk (rows see different counts, some fewer than k, some none);
-# k larger than every row's visible count; chunked select with an empty last chunk for some rows.
+# k larger than every row's visible count; chunked selects with short and empty chunks.
 CASES = [
     (2, 3, 4, 64, 150, 160, 597, 8, 1),
     (1, 6, 8, 128, 70, 70, 266, 12, 1),
     (2, 4, 4, 64, 9, 12, 30, 16, 1),
     (1, 5, 4, 64, 200, 203, 780, 10, 3),
     (1, 1, 4, 64, 1, 4, 3, 4, 1),
+    (1, 4, 4, 64, 30, 32, 94, 6, 3),  # chunks of 10: the last has fewer than k (-1 fill, merged)
+    (2, 4, 4, 64, 30, 30, 14, 6, 3),  # every row sees fewer than k; two chunks empty
 ]
 
 
