@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from mlx_v4.config import preset
+from mlx_v4.kernels.indexer_topk import SELECT_READS, default_select_splits
 from mlx_v4.kernels.sparse_decode import _heads_per_group, default_splits
 
 KV_ROW = 448 + 7 + 128  # packed main KV entry: e4m3 codes, E8M0 per 64, bf16 RoPE dims
@@ -31,6 +32,27 @@ def sparse_decode_cost(args, act_bytes: int = 2) -> dict:
     return dict(ideal=keys + io + partials, launched=keys * (H // hg) + io + partials, flops=flops,
                 calls=sum(1 for r in args.compress_ratios[: args.num_hidden_layers] if r == 4),
                 note=f"H={H} D={D} W={W} top-k={K} heads/group={hg} splits={splits}")
+
+
+def indexer_topk_cost(args, context: int) -> dict:
+    """One CSA layer, one decode token at ``context`` tokens: score every visible packed FP4
+    index key (N = context / 4), then select the top k (chunked + merged when split).
+    Ideal: keys, queries and picks once, the fp32 score row written and read once; as launched:
+    the select re-reads its row once per radix pass (L1/L2 may serve those). FLOPs: at 1M
+    context the scoring is 4.3 GFLOP per layer and token, so it is compute-bound there unless
+    a matrix-unit (simdgroup_matrix) path replaces the scalar FMA body; bytes alone understate it."""
+    H, d, k = args.index_n_heads, args.index_head_dim, args.index_topk
+    n = context // 4
+    keys = n * (d // 2 + d // 32)
+    io = H * d * 4 + H * 4 + k * 4
+    splits = default_select_splits(n, k, rows=1)
+    cand = 0 if splits == 1 else splits * k * 8  # (score, id) candidates, written then read
+    ideal = keys + io + 2 * n * 4 + 2 * cand
+    launched = keys + io + n * 4 + SELECT_READS * (n * 4 + cand) + cand
+    flops = 2 * H * d * n + 2 * H * n
+    return dict(ideal=ideal, launched=launched, flops=flops,
+                calls=sum(1 for r in args.compress_ratios[: args.num_hidden_layers] if r == 4),
+                note=f"ctx={context // 1024}K N={n} H={H} d={d} top-k={k} select splits={splits}")
 
 
 def hyper_mix_cost(args) -> dict:
@@ -55,7 +77,9 @@ def main():
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for name in a.models.split(","):
         args = preset(name)
-        for kname, cost in (("sparse decode", sparse_decode_cost(args)), ("hyper mix", hyper_mix_cost(args))):
+        costs = [("sparse decode", sparse_decode_cost(args)), ("hyper mix", hyper_mix_cost(args))]
+        costs += [("indexer top-k", indexer_topk_cost(args, ctx)) for ctx in (65536, 1 << 20)]
+        for kname, cost in costs:
             t_i, t_l = cost["ideal"] / bw * 1e6, cost["launched"] / bw * 1e6
             print(f"| {name} | {kname} | {cost['note']} | {cost['ideal']:,} | {cost['launched']:,} | "
                   f"{cost['flops']:,} | {t_i:.2f} | {cost['calls']} | "

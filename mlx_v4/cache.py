@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .layers.compressor import CompressorState
-from .layers.fake_quant import dequantize_fp4, dequantize_kv_entry
+from .layers.fake_quant import dequantize_kv_entry
 
 _GROW = 256  # minimum entries added to an append-only store when it fills
 _GROW_FACTOR = 0.25  # ...or this fraction of its size, so copies stay O(n) overall
@@ -178,12 +178,6 @@ class HCACache(WindowCache):
                  for p in self.entries.view()]
         return self._decode_entries(parts, dtype)
 
-    def index_key_parts(self) -> tuple[mx.array, ...] | None:
-        """What the indexer scores against: packed (codes, scales) or (values,); None if empty."""
-        if self.index_keys.length == 0:
-            return None
-        return tuple(self.index_keys.view())
-
     def _extra_snapshot(self) -> dict:
         return dict(compressor=self.compressor, index_compressor=None,
                     n_entries=self.entries.length, n_index=0)
@@ -215,50 +209,6 @@ class CSACache(HCACache):
         super().__init__(window, rope_dim, packed)
         self.index_keys = EntryStore()
         self.index_compressor = CompressorState()
-
-    def index_key_parts(self) -> tuple[mx.array, ...] | None:
-        """What the indexer scores against: packed (codes, scales) or (values,); None if empty."""
-        if self.index_keys.length == 0:
-            return None
-        return tuple(self.index_keys.view())
-
-    def _extra_snapshot(self) -> dict:
-        return dict(compressor=self.compressor, index_compressor=None,
-                    n_entries=self.entries.length, n_index=0)
-
-    def _restore(self, snap: _Snapshot) -> None:
-        super()._restore(snap)
-        self.compressor = snap.compressor
-        self.entries.truncate(snap.n_entries)
-
-    @property
-    def state(self) -> list[mx.array]:
-        return super().state + self.entries.view() + self.compressor.arrays()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self.breakdown().values())
-
-    def breakdown(self) -> dict[str, int]:
-        return super().breakdown() | {"compressed": self.entries.nbytes,
-                                      "compressor_state": _state_nbytes(self.compressor)}
-
-
-class CSACache(HCACache):
-    """Window, compressed entries, and the lightning indexer's keys (ratio 4)."""
-
-    kind = "csa"
-
-    def __init__(self, window: int, rope_dim: int, packed: bool):
-        super().__init__(window, rope_dim, packed)
-        self.index_keys = EntryStore()
-        self.index_compressor = CompressorState()
-
-    def index_key_values(self, dtype) -> mx.array | None:
-        if self.index_keys.length == 0:
-            return None
-        parts = self.index_keys.view()
-        return dequantize_fp4(*parts, dtype=dtype) if self.packed else parts[0].astype(dtype)
 
     def index_key_parts(self) -> tuple[mx.array, ...] | None:
         """What the indexer scores against: packed (codes, scales) or (values,); None if empty."""

@@ -28,6 +28,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mlx_v4.kernels import hyper_mix as hm  # noqa: E402
+from mlx_v4.kernels import indexer_topk as ik  # noqa: E402
 from mlx_v4.kernels import sparse_decode as sd  # noqa: E402
 
 _KERNELS: dict = {}
@@ -43,6 +44,33 @@ def mlx_cuda_runner(spec, inputs, output_shapes, output_dtypes, grid, threadgrou
             source=spec.source, header=spec.header)
     return kernel(inputs=list(inputs), output_shapes=list(output_shapes), output_dtypes=list(output_dtypes),
                   grid=grid, threadgroup=threadgroup, template=list(template))
+
+
+def check_indexer(runner, cases=None) -> int:
+    """Indexer scoring + top-k through ``runner`` vs the reference (picked sets equal; random
+    normal data, so distinct scores). The emulator-test shapes plus Flash decode at 64K and
+    1M context (chunked select) and a Flash-size prefill chunk (``cases`` overrides). Returns
+    the failure count. ``runner``: any kernel runner (mx.fast.cuda_kernel here; a CuPy one or
+    the CPU emulator, tests/metal_emu, work the same way)."""
+    from test_kernels_indexer import CASES, make_inputs, same_sets  # noqa: PLC0415
+
+    failures = 0
+    mx.random.seed(0)
+    big = [(1, 1, 64, 128, 16384, 16640, 4 * 16384 - 1, 512, None),
+           (1, 1, 64, 128, 262144, 262144, 4 * 262144 - 1, 512, None),
+           (1, 1, 64, 128, 16384, 16384, 4 * 16384 - 1, 1024, None),
+           (1, 64, 64, 128, 2048, 2048, 4 * 2048 - 64, 512, 1)]
+    for case in (CASES + big) if cases is None else cases:
+        B, L, H, D, N, cap, offset, k, splits = case
+        q, w, p, s = make_inputs(1, B, L, H, D, N, cap)
+        ref = ik.indexer_topk_reference(q, w, p, s, n_keys=N, offset=offset, k=k)
+        if splits is None:
+            splits = ik.default_select_splits(N, k, B * L)
+        out = ik.indexer_topk_kernel(q, w, p, s, n_keys=N, offset=offset, k=k, splits=splits, runner=runner)
+        ok = same_sets(out, ref)
+        failures += not ok
+        print(f"indexer_topk {case} splits={splits}: {'ok' if ok else 'FAIL'}", flush=True)
+    return failures
 
 
 # bf16 has no numpy dtype: it travels as its uint16 bits.
@@ -122,7 +150,7 @@ def check_hyper_mix(runner: Callable) -> int:
     return int(not report("hyper_mix (3, 70)", err, 1e-5))
 
 
-CHECKS = [check_sparse_decode, check_hyper_mix]
+CHECKS = [check_sparse_decode, check_indexer, check_hyper_mix]
 
 
 def main() -> int:

@@ -111,7 +111,7 @@ class Attention(nn.Module):
             self.compressor = Compressor(D, hd, self.ratio, self._rope, args.rms_norm_eps,
                                          for_indexer=False, fake_quant=args.fake_quant)
         if self.ratio == 4:
-            self.indexer = Indexer(args, self._rope)
+            self.indexer = Indexer(args, self._rope, use_kernel=use_kernel)
 
     def __call__(self, x: mx.array, cache) -> mx.array:
         """x [B, L, D] at positions cache.offset .. -> [B, L, D]; appends to ``cache``."""
@@ -156,7 +156,8 @@ class Attention(nn.Module):
                 x, cache.offset, cache.index_compressor)
             if ivalues is not None:
                 cache.index_keys.append(ipacked if cache.packed else (ivalues,))
-            selected = self.indexer.select(x, qr, cache.offset, cos, sin, cache.index_key_parts())
+            selected = self.indexer.select(x, qr, cache.offset, cos, sin, cache.index_key_parts(),
+                                           packed=cache.index_keys.parts if cache.packed else None)
         if cache.entries.length == 0:
             return None, None
         return (cache.entry_values(dtype) if selected is None else None), selected

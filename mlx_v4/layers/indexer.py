@@ -13,6 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels.indexer_topk import indexer_topk
 from .compressor import Compressor
 from .fake_quant import fake_quant_fp4, hadamard
 from .rope import RoPE
@@ -23,8 +24,11 @@ SCORE_BUDGET = 1 << 20
 
 
 class Indexer(nn.Module):
-    def __init__(self, args, rope: RoPE):
+    def __init__(self, args, rope: RoPE, use_kernel: bool = False):
+        """``use_kernel``: score the packed FP4 keys and pick the top k with the Metal kernels
+        (mlx_v4/kernels/indexer_topk.py) when :meth:`select` is given them."""
         super().__init__()
+        self.use_kernel = use_kernel
         self.n_heads, self.head_dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
         self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
@@ -34,12 +38,14 @@ class Indexer(nn.Module):
         self.fake_quant = args.fake_quant
 
     def select(self, x: mx.array, qr: mx.array, offset: int, cos: mx.array, sin: mx.array,
-               keys: tuple[mx.array, ...] | None) -> mx.array | None:
+               keys: tuple[mx.array, ...] | None, packed: list[mx.array] | None = None) -> mx.array | None:
         """Top-k entry ids [B, L, k] for each query (-1 = no entry); None when every visible
         entry fits in k (then the caller uses the plain causal mask, which is the same set).
 
         x [B, L, D]; qr [B, L, q_lora]; keys: all index keys that exist so far, either
-        ``(values [B, N, d],)`` or packed ``(fp4 codes uint8 [B, N, d/2], E8M0 uint8 [B, N, d/32])``."""
+        ``(values [B, N, d],)`` or packed ``(fp4 codes uint8 [B, N, d/2], E8M0 uint8 [B, N, d/32])``;
+        packed: optionally the cache's whole packed store (FP4 codes [B, C, d/2], E8M0 bytes
+        [B, C, d/32], C >= N rows of which the first N are the keys), read by the kernel in place."""
         B, L, _ = x.shape
         n_total = 0 if keys is None else keys[0].shape[1]
         if n_total <= self.topk:
@@ -50,6 +56,8 @@ class Indexer(nn.Module):
             q = fake_quant_fp4(hadamard(q))
         q = q.astype(mx.float32)
         w = self.weights_proj(x).astype(mx.float32) * (self.head_dim**-0.5 * self.n_heads**-0.5)
+        if self.use_kernel and packed is not None:
+            return indexer_topk(q, w, *packed, n_keys=n_total, offset=offset, k=self.topk, use_kernel=True)
         score = _packed_scores if len(keys) == 2 else _dense_scores
         visible = (mx.arange(offset, offset + L)[:, None] + 1) // 4  # entries visible to each query
         # ReLU sits between the heads' dot products and their weighted sum, so the [rows, heads, N]

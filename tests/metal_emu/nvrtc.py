@@ -15,7 +15,7 @@ import os
 
 import mlx.core as mx
 
-_C = {mx.float32: "float", mx.int32: "int32_t", mx.uint8: "uint8_t", mx.uint16: "uint16_t"}
+_C = {mx.float32: "float", mx.int32: "int32_t", mx.uint8: "uint8_t", mx.uint16: "uint16_t", mx.uint32: "uint32_t"}
 #: With the CUDA toolkit's headers (a real GPU machine), half types too.
 _C_TOOLKIT = _C | {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
 _lib = None
