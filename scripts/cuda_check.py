@@ -135,7 +135,8 @@ def check_sparse_decode(runner: Callable) -> int:
             ref = call(sd.sparse_decode_reference, x32, scale=D**-0.5)
             out = call(sd.sparse_decode_kernel, x, scale=D**-0.5, splits=splits, runner=runner)
             err = float(mx.abs(out.astype(mx.float32) - ref).max())
-            tol = 2e-5 if dtype == mx.float32 else 3e-2 * max(1.0, float(mx.abs(ref).max()))
+            # float32: up to 1,152 keys summed in another order (split-K merge, FMA contraction).
+            tol = 5e-5 if dtype == mx.float32 else 3e-2 * max(1.0, float(mx.abs(ref).max()))
             failures += not report(f"sparse_decode {case} {dtype}", err, tol)
     return failures
 
