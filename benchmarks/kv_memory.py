@@ -78,7 +78,25 @@ def part_bytes(tokens: int, step: int) -> None:
         del cache, model, ids  # so the next model's baseline does not include this cache
 
 
-def part_long(lengths: list[int], decode_at: list[int], step: int) -> None:
+def fill_random(cache, tokens: int) -> None:
+    """Stand in for prefilling ``tokens`` tokens: append random entries of the real packed formats
+    (the counts a prefill would leave: tokens/4 and tokens/128 entries, tokens/4 index keys) and
+    advance the offsets. A decode step's cost depends on these sizes, not on the values."""
+    from mlx_v4.layers.fake_quant import quantize_index_key, quantize_kv_entry
+
+    for c in cache:
+        ratio = {"csa": 4, "hca": 128}.get(c.kind)
+        if ratio:
+            for s in range(0, tokens // ratio, 4096):
+                n = min(4096, tokens // ratio - s)
+                c.entries.append(quantize_kv_entry(mx.random.normal((1, n, 512)), c.rope_dim)[1])
+                if ratio == 4:
+                    c.index_keys.append(quantize_index_key(mx.random.normal((1, n, 128)))[1])
+                mx.eval(c.state)
+        c.offset = tokens
+
+
+def part_long(lengths: list[int], decode_at: list[int], step: int, fill: str = "prefill") -> None:
     args = small_preset("flash", num_hidden_layers=4, compress_ratios=[0, 4, 128, 4, 0], num_hash_layers=1,
                         max_position_embeddings=2**20)
     model = random_model(args, seed=0)
@@ -95,12 +113,15 @@ def part_long(lengths: list[int], decode_at: list[int], step: int) -> None:
         dt = time.perf_counter() - t
         peak = mx.get_peak_memory()
         print(f"{n:8d} {cache_nbytes(cache) / 2**20:8.1f}MB {peak / 2**20:8.1f}MB {(peak - cache_nbytes(cache)) / 2**20:11.1f}MB {dt:8.1f}")
-    print("\n== decode step time versus context ==")
+    print(f"\n== decode step time versus context (context: {'random packed rows + 1024 prefilled' if fill == 'random' else 'prefilled'}) ==")
     times = {}
     for n in decode_at:
         ids = mx.random.randint(0, args.vocab_size, (1, n), key=mx.random.key(3))
         cache = make_cache(args)
         reserve(cache, n + 64)
+        if fill == "random":  # all but the last 1024 tokens stand-in, those prefilled for real
+            fill_random(cache, n - 1024)
+            ids = ids[:, n - 1024:]
         out = prefill(model, ids, cache, step)
         tok = mx.argmax(out[:, -1], axis=-1)[:, None]
         for _ in range(3):  # warm up
@@ -124,6 +145,8 @@ def main():
     p.add_argument("--decode", default="2048,16384,65536")
     p.add_argument("--step", type=int, default=512)
     p.add_argument("--skip-long", action="store_true")
+    p.add_argument("--decode-fill", choices=("prefill", "random"), default="prefill",
+                   help="random: decode contexts are random packed rows (same sizes; minutes, not hours)")
     p.add_argument("--skip-bytes", action="store_true")
     p.add_argument("--score-budget", type=int, help="override attention.SCORE_BUDGET (elements per query block)")
     p.add_argument("--index-budget", type=int, help="override indexer.SCORE_BUDGET (elements per score piece)")
@@ -139,7 +162,8 @@ def main():
     if not a.skip_bytes:
         part_bytes(a.tokens, a.step)
     if not a.skip_long:
-        part_long([int(x) for x in a.long.split(",")], [int(x) for x in a.decode.split(",")], a.step)
+        lengths = [int(x) for x in a.long.split(",") if x]
+        part_long(lengths, [int(x) for x in a.decode.split(",") if x], a.step, a.decode_fill)
 
 
 if __name__ == "__main__":
