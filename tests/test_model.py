@@ -123,6 +123,9 @@ def test_gathered_and_masked_csa_picks_agree(monkeypatch, fake_quant):
     monkeypatch.setattr(attention, "PICKS_PATH", "gather")
     gathered = run_chunks(model, ids, [270, 1, 9])
     _close(gathered, masked, fake_quant=fake_quant)
+    # Gathers in blocks of 7 queries, each evaluated before the next: the same numbers.
+    monkeypatch.setattr(attention, "GATHER_BUDGET", 7 * 4 * model.args.head_dim)
+    _close(run_chunks(model, ids, [270, 1, 9]), gathered, fake_quant=fake_quant)
 
 
 def test_mlx_lm_generate_step_drives_the_model():

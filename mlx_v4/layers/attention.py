@@ -10,8 +10,10 @@ learned per-head sink adds ``exp(sink)`` to the softmax denominator. The output 
 grouped and low-rank: ``wo_a`` per group of heads, then ``wo_b``.
 
 Memory: queries are processed in blocks sized so that the score matrix stays under
-:data:`SCORE_BUDGET` elements, and CSA queries gather only their selected entries, so a
-prefill chunk's working set does not grow with the context.
+:data:`SCORE_BUDGET` elements; CSA queries gather only their selected entries once scoring all
+of them would dequantize more than :data:`DEQUANT_BUDGET` elements, in blocks of at most
+:data:`GATHER_BUDGET` gathered elements, each evaluated before the next. A prefill chunk's
+working set therefore does not grow with the context (benchmarks/kv_memory.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ SCORE_BUDGET = 1 << 24
 #: Most compressed-entry elements a CSA layer dequantizes at once to score them all under a pick
 #: mask (4 MB in float32); past it the picks are gathered, so prefill memory stays flat.
 DEQUANT_BUDGET = 1 << 20
+#: Most gathered entry elements one query block decodes at once (k rows of head_dim per query;
+#: 16 MB in float32, decoded through a few temporaries of that size).
+GATHER_BUDGET = 1 << 22
 #: Tests force one way of reading CSA picks ("gather" or "mask"); None chooses by cost.
 PICKS_PATH: str | None = None
 
@@ -187,11 +192,11 @@ class Attention(nn.Module):
         gather = selected is not None and self._gather_picks(L, H, hd, n, selected.shape[-1])
         if selected is not None and not gather:
             comp = cache.entry_values(q.dtype)
-        if gather:
-            per_query = B * max(H * (window.shape[1] + selected.shape[-1]), selected.shape[-1] * hd)
+        if gather:  # the gathered rows are decoded through several temporaries of their size
+            block = max(1, min(L, GATHER_BUDGET // (B * selected.shape[-1] * hd),
+                               SCORE_BUDGET // (B * H * (window.shape[1] + selected.shape[-1]))))
         else:
-            per_query = B * H * (window.shape[1] + n)
-        block = max(1, min(L, SCORE_BUDGET // per_query))
+            block = max(1, min(L, SCORE_BUDGET // (B * H * (window.shape[1] + n))))
         outs = []
         for s in range(0, L, block):
             e = min(L, s + block)
@@ -210,4 +215,8 @@ class Attention(nn.Module):
                 comp_blk, comp_mask = comp, mx.broadcast_to(mx.arange(n)[None, :] < visible, (B, e - s, n))
             outs.append(attend(q[:, s:e], window, window_mask[:, s:e], self.attn_sink, self.head_dim**-0.5,
                                comp_blk, comp_mask))
+            if gather and e < L:
+                # Blocks are independent, so MLX may run several blocks' gathers at once (781 MB
+                # instead of 92 at 32K context): finishing each block bounds the working set.
+                mx.eval(outs[-1])
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
