@@ -78,6 +78,8 @@ class Indexer(nn.Module):
             scores = mx.where(mx.arange(n_total)[None, :] >= visible[s:e], -mx.inf, scores)
             idx = mx.argpartition(-scores, kth=self.topk - 1, axis=-1)[..., : self.topk].astype(mx.int32)
             picks.append(mx.where(idx >= visible[None, s:e], -1, idx))
+            if e < L:  # independent row blocks could otherwise be scored all at once
+                mx.eval(picks[-1])
         return picks[0] if len(picks) == 1 else mx.concatenate(picks, axis=1)
 
 
