@@ -23,6 +23,63 @@ import mlx.core as mx
 
 from ._base import CUDA_PRELUDE, DECODE_HEADER, KernelSpec, metal_runner
 
+# The online-softmax update of every head of the group with key row ``kv`` (lane slice), and
+# the merge of the simdgroups (plus the sink without SPLIT): shared with kernel 2.
+ACCUMULATE = r"""
+    for (int h = 0; h < HG; ++h) {
+      float dot = 0.0f;
+      for (int i = 0; i < DPL; ++i) dot += qv[h][i] * kv[i];
+      const float score = simd_sum(dot);
+      const float mn = max(m[h], score);
+      const float keep = exp(m[h] - mn);
+      const float p = exp(score - mn);
+      s[h] = s[h] * keep + p;
+      for (int i = 0; i < DPL; ++i) o[h][i] = o[h][i] * keep + p * kv[i];
+      m[h] = mn;
+    }
+"""
+
+MERGE_SIMDGROUPS = r"""
+  // Merge the simdgroups (and, without SPLIT, the sink); one head at a time through tg_o.
+  threadgroup float tg_ms[2 * NSG * HG];
+  threadgroup float tg_o[NSG * D];
+  if (lane == 0) {
+    for (int h = 0; h < HG; ++h) {
+      tg_ms[sg * HG + h] = m[h];
+      tg_ms[NSG * HG + sg * HG + h] = s[h];
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int h = 0; h < HG; ++h) {
+    const float sink = float(sinks[h0 + h]);
+    float M = SPLIT ? -INFINITY : sink;
+    for (int g = 0; g < NSG; ++g) M = max(M, tg_ms[g * HG + h]);
+    float S = SPLIT ? 0.0f : exp(sink - M);
+    for (int g = 0; g < NSG; ++g) {
+      const float mg = tg_ms[g * HG + h];
+      S += mg == -INFINITY ? 0.0f : tg_ms[NSG * HG + g * HG + h] * exp(mg - M);
+    }
+    const float f = m[h] == -INFINITY ? 0.0f : exp(m[h] - M);
+    for (int i = 0; i < DPL; ++i) tg_o[sg * D + d0 + i] = o[h][i] * f;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    const size_t head = size_t(out_row) * H + h0 + h;
+    for (int d = tid; d < D; d += NSG * 32) {
+      float acc = 0.0f;
+      for (int g = 0; g < NSG; ++g) acc += tg_o[g * D + d];
+      if (SPLIT) {
+        out[(head * P + part) * D + d] = acc;
+      } else {
+        out[head * D + d] = T(acc / S);
+      }
+    }
+    if (SPLIT && tid == 0) {
+      part_m[head * P + part] = M;
+      part_s[head * P + part] = S;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+"""
+
 SOURCE = r"""
   // Template: T (q/window/out dtype), D, NOPE, HG heads per group, NSG simdgroups, SPLIT.
   constexpr int DPL = D / 32;
@@ -38,6 +95,7 @@ SOURCE = r"""
   const int part = int(threadgroup_position_in_grid.x);
   const int h0 = int(threadgroup_position_in_grid.y) * HG;
   const int b = int(threadgroup_position_in_grid.z);
+  const int out_row = b;  // output row of [B, H, D]
   const int d0 = lane * DPL;
   const int n_keys = W + K;
   const int k_begin = SPLIT ? part * chunk : 0;
@@ -76,58 +134,10 @@ SOURCE = r"""
         for (int i = 0; i < DPL; ++i) kv[i] = v4_bf16_bits(uint(rp[i]));
       }
     }
-    for (int h = 0; h < HG; ++h) {
-      float dot = 0.0f;
-      for (int i = 0; i < DPL; ++i) dot += qv[h][i] * kv[i];
-      const float score = simd_sum(dot);
-      const float mn = max(m[h], score);
-      const float keep = exp(m[h] - mn);
-      const float p = exp(score - mn);
-      s[h] = s[h] * keep + p;
-      for (int i = 0; i < DPL; ++i) o[h][i] = o[h][i] * keep + p * kv[i];
-      m[h] = mn;
-    }
+""" + ACCUMULATE + r"""
   }
 
-  // Merge the simdgroups (and, without SPLIT, the sink); one head at a time through tg_o.
-  threadgroup float tg_ms[2 * NSG * HG];
-  threadgroup float tg_o[NSG * D];
-  if (lane == 0) {
-    for (int h = 0; h < HG; ++h) {
-      tg_ms[sg * HG + h] = m[h];
-      tg_ms[NSG * HG + sg * HG + h] = s[h];
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (int h = 0; h < HG; ++h) {
-    const float sink = float(sinks[h0 + h]);
-    float M = SPLIT ? -INFINITY : sink;
-    for (int g = 0; g < NSG; ++g) M = max(M, tg_ms[g * HG + h]);
-    float S = SPLIT ? 0.0f : exp(sink - M);
-    for (int g = 0; g < NSG; ++g) {
-      const float mg = tg_ms[g * HG + h];
-      S += mg == -INFINITY ? 0.0f : tg_ms[NSG * HG + g * HG + h] * exp(mg - M);
-    }
-    const float f = m[h] == -INFINITY ? 0.0f : exp(m[h] - M);
-    for (int i = 0; i < DPL; ++i) tg_o[sg * D + d0 + i] = o[h][i] * f;
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    const size_t head = size_t(b) * H + h0 + h;
-    for (int d = tid; d < D; d += NSG * 32) {
-      float acc = 0.0f;
-      for (int g = 0; g < NSG; ++g) acc += tg_o[g * D + d];
-      if (SPLIT) {
-        out[(head * P + part) * D + d] = acc;
-      } else {
-        out[head * D + d] = T(acc / S);
-      }
-    }
-    if (SPLIT && tid == 0) {
-      part_m[head * P + part] = M;
-      part_s[head * P + part] = S;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-  }
-"""
+""" + MERGE_SIMDGROUPS
 
 MERGE_SOURCE = r"""
   // Template: T, D. Merges P partials of one (batch, head) with the sink.
