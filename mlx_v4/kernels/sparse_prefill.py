@@ -173,6 +173,7 @@ def sparse_prefill_attention(q, window, codes, scales, rope, indices, sinks, *, 
     """Prefill attention of a chunk over its windows and packed compressed entries (picked per
     query, or every visible one when ``indices`` is None). ``use_kernel``: the Metal kernel,
     else the reference. Shapes as in :func:`sparse_prefill_reference`."""
-    fn = sparse_prefill_kernel if use_kernel else sparse_prefill_reference
-    return fn(q, window, codes, scales, rope, indices, sinks, scale=scale, offset=offset,
-              sliding_window=sliding_window, ratio=ratio, n_entries=n_entries)
+    kw = dict(scale=scale, offset=offset, sliding_window=sliding_window, ratio=ratio, n_entries=n_entries)
+    if not use_kernel:
+        return sparse_prefill_reference(q, window, codes, scales, rope, indices, sinks, **kw)
+    return sparse_prefill_kernel(q, window, codes, scales, rope, indices, sinks, runner=metal_runner, **kw)

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..kernels.sparse_decode import sparse_decode_attention
+from ..kernels.sparse_prefill import sparse_prefill_attention
 from .compressor import Compressor
 from .fake_quant import quantize_kv_entry
 from .indexer import Indexer
@@ -95,8 +96,9 @@ def grouped_projection(o: mx.array, layer: nn.Module, groups: int) -> mx.array:
 
 class Attention(nn.Module):
     def __init__(self, args, layer: int, use_kernel: bool = False):
-        """``use_kernel``: decode steps on CSA layers use the Metal sparse decode kernel
-        (mlx_v4/kernels/sparse_decode.py), which reads the packed FP8 cache rows directly."""
+        """``use_kernel``: the Metal kernels read the packed FP8 cache rows directly: decode
+        steps on CSA layers (kernel 1, mlx_v4/kernels/sparse_decode.py), prefill chunks on
+        compressed layers (kernel 2, sparse_prefill.py), the indexer (kernel 3)."""
         super().__init__()
         self.use_kernel = use_kernel
         D, H, hd = args.hidden_size, args.num_attention_heads, args.head_dim
@@ -189,6 +191,13 @@ class Attention(nn.Module):
             return sparse_decode_attention(q[:, 0], window, *cache.entries.parts, selected[:, 0], self.attn_sink,
                                            scale=self.head_dim**-0.5, use_kernel=True)[:, None]
         n = cache.entries.length if self.ratio else 0
+        if self.use_kernel and L > 1 and n and cache.packed:
+            # Each query reads its window rows and its picks (or every entry it may see) straight
+            # from the packed store: no gathered or dequantized copies, no query blocks.
+            return sparse_prefill_attention(q, window, *cache.entries.parts, selected, self.attn_sink,
+                                            scale=self.head_dim**-0.5, offset=cache.offset,
+                                            sliding_window=self.window, ratio=self.ratio, n_entries=n,
+                                            use_kernel=True)
         gather = selected is not None and self._gather_picks(L, H, hd, n, selected.shape[-1])
         if selected is not None and not gather:
             comp = cache.entry_values(q.dtype)
