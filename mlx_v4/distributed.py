@@ -26,6 +26,7 @@ and the step and exits with status 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -81,6 +82,24 @@ class PeerError(RuntimeError):
 def peer_lost_message(rank: int, size: int, what: str, detail: str = "") -> str:
     return (f"mlx-v4 distributed: rank {rank} of {size}: lost the other ranks during {what}"
             f"{': ' + detail if detail else ''}; a peer process died or hung (see its output); exiting")
+
+
+def is_peer_loss(e: BaseException) -> bool:
+    """The ring backend's error when a peer's connection closes."""
+    return isinstance(e, RuntimeError) and ("[ring]" in str(e) or "peer was lost" in str(e))
+
+
+@contextlib.contextmanager
+def exit_on_peer_loss(rank, size, what: str):
+    """Turn the ring backend's 'connection to a peer was lost' into one line and exit status 1."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not is_peer_loss(e):
+            raise
+        sys.stderr.write(peer_lost_message(rank, size, what, str(e)) + "\n")
+        sys.stderr.flush()
+        os._exit(1)  # a clean exit would wait on the collectives still queued
 
 
 class Watchdog:

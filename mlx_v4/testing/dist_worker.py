@@ -37,20 +37,32 @@ def main(argv=None) -> int:
     p.add_argument("--die-how", default="kill")
     a = p.parse_args(argv)
 
-    import mlx.core as mx
-
     from mlx_v4 import distributed as dist
-    from mlx_v4.generation import prefill
 
     group = dist.init_group()
-    if group is None:
-        from mlx_v4.loader import load_model
+    results = {}
+    for mode in a.mode.split(","):
+        if group is None:
+            from mlx_v4.loader import load_model
 
-        model, _ = load_model(a.model)
-        rank, size = 0, 1
-    else:
-        model = dist.load_distributed(a.model, group, mode=a.mode, layers=a.layers, timeout=a.timeout)
-        rank, size = group.rank(), group.size()
+            model, _ = load_model(a.model)
+        else:
+            model = dist.load_distributed(a.model, group, mode=mode, layers=a.layers, timeout=a.timeout)
+        with dist.exit_on_peer_loss(0 if group is None else group.rank(), 1 if group is None else group.size(),
+                                    f"the {mode} check"):
+            results[mode] = run(model, group, a)
+    if group is None or group.rank() == 0:
+        flat = {f"{mode}/{k}": v for mode, r in results.items() for k, v in r.items()}
+        np.savez(a.out, **flat)
+    return 0
+
+
+def run(model, group, a) -> dict:
+    import mlx.core as mx
+
+    from mlx_v4.generation import prefill
+
+    rank, size = (0, 1) if group is None else (group.rank(), group.size())
     vocab = model.args.vocab_size
     ids = np.random.default_rng(7).integers(2, vocab, size=a.prompt).tolist()
     cache = model.make_cache()
@@ -88,10 +100,8 @@ def main(argv=None) -> int:
         buf[:len(blob)] = np.frombuffer(blob, np.uint8)
         allb = np.array(mx.distributed.all_gather(mx.array(buf), group=group)).reshape(size, -1)
         traffic = [json.loads(bytes(allb[r, :lens[r]]).decode()) for r in range(size)]
-    if rank == 0:
-        np.savez(a.out, logits=np.stack(out_logits), tokens=np.array(tokens, np.int64), prompt=np.array(ids),
-                 t_prefill=t_prefill, t_decode=t_decode, traffic=json.dumps(traffic), size=size)
-    return 0
+    return dict(logits=np.stack(out_logits), tokens=np.array(tokens, np.int64), prompt=np.array(ids),
+                t_prefill=t_prefill, t_decode=t_decode, traffic=json.dumps(traffic), size=size)
 
 
 if __name__ == "__main__":
