@@ -221,9 +221,10 @@ def test_matches_single_process(n, checkpoint, reference, tmp_path):
         np.testing.assert_allclose(got[f"{mode}/logits"], ref_logits, atol=atol, rtol=1e-5, err_msg=mode)
     # traffic: the streams [1, 1, hc, D] float32 cross each boundary once per decode step
     traffic = json.loads(str(got["pipeline/traffic"]))
-    stream = 20 * DIST_CONFIG["hc_mult"] * DIST_CONFIG["hidden_size"] * 4
+    args = ModelArgs.from_dict(DIST_CONFIG)
+    stream = 20 * args.hc_mult * args.hidden_size * 4
     assert [t.get("send", 0) for t in traffic] == [stream] * (n - 1) + [0]
-    per_sum = 20 * 2 * DIST_CONFIG["num_hidden_layers"] * DIST_CONFIG["hidden_size"] * 4
+    per_sum = 20 * 2 * args.num_hidden_layers * args.hidden_size * 4
     assert [t["all_sum"] for t in json.loads(str(got["tensor/traffic"]))] == [per_sum] * n
 
 
