@@ -206,6 +206,7 @@ def _launch(n: int, args: list[str], timeout: float = 240) -> subprocess.Complet
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 3])
 def test_matches_single_process(n, checkpoint, reference, tmp_path):
     out = tmp_path / "out.npz"
@@ -242,6 +243,7 @@ def _spawn_ranks(n: int, args: list[str], tmp_path: Path) -> list[subprocess.Pop
     return procs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how,n,mode", [("kill", 3, "pipeline"), ("hang", 2, "tensor")])
 def test_dead_rank_makes_others_exit(how, n, mode, checkpoint, tmp_path):
     """A rank that exits (socket closed) or hangs (sockets open, no answer) at decode step 3:
@@ -266,3 +268,41 @@ def test_dead_rank_makes_others_exit(how, n, mode, checkpoint, tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+# ---- the CLI under mlx.launch ------------------------------------------------------------------
+
+def _cli(args: list[str], n: int = 1, stdin: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "cli", *args]
+    if n > 1:
+        cmd = [*_launcher(), "--backend", "ring", "-n", str(n), "-p", str(_free_base_port(n)),
+               "--python", sys.executable, "--", "-m", "cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env() | {"COLUMNS": "200"}, input=stdin, capture_output=True,
+                          text=True, timeout=240)
+
+
+def _answers(out: str) -> list[str]:
+    """Chat/generate stdout without banners, notices and the stats lines."""
+    skip = ("mlx-v4 chat", "This is the bundled", "For the real model", "thinking ", "distributed:", "prompt ")
+    return [line for line in out.splitlines() if line.strip() and not line.startswith(skip)]
+
+
+@pytest.mark.slow
+def test_cli_generate_and_chat_distributed():
+    """`generate` (pipeline) and a two-turn `chat` with a /reset (tensor) on 2 ranks print what one
+    process prints; only rank 0 writes to the terminal."""
+    gen = ["generate", "--prompt", "Hello there", "--temp", "0", "--max-tokens", "12"]
+    single = _cli(gen)
+    assert single.returncode == 0, single.stderr
+    dist2 = _cli([*gen, "--parallel", "pipeline"], n=2)
+    assert "Traceback" not in dist2.stderr, dist2.stderr
+    assert _answers(dist2.stdout) == _answers(single.stdout) and _answers(single.stdout), dist2.stdout
+    assert dist2.stderr.count("peak mem") == 1  # the stats line comes from rank 0 only
+
+    talk = "Hello there\nWhat is a list?\n/reset\nHello there\n/exit\n"
+    chat = ["chat", "--temp", "0", "--max-tokens", "10"]
+    single = _cli(chat, stdin=talk)
+    dist2 = _cli([*chat, "--parallel", "tensor"], n=2, stdin=talk)
+    assert "Traceback" not in dist2.stderr + dist2.stdout, dist2.stderr
+    assert "rank 0 of 2 owns this terminal" in dist2.stdout + dist2.stderr
+    assert _answers(dist2.stdout) == _answers(single.stdout) and len(_answers(single.stdout)) >= 3, dist2.stdout
