@@ -61,6 +61,11 @@ def serve(
     if max_tokens < 1 or max_active < 1 or max_queue < 1 or prefill_chunk < 1:
         raise UserError("--max-tokens, --max-active, --max-queue and --prefill-chunk must be positive")
     budget = parse_bytes(cache_budget)
+    from mlx_v4 import distributed as dist
+
+    if dist.launched() and dist.init_group() is not None:
+        raise UserError("serve does not run distributed yet (its scheduler and prefix cache are not mirrored "
+                        "to the other ranks)", "under mlx.launch use generate or chat, or serve on one machine")
     try:
         import uvicorn
 

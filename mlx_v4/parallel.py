@@ -21,17 +21,20 @@ Two ``all_sum`` of ``[tokens, hidden]`` per layer are the whole per-layer traffi
 ends with bit-identical logits (the ring all-reduce hands every rank the same sums), so all
 ranks sample the same token.
 
-Cost note: a slot routed to another rank's expert is still multiplied through local expert 0
-with weight 0 (shapes stay static), so routed-expert *compute* per rank is not divided, only
-its weight memory and bandwidth are (each rank reads at most its own chosen experts + one).
+Cost note: for many-token batches on the CPU path (prefill) each rank multiplies only the rows
+routed to its own experts. Otherwise (the gather path: decode, and Metal) a slot routed to
+another rank's expert goes through local expert 0 with weight 0 so shapes stay static: the
+weight memory and bandwidth are divided (a rank reads its chosen experts plus at most one),
+the few-token compute is not.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from .layers.moe import RoutedExperts
+from .layers.moe import RoutedExperts, _expert_matmul, clamped_swiglu
 
 
 class SplitError(ValueError):
@@ -93,12 +96,38 @@ class ShardedExperts(RoutedExperts):
         self._group, self._traffic = group, traffic
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        local = indices - self.start
-        mine = (local >= 0) & (local < self.n_local)
-        y = super().__call__(x, mx.where(mine, local, 0), mx.where(mine, weights, 0.0))
+        if self.grouped_dense and indices.size >= self.grouped_dense_min_rows:
+            y = self._local_grouped_dense(x, indices, weights)
+        else:
+            local = indices - self.start
+            mine = (local >= 0) & (local < self.n_local)
+            y = super().__call__(x, mx.where(mine, local, 0), mx.where(mine, weights, 0.0))
         if self._traffic is not None:
             self._traffic.add("all_sum", y)
         return mx.distributed.all_sum(y, group=self._group)
+
+
+    def _local_grouped_dense(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """The many-token path (see RoutedExperts) over this rank's slots only: the rows routed
+        to other ranks' experts are dropped on the host instead of multiplied by zero."""
+        T, k = indices.shape
+        flat = np.array(indices).reshape(-1) - self.start  # host sync, as in the parent's path
+        keep = np.nonzero((flat >= 0) & (flat < self.n_local))[0]
+        if keep.size == 0:
+            return mx.zeros((T, x.shape[-1]), mx.float32)
+        order = keep[np.argsort(flat[keep], kind="stable")]
+        counts = np.bincount(flat[order], minlength=self.n_local)
+        rows = x[mx.array(order // k)]
+        w = weights.reshape(-1)[mx.array(order)][:, None]
+        outs, start = [], 0
+        for e in np.nonzero(counts)[0]:
+            sl = slice(start, start + int(counts[e]))
+            h = clamped_swiglu(_expert_matmul(self.w1, rows[sl], e), _expert_matmul(self.w3, rows[sl], e), self.limit)
+            outs.append(_expert_matmul(self.w2, (h * w[sl]).astype(x.dtype), e))
+            start = sl.stop
+        slots = mx.zeros((T * k, x.shape[-1]), mx.float32).at[mx.array(order)].add(
+            mx.concatenate(outs, axis=0).astype(mx.float32))
+        return slots.reshape(T, k, -1).sum(axis=1)  # summed in slot order, like the parent
 
 
 def shard_structure(model, rank: int, n: int, group, traffic: Traffic | None = None) -> None:
@@ -162,8 +191,3 @@ def shard_weights(weights: dict[str, mx.array], args, rank: int, n: int) -> dict
         out[name] = a
     return out
 
-
-def tensor_param_bytes(args, n: int, per_param: dict[str, float]) -> float:
-    """Bytes one tensor-parallel rank holds, from full-model bytes by kind: ``per_param`` has
-    ``"split"`` (wq_b, wo_a, wo_b, sinks, routed experts; divided by n) and ``"replicated"``."""
-    return per_param["split"] / n + per_param["replicated"]

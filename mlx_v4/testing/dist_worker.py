@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="pipeline")
     p.add_argument("--layers", default=None)
     p.add_argument("--prompt", type=int, default=37)
-    p.add_argument("--chunk", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--decode", type=int, default=20)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--die-rank", type=int, default=-1)
