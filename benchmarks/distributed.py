@@ -65,7 +65,7 @@ def run(n: int, mode: str, ckpt: Path, out: Path, a) -> dict:
     out.unlink()
     return dict(n=n, mode=mode, wall=time.perf_counter() - t0, prefill_tps=a.prompt / float(z[f"{mode}/t_prefill"]),
                 decode_tps=a.decode / float(z[f"{mode}/t_decode"]), traffic=json.loads(str(z[f"{mode}/traffic"])),
-                logits=z[f"{mode}/logits"])
+                logits=z[f"{mode}/logits"], tokens=z[f"{mode}/tokens"])
 
 
 def expected_per_token(args, mode: str, n: int, dtype_bytes: int) -> dict[str, float]:
@@ -121,12 +121,14 @@ def main() -> None:
     print(f"model: hidden {args.hidden_size}, {args.num_hidden_layers} layers, {args.n_routed_experts} experts, "
           f"vocab {args.vocab_size}, float32 on CPU; prompt {a.prompt} tokens, {a.decode} decode steps; "
           f"{os.cpu_count()} cores shared by all ranks")
-    hdr = f"{'run':<14}{'prefill tok/s':>14}{'decode tok/s':>14}{'vs single':>11}{'max |dlogit|':>14}  bytes/token/rank (counted | from shapes)"
+    hdr = (f"{'run':<14}{'prefill tok/s':>14}{'decode tok/s':>14}{'vs single':>11}{'prompt |dlogit|':>16}"
+           f"{'same tokens':>13}  bytes/token/rank (counted | from shapes)")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         name = "single" if r["n"] == 1 else f"{r['mode']} x{r['n']}"
-        diff = float(np.abs(r["logits"] - ref).max())
+        diff = float(np.abs(r["logits"][0] - ref[0]).max())
+        same = int((r["tokens"] == rows[0]["tokens"]).cumprod().sum())
         counted = ""
         if r["n"] > 1:
             per = [{k: v / a.decode for k, v in t.items()} for t in r["traffic"]]
@@ -134,7 +136,7 @@ def main() -> None:
             exp = expected_per_token(args, r["mode"], r["n"], 4)
             counted += " | " + ", ".join(f"{k} {v:,}" for k, v in exp.items())
         print(f"{name:<14}{r['prefill_tps']:>14.1f}{r['decode_tps']:>14.1f}{r['decode_tps'] / rows[0]['decode_tps']:>10.2f}x"
-              f"{diff:>14.2e}  {counted}")
+              f"{diff:>16.2e}{f'{same}/{a.decode}':>13}  {counted}")
     pro_traffic()
 
 

@@ -80,7 +80,7 @@ def reference(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "ref.npz"
     from mlx_v4.testing import dist_worker
 
-    assert dist_worker.main([str(checkpoint), str(out), "--mode", "single"]) == 0
+    assert dist_worker.main([str(checkpoint), str(out), "--mode", "single,single:fq", "--exact"]) == 0
     return np.load(out)
 
 
@@ -209,17 +209,24 @@ def _launch(n: int, args: list[str], timeout: float = 240) -> subprocess.Complet
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 3])
 def test_matches_single_process(n, checkpoint, reference, tmp_path):
+    """Prompt logits and 20 greedy decode steps. Exact arithmetic (fake_quant off): pipeline is
+    bit-identical, tensor differs only by the order of its float32 all_sum (~1e-6). With the
+    FP8/FP4 activation rounding on, such a difference can flip one rounding step, so tensor mode
+    is also checked there, more loosely (measured 6e-5 on this model)."""
     out = tmp_path / "out.npz"
-    r = _launch(n, [str(checkpoint), str(out), "--mode", "pipeline,tensor", "--decode", "20"])
+    r = _launch(n, [str(checkpoint), str(out), "--mode", "pipeline,tensor,tensor:fq", "--exact", "--decode", "20"])
     # mlx.launch exits 0 even when a rank fails: check the output file and the log
     assert out.exists(), r.stdout + r.stderr
     got = np.load(out)
     ref_logits = reference["single/logits"]
     assert ref_logits.shape == (21, DIST_CONFIG["vocab_size"])
-    for mode, atol in (("pipeline", 1e-6), ("tensor", 5e-4)):
+    np.testing.assert_array_equal(got["pipeline/logits"], ref_logits)
+    np.testing.assert_allclose(got["tensor/logits"], ref_logits, atol=5e-5, rtol=1e-5)
+    np.testing.assert_allclose(got["tensor_fq/logits"], reference["single_fq/logits"], atol=2e-3, rtol=1e-4)
+    for mode in ("pipeline", "tensor"):
         assert int(got[f"{mode}/size"]) == n
         np.testing.assert_array_equal(got[f"{mode}/tokens"], reference["single/tokens"])
-        np.testing.assert_allclose(got[f"{mode}/logits"], ref_logits, atol=atol, rtol=1e-5, err_msg=mode)
+    np.testing.assert_array_equal(got["tensor_fq/tokens"], reference["single_fq/tokens"])
     # traffic: the streams [1, 1, hc, D] float32 cross each boundary once per decode step
     traffic = json.loads(str(got["pipeline/traffic"]))
     args = ModelArgs.from_dict(DIST_CONFIG)

@@ -4,7 +4,8 @@ benchmarks/distributed.py); also runs alone (no launcher) as the single-process 
     mlx.launch -n 2 --python python -m mlx_v4.testing.dist_worker MODEL_DIR OUT.npz \
         --mode pipeline --prompt 37 --decode 20
 
-Feeds a fixed prompt (ids from a seeded generator) in prefill chunks, then ``--decode`` greedy
+``--mode`` is a comma list (pipeline, tensor, single; ``MODE:fq`` keeps fake_quant on under
+``--exact``). Feeds a fixed prompt (ids from a seeded generator) in prefill chunks, then ``--decode`` greedy
 steps, recording the logits of the prompt's last position and of every step. Rank 0 writes
 them, the tokens, the timings and every rank's counted traffic to OUT.npz. ``--die-rank R
 --die-step S`` makes rank R stop at decode step S (``kill`` = exit at once, ``hang`` = sleep
@@ -35,22 +36,27 @@ def main(argv=None) -> int:
     p.add_argument("--die-rank", type=int, default=-1)
     p.add_argument("--die-step", type=int, default=-1)
     p.add_argument("--die-how", default="kill")
+    p.add_argument("--exact", action="store_true", help="fake_quant off (no FP8/FP4 activation rounding), "
+                   "except for modes written MODE:fq")
     a = p.parse_args(argv)
 
     from mlx_v4 import distributed as dist
 
     group = dist.init_group()
     results = {}
-    for mode in a.mode.split(","):
+    for item in a.mode.split(","):
+        mode, _, opt = item.partition(":")  # "tensor:fq": fake_quant on even with --exact
+        cfg = {"fake_quant": False} if a.exact and opt != "fq" else None
         if group is None:
             from mlx_v4.loader import load_model
 
-            model, _ = load_model(a.model)
+            model, _ = load_model(a.model, model_config=cfg)
         else:
-            model = dist.load_distributed(a.model, group, mode=mode, layers=a.layers, timeout=a.timeout)
+            model = dist.load_distributed(a.model, group, mode=mode, layers=a.layers, timeout=a.timeout,
+                                          model_config=cfg)
         with dist.exit_on_peer_loss(0 if group is None else group.rank(), 1 if group is None else group.size(),
-                                    f"the {mode} check"):
-            results[mode] = run(model, group, a)
+                                    f"the {item} check"):
+            results[item.replace(":", "_")] = run(model, group, a)
     if group is None or group.rank() == 0:
         flat = {f"{mode}/{k}": v for mode, r in results.items() for k, v in r.items()}
         np.savez(a.out, **flat)
@@ -78,7 +84,9 @@ def run(model, group, a) -> dict:
         if rank == a.die_rank and step == a.die_step:
             sys.stderr.write(f"rank {rank}: dying at step {step} ({a.die_how})\n")
             sys.stderr.flush()
-            if a.die_how == "hang":
+            if a.die_how == "hang":  # a stuck machine: sockets stay open, nothing answers
+                if size > 1:
+                    model.idle()  # (its own watchdog would otherwise end it and close the sockets)
                 while True:
                     time.sleep(60)
             os._exit(3)
