@@ -157,9 +157,11 @@ class ChatLoop:
         gen = self.gen
         if self.group is not None:
             gen = self._mirror_turn(text)
-        stats, _ = consume(self.ui, self.session.send(text, **gen))
-        if self.group is not None:
-            self.model.idle()
+        try:
+            stats, _ = consume(self.ui, self.session.send(text, **gen))
+        finally:
+            if self.group is not None:
+                self.model.idle()  # the user may take a while: no deadline until the next turn
         self.gen.pop("seed", None)  # seed the first answer only, not every turn alike
         if stats is not None:
             self.last_stats = stats

@@ -88,15 +88,17 @@ def _generate_distributed(group, prompt, prompt_file, model, system, think, effo
     text = broadcast_text(text, group)
     gen["seed"] = broadcast_ints([seed if seed is not None else random.randrange(2**31)], group)[0]
     session = ChatSession(m, tok, system=system, thinking=think, reasoning_effort=effort)
-    if rank == 0:
-        stats, reason = consume(ui, session.send(text, **gen))
-        ui.stats_line(stats)
-    else:
-        reason = None
-        for ev in session.send(text, **gen):
-            if type(ev).__name__ == "Finish":
-                reason = ev.reason
-    m.idle()
+    try:
+        if rank == 0:
+            stats, reason = consume(ui, session.send(text, **gen))
+            ui.stats_line(stats)
+        else:
+            reason = None
+            for ev in session.send(text, **gen):
+                if type(ev).__name__ == "Finish":
+                    reason = ev.reason
+    finally:
+        m.idle()
     if reason == "interrupted":
         raise typer.Exit(130)
 

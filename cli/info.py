@@ -224,7 +224,7 @@ def split_plan(model: str, *, machines: int, memory: str, parallel: str, layers:
     shares = dist.plan_ranks(args, split, context, expert_bits=expert_bits, other_bits=other_bits,
                              total_bytes=one.weights_bytes)
     sizes = parse_memory(memory, machines)
-    rows = [RankPlan(s.rank, f"{s.layers[0]}-{s.layers[1] - 1}" if parallel == "pipeline" else "all (1/%d)" % machines,
+    rows = [RankPlan(s.rank, f"{s.layers[0]}-{s.layers[1] - 1}" if parallel == "pipeline" else f"all (1/{machines})",
                      s.weights_bytes, s.kv_bytes, mem) for s, mem in zip(shares, sizes)]
     return f"{one.name}, {split.describe()}, {one.weights_source}", rows
 

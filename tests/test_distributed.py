@@ -98,7 +98,7 @@ def test_balance_by_bytes():
         costs = [rng.uniform(1, 5) for _ in range(7)]
         first, last = rng.uniform(0, 6), rng.uniform(0, 6)
 
-        def worst(ranges):
+        def worst(ranges, costs=costs, first=first, last=last):
             return max(sum(costs[s:e]) + (first if i == 0 else 0) + (last if i == len(ranges) - 1 else 0)
                        for i, (s, e) in enumerate(ranges))
 
@@ -313,3 +313,14 @@ def test_cli_generate_and_chat_distributed():
     assert "Traceback" not in dist2.stderr + dist2.stdout, dist2.stderr
     assert "rank 0 of 2 owns this terminal" in dist2.stdout + dist2.stderr
     assert _answers(dist2.stdout) == _answers(single.stdout) and len(_answers(single.stdout)) >= 3, dist2.stdout
+
+
+def test_info_plans_a_split():
+    ok = _cli(["info", "pro", "--machines", "4", "--memory", "256GB", "--context", "131072"])
+    assert ok.returncode == 0, ok.stderr
+    assert "pipeline 0-14,15-29,30-45,46-60" in ok.stdout.replace("\n", "")
+    assert ok.stdout.count("GB") >= 12 and "NO" not in ok.stdout
+    small = _cli(["info", "pro", "--machines", "2", "--memory", "192GB,128GB", "--parallel", "tensor"])
+    assert small.returncode == 2 and "does not fit" in small.stdout, small.stdout
+    bad = _cli(["info", "flash", "--machines", "3", "--parallel", "tensor"])
+    assert bad.returncode == 1 and "o_groups=8" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
