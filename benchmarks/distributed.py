@@ -102,12 +102,63 @@ def pro_traffic() -> None:
                   f"tensor {tp * 1e3:.2f} ms (+ {2 * L} round-trip latencies)")
 
 
+def collectives_rank() -> None:
+    """Under mlx.launch: the time of one collective by size (rank 0 prints)."""
+    import mlx.core as mx
+
+    g = mx.distributed.init(backend="ring", strict=True)
+    for nbytes in (4, 2048, 1 << 19):
+        x = mx.ones((nbytes // 4,))
+        mx.eval(mx.distributed.all_sum(x, group=g))
+        t = time.perf_counter()
+        for _ in range(30):
+            mx.eval(mx.distributed.all_sum(x, group=g))
+        dt = (time.perf_counter() - t) / 30
+        if g.rank() == 0:
+            print(f"  ring all_sum of {nbytes:>7,} B: {dt * 1e3:6.2f} ms", flush=True)
+
+
+def _tcp_peer(port: int) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(200):
+            c.sendall(c.recv(2048, socket.MSG_WAITALL))
+
+
+def tcp_rtt() -> float:
+    """Round trip of 2 KB over plain loopback TCP between two processes (seconds)."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        peer = multiprocessing.Process(target=_tcp_peer, args=(srv.getsockname()[1],))
+        peer.start()
+        c, _ = srv.accept()
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        msg = b"x" * 2048
+        t = time.perf_counter()
+        for _ in range(200):
+            c.sendall(msg)
+            c.recv(2048, socket.MSG_WAITALL)
+        dt = (time.perf_counter() - t) / 200
+        c.close()
+        peer.join()
+    return dt
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--port", type=int, default=41000)
+    p.add_argument("--collectives-rank", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.collectives_rank:
+        return collectives_rank()
     from mlx_v4.config import ModelArgs
     from mlx_v4.testing import official
 
@@ -137,6 +188,13 @@ def main() -> None:
             counted += " | " + ", ".join(f"{k} {v:,}" for k, v in exp.items())
         print(f"{name:<14}{r['prefill_tps']:>14.1f}{r['decode_tps']:>14.1f}{r['decode_tps'] / rows[0]['decode_tps']:>10.2f}x"
               f"{diff:>16.2e}{f'{same}/{a.decode}':>13}  {counted}")
+    print("\nFixed cost of one collective here (2 ranks, loopback):")
+    launch = Path(sys.executable).parent / "mlx.launch"
+    r = subprocess.run([str(launch), "--backend", "ring", "-n", "2", "-p", str(a.port + 10), "--python", sys.executable,
+                        str(Path(__file__).resolve()), "--collectives-rank"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True)
+    print(r.stdout.rstrip() or r.stderr)
+    print(f"  plain TCP round trip of 2,048 B between two processes: {tcp_rtt() * 1e3:.3f} ms")
     pro_traffic()
 
 

@@ -217,8 +217,10 @@ def split_plan(model: str, *, machines: int, memory: str, parallel: str, layers:
     if model in config.PRESETS:
         args = config.preset(model)
     else:
-        args = config.ModelArgs.from_file(_checkpoint(model)[0] if model not in ("demo", "") else
-                                          __import__("mlx_v4").DEMO_MODEL_PATH)
+        import mlx_v4
+
+        directory = mlx_v4.DEMO_MODEL_PATH if model in ("demo", "") else _checkpoint(model)[0]
+        args = config.ModelArgs.from_file(directory)
     expert_bits, other_bits = RECIPES[recipe or "native"] if bits is None else (bits + 0.5, bits + 0.5)
     split = dist.plan_split(args, machines, parallel, layers)
     shares = dist.plan_ranks(args, split, context, expert_bits=expert_bits, other_bits=other_bits,
