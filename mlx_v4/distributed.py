@@ -75,10 +75,6 @@ def broadcast_text(text: str | None, group) -> str:
     return bytes(broadcast_ints(data, group)).decode()
 
 
-class PeerError(RuntimeError):
-    """A peer rank died or stopped answering."""
-
-
 def peer_lost_message(rank: int, size: int, what: str, detail: str = "") -> str:
     return (f"mlx-v4 distributed: rank {rank} of {size}: lost the other ranks during {what}"
             f"{': ' + detail if detail else ''}; a peer process died or hung (see its output); exiting")
