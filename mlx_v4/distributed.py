@@ -324,6 +324,18 @@ class PipelineStage(nn.Module):
     weights_id: str = ""
     fingerprint = property(lambda self: _fingerprint(self))
 
+    def output_dtype(self, in_dtype) -> mx.Dtype:
+        """The dtype of the streams this stage sends, found by building (not evaluating) one
+        step: with a quantized embedding the single-process model runs its streams in the
+        scales' dtype, and every rank must receive exactly what one process would compute."""
+        ids = mx.zeros((1, 1), mx.int32)
+        D, hc = self.args.hidden_size, self.args.hc_mult
+        x = (mx.broadcast_to(self.embed(ids)[:, :, None, :], (1, 1, hc, D)) if self.first
+             else mx.zeros((1, 1, hc, D), in_dtype))
+        for layer, c in zip(self.layers, self.make_cache()):
+            x = layer(x, ids, c)
+        return x.dtype
+
     def make_cache(self):
         from .cache import make_cache
 
@@ -348,7 +360,7 @@ class PipelineStage(nn.Module):
             x = layer(x, inputs, c)
         Lo = 1 if last_only else L
         if not self.last:
-            x = mx.distributed.send(x.astype(self._dtype), self.rank + 1, group=self._group)
+            x = mx.distributed.send(x, self.rank + 1, group=self._group)
             if self._traffic is not None:
                 self._traffic.add("send", x)
             mx.async_eval(x)  # the next rank waits for it whether or not anyone reads the logits
@@ -360,6 +372,20 @@ class PipelineStage(nn.Module):
         if self._traffic is not None:
             self._traffic.add("logits", local)
         return mx.distributed.all_sum(local, group=self._group)
+
+
+_DTYPES = [mx.float32, mx.bfloat16, mx.float16]
+
+
+def _agree_stream_dtypes(stage: PipelineStage, group) -> None:
+    """Tell each rank the dtype it will receive: rank r finds its output dtype from its input's,
+    in rank order, one small all_sum per boundary (at load time only)."""
+    code = 0
+    for r in range(group.size() - 1):
+        mine = _DTYPES.index(stage.output_dtype(_DTYPES[code])) if group.rank() == r else 0
+        code = int(mx.distributed.all_sum(mx.array([mine], mx.int32), group=group).item())
+        if group.rank() == r + 1:
+            stage._dtype = _DTYPES[code]
 
 
 def _fingerprint(module) -> str:
@@ -534,6 +560,8 @@ def load_distributed(path_or_repo, group, *, mode: str = "pipeline", layers: str
     mx.eval(inner.parameters())
     if mode == "tensor":
         parallel.wrap_outputs(inner, group, traffic)
+    else:
+        _agree_stream_dtypes(inner, group)
     inner.weights_id = f"{_weights_id(path)}:{split.describe()}:rank{rank}"
     inner.generation_defaults = load_generation_defaults(path)
     inner.eval()

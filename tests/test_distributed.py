@@ -180,6 +180,7 @@ def test_pipeline_rank_opens_only_its_shards(checkpoint, monkeypatch):
     real_header, real_load = W.read_header, mx.load
     monkeypatch.setattr(W, "read_header", lambda p: opened.append(Path(p).name) or real_header(p))
     monkeypatch.setattr(mx, "load", lambda p, *a, **k: opened.append(Path(p).name) or real_load(p, *a, **k))
+    monkeypatch.setattr(dist, "_agree_stream_dtypes", lambda stage, group: None)  # a collective
     model = dist.load_distributed(checkpoint, _FakeGroup(1, 2), mode="pipeline", layers="0-1,2-3", watchdog=False)
     assert opened and not (set(opened) & early), sorted(set(opened) & early)
     assert model.inner.start == 2 and len(model.make_cache()) == 2 and not hasattr(model.inner, "embed")
@@ -324,3 +325,23 @@ def test_info_plans_a_split():
     assert small.returncode == 2 and "does not fit" in small.stdout, small.stdout
     bad = _cli(["info", "flash", "--machines", "3", "--parallel", "tensor"])
     assert bad.returncode == 1 and "o_groups=8" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+@pytest.mark.slow
+def test_pipeline_matches_with_a_quantized_checkpoint(checkpoint, tmp_path):
+    """Our own 4-bit format quantizes the embedding, so one process runs its streams in bf16
+    (the scales' dtype): the ranks must agree on that dtype to stay bit-identical."""
+    q4 = tmp_path / "q4"
+    conv = _cli(["convert", str(checkpoint), str(q4), "--recipe", "4bit"])
+    assert conv.returncode == 0, conv.stderr
+    from mlx_v4.testing import dist_worker
+
+    ref = tmp_path / "ref.npz"
+    assert dist_worker.main([str(q4), str(ref), "--mode", "single", "--decode", "5"]) == 0
+    out = tmp_path / "out.npz"
+    r = _launch(2, [str(q4), str(out), "--mode", "pipeline", "--decode", "5"])
+    assert out.exists(), r.stdout + r.stderr
+    got, want = np.load(out), np.load(ref)
+    np.testing.assert_array_equal(got["pipeline/logits"], want["single/logits"])
+    # the streams crossed as bf16: [1, 1, 4, 128] x 2 bytes per decode step
+    assert json.loads(str(got["pipeline/traffic"]))[0]["send"] == 5 * 4 * 128 * 2
