@@ -260,7 +260,7 @@ def chat(
     if effort not in EFFORTS:
         raise UserError(f"unknown effort {effort!r}", "use --effort high or --effort max")
     gen = generation_kwargs(max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, top_k=top_k, seed=seed)
-    group = group_if_launched(parallel, layers)
+    group = group_if_launched(parallel, layers, dist_timeout)
     if group is not None and resume:
         raise UserError("--resume is not available in a distributed chat", "run the chat on one machine")
     saved = session_path(resume) if resume else None

@@ -22,7 +22,7 @@ LayersOpt = Annotated[str | None, typer.Option("--layers", help=LAYERS_HELP)]
 TimeoutOpt = Annotated[float, typer.Option("--dist-timeout", help=TIMEOUT_HELP)]
 
 
-def group_if_launched(parallel: str, layers: str | None):
+def group_if_launched(parallel: str, layers: str | None, timeout: float = 300.0):
     """The world group under mlx.launch with more than one rank, else None (options checked)."""
     from mlx_v4 import distributed as dist
 
@@ -32,7 +32,7 @@ def group_if_launched(parallel: str, layers: str | None):
         raise UserError(f"unknown --parallel {parallel!r}", "use --parallel pipeline or --parallel tensor")
     if not dist.launched():
         return None
-    return dist.init_group()
+    return dist.init_group(timeout=timeout)
 
 
 def load(ui, group, model: str | None, parallel: str, layers: str | None, timeout: float):
@@ -59,11 +59,9 @@ def peer_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        import os
+        from mlx_v4.distributed import exit_on_peer_loss, launched_rank_size
 
-        from mlx_v4.distributed import exit_on_peer_loss
-
-        with exit_on_peer_loss(os.environ.get("MLX_RANK", "?"), os.environ.get("MLX_WORLD_SIZE", "?"), fn.__name__):
+        with exit_on_peer_loss(*launched_rank_size(), fn.__name__):
             return fn(*args, **kwargs)
 
     return wrapper

@@ -30,7 +30,7 @@ def generate(
 ):
     from .distributed import group_if_launched
 
-    group = group_if_launched(parallel, layers)
+    group = group_if_launched(parallel, layers, dist_timeout)
     if group is not None:
         return _generate_distributed(group, prompt, prompt_file, model, system, think, effort, max_tokens, temp,
                                      top_p, seed, parallel, layers, dist_timeout)
@@ -85,6 +85,8 @@ def _generate_distributed(group, prompt, prompt_file, model, system, think, effo
     ui = UI()
     text = _read_prompt(prompt, prompt_file) if rank == 0 else None  # errors before the load
     m, tok = _load(ui, group, model, parallel, layers, timeout)
+    if m.watchdog is not None:
+        m.watchdog.kick("start-up (receiving the prompt from rank 0)")
     text = broadcast_text(text, group)
     gen["seed"] = broadcast_ints([seed if seed is not None else random.randrange(2**31)], group)[0]
     session = ChatSession(m, tok, system=system, thinking=think, reasoning_effort=effort)

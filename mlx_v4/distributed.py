@@ -53,11 +53,32 @@ def launched() -> bool:
     return any(k in os.environ for k in ("MLX_HOSTFILE", "OMPI_COMM_WORLD_SIZE", "MLX_JACCL_COORDINATOR"))
 
 
-def init_group(backend: str = "any"):
-    """The world group, or None when this process runs alone."""
+def launched_rank_size() -> tuple[str, str]:
+    """This process's rank and the rank count as the launcher announced them (for messages
+    before the group exists): MLX_RANK and the ring hostfile's length."""
+    size = "?"
+    try:
+        with open(os.environ["MLX_HOSTFILE"]) as f:
+            size = str(len(json.load(f)))
+    except (KeyError, OSError, ValueError, TypeError):
+        pass
+    return os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?")), size
+
+
+def init_group(backend: str = "any", timeout: float = DEFAULT_TIMEOUT):
+    """The world group, or None when this process runs alone. Connecting waits for every peer
+    to start (the ring backend retries forever) while holding the GIL, so no Python thread can
+    watch it: faulthandler's C watchdog ends the process after ``timeout`` seconds instead,
+    printing "Timeout" and the stack (which names this function)."""
     if not launched():
         return None
-    group = mx.distributed.init(strict=True, backend=backend)
+    import faulthandler
+
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    try:
+        group = mx.distributed.init(strict=True, backend=backend)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     return group if group.size() > 1 else None
 
 
@@ -129,6 +150,18 @@ class Watchdog:
                 sys.stderr.write(msg + "\n")
                 sys.stderr.flush()
                 os._exit(1)
+
+
+_WATCHDOG: Watchdog | None = None
+
+
+def watchdog(rank, size, timeout: float = DEFAULT_TIMEOUT) -> Watchdog:
+    """The process's one watchdog (created on first use; later calls update its timeout)."""
+    global _WATCHDOG
+    if _WATCHDOG is None:
+        _WATCHDOG = Watchdog(rank, size, timeout)
+    _WATCHDOG.rank, _WATCHDOG.size, _WATCHDOG.timeout = rank, size, timeout
+    return _WATCHDOG
 
 
 # ---- planning ---------------------------------------------------------------------------------
@@ -495,7 +528,7 @@ def needed_infos(model_dir: Path, args, split: Split, rank: int) -> tuple[dict, 
 
 def load_distributed(path_or_repo, group, *, mode: str = "pipeline", layers: str | None = None, dtype=None,
                      fp8: str | None = None, model_config: dict | None = None, timeout: float = DEFAULT_TIMEOUT,
-                     watchdog: bool = True) -> DistributedModel:
+                     use_watchdog: bool = True) -> DistributedModel:
     """This rank's share of the model, ready for :func:`mlx_v4.generation.stream_generate`."""
     import dataclasses
 
@@ -558,12 +591,16 @@ def load_distributed(path_or_repo, group, *, mode: str = "pipeline", layers: str
     W.validate_weights(wts, expected)
     inner.load_weights(list(weights.items()), strict=True)
     mx.eval(inner.parameters())
+    dog = watchdog(rank, size, timeout) if use_watchdog else None
     if mode == "tensor":
         parallel.wrap_outputs(inner, group, traffic)
     else:
+        if dog is not None:
+            dog.kick("start-up (waiting for the other ranks to load)")
         _agree_stream_dtypes(inner, group)
+        if dog is not None:
+            dog.idle()
     inner.weights_id = f"{_weights_id(path)}:{split.describe()}:rank{rank}"
     inner.generation_defaults = load_generation_defaults(path)
     inner.eval()
-    dog = Watchdog(rank, size, timeout) if watchdog else None
     return DistributedModel(inner, group, split, dog, traffic)

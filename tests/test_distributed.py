@@ -181,7 +181,7 @@ def test_pipeline_rank_opens_only_its_shards(checkpoint, monkeypatch):
     monkeypatch.setattr(W, "read_header", lambda p: opened.append(Path(p).name) or real_header(p))
     monkeypatch.setattr(mx, "load", lambda p, *a, **k: opened.append(Path(p).name) or real_load(p, *a, **k))
     monkeypatch.setattr(dist, "_agree_stream_dtypes", lambda stage, group: None)  # a collective
-    model = dist.load_distributed(checkpoint, _FakeGroup(1, 2), mode="pipeline", layers="0-1,2-3", watchdog=False)
+    model = dist.load_distributed(checkpoint, _FakeGroup(1, 2), mode="pipeline", layers="0-1,2-3", use_watchdog=False)
     assert opened and not (set(opened) & early), sorted(set(opened) & early)
     assert model.inner.start == 2 and len(model.make_cache()) == 2 and not hasattr(model.inner, "embed")
 
@@ -345,3 +345,15 @@ def test_pipeline_matches_with_a_quantized_checkpoint(checkpoint, tmp_path):
     np.testing.assert_array_equal(got["pipeline/logits"], want["single/logits"])
     # the streams crossed as bf16: [1, 1, 4, 128] x 2 bytes per decode step
     assert json.loads(str(got["pipeline/traffic"]))[0]["send"] == 5 * 4 * 128 * 2
+
+
+@pytest.mark.slow
+def test_peer_that_never_starts(checkpoint, tmp_path):
+    """Connecting blocks while holding the GIL; faulthandler's C watchdog ends it after the timeout."""
+    base = _free_base_port(2)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{base}"], [f"127.0.0.1:{base + 1}"]]))
+    env = _env() | {"MLX_RANK": "0", "MLX_HOSTFILE": str(hostfile)}
+    r = subprocess.run([sys.executable, "-m", WORKER, str(checkpoint), str(tmp_path / "x.npz"), "--timeout", "4"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Timeout (0:00:04)" in r.stderr and "init_group" in r.stderr, r.stderr

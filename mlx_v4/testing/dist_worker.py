@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
     from mlx_v4 import distributed as dist
 
-    group = dist.init_group()
+    group = dist.init_group(timeout=a.timeout)
     results = {}
     for item in a.mode.split(","):
         mode, _, opt = item.partition(":")  # "tensor:fq": fake_quant on even with --exact
