@@ -14,6 +14,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -357,3 +358,50 @@ def test_peer_that_never_starts(checkpoint, tmp_path):
     r = subprocess.run([sys.executable, "-m", WORKER, str(checkpoint), str(tmp_path / "x.npz"), "--timeout", "4"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Timeout (0:00:04)" in r.stderr and "init_group" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_serve_distributed_matches_one_process():
+    """`serve` under mlx.launch (pipeline, 2 ranks): rank 0 answers HTTP, the other rank replays its
+    engine's steps; a seeded request gives what one process gives, twice in a row."""
+    import signal
+    import urllib.request
+
+    import mlx_v4
+    from mlx_v4.server import ServerConfig, create_app
+    from mlx_v4.server.background import free_port, running
+
+    body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "Hello there"}],
+                       "max_tokens": 12, "seed": 5}).encode()
+
+    def ask(url: str) -> dict:
+        req = urllib.request.Request(url + "/v1/chat/completions", body, {"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())["choices"][0]["message"]
+
+    model, tok = mlx_v4.load()
+    with running(create_app(model, tok, ServerConfig(model_name="demo"))) as url:
+        want = ask(url)
+    port = free_port()
+    cmd = [*_launcher(), "--backend", "ring", "-n", "2", "-p", str(_free_base_port(2)), "--python", sys.executable,
+           "--", "-m", "cli", "serve", "--port", str(port), "--parallel", "pipeline", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.5)
+        assert ask(url) == want
+        assert ask(url) == want  # the replica's state stays in step across requests
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
