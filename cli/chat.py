@@ -16,9 +16,11 @@ from .common import (
     is_demo,
     load_model,
     report,
+    resolve_model,
     session_path,
     user_errors,
 )
+from .distributed import LayersOpt, ParallelOpt, TimeoutOpt, peer_errors
 
 COMMANDS = [
     ("/help", "this list"),
@@ -72,10 +74,12 @@ def messages_of(session) -> list[tuple[str, str]]:
 
 
 class ChatLoop:
-    def __init__(self, ui, model, tokenizer, session, gen: dict):
+    def __init__(self, ui, model, tokenizer, session, gen: dict, group=None):
         self.ui, self.model, self.tokenizer, self.session, self.gen = ui, model, tokenizer, session, gen
         self.last_stats = None
         self.attachment: str | None = None
+        # distributed (rank 0 of an mlx.launch group): each turn goes to the other ranks first
+        self.group, self.pending_reset = group, False
 
     # ---- slash commands ---------------------------------------------------------------------
     def command(self, line: str) -> bool:
@@ -89,6 +93,7 @@ class ChatLoop:
             self.ui.chat_help(COMMANDS)
         elif name == "/reset":
             s.reset()
+            self.pending_reset = True
             self.last_stats = None
             self.ui.notice("conversation cleared")
         elif name == "/system":
@@ -108,6 +113,9 @@ class ChatLoop:
             self.ui.notice(f"reasoning effort {arg}" + ("" if s.thinking else " (applies when /think is on)"))
         elif name == "/stats":
             self.show_stats()
+        elif name in ("/save", "/load") and self.group is not None:
+            raise UserError(f"{name} is not available in a distributed chat (each rank holds part of the cache)",
+                            "run the chat on one machine to save or load sessions")
         elif name == "/save":
             path = session_path(arg)
             s.save(path)
@@ -146,13 +154,48 @@ class ChatLoop:
     def turn(self, text: str) -> None:
         if self.attachment:
             text, self.attachment = self.attachment + "\n" + text, None
-        stats, _ = consume(self.ui, self.session.send(text, **self.gen))
+        gen = self.gen
+        if self.group is not None:
+            gen = self._mirror_turn(text)
+        try:
+            stats, _ = consume(self.ui, self.session.send(text, **gen))
+        finally:
+            if self.group is not None:
+                self.model.idle()  # the user may take a while: no deadline until the next turn
         self.gen.pop("seed", None)  # seed the first answer only, not every turn alike
         if stats is not None:
             self.last_stats = stats
         self.ui.stats_line(stats)
 
+    def _mirror_turn(self, text: str) -> dict:
+        """Hand this turn to the other ranks: the text, the session settings, a pending reset
+        and a seed (every rank must sample alike), as one broadcast JSON message."""
+        import json
+        import random
+
+        from mlx_v4.distributed import broadcast_text
+
+        s = self.session
+        gen = dict(self.gen)
+        gen.setdefault("seed", random.randrange(2**31))
+        msg = {"op": "turn", "reset": self.pending_reset, "system": s.system, "thinking": s.thinking,
+               "effort": getattr(s, "reasoning_effort", None), "text": text, "gen": gen}
+        broadcast_text(json.dumps(msg), self.group)
+        self.pending_reset = False
+        return gen
+
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            if self.group is not None:
+                import json
+
+                from mlx_v4.distributed import broadcast_text
+
+                broadcast_text(json.dumps({"op": "quit"}), self.group)
+
+    def _run(self) -> None:
         while True:
             try:
                 text = read_message(self.ui)
@@ -171,7 +214,29 @@ class ChatLoop:
                 report(e, self.ui)  # one line; the chat goes on
 
 
+def follow(model, tokenizer, session, group) -> None:
+    """A rank other than 0 in a distributed chat: run every turn rank 0 hands over, silently."""
+    import json
+
+    from mlx_v4.distributed import broadcast_text
+
+    while True:
+        msg = json.loads(broadcast_text(None, group))
+        if msg["op"] == "quit":
+            return
+        if msg["reset"]:
+            session.reset()
+        session.system, session.thinking, session.reasoning_effort = msg["system"], msg["thinking"], msg["effort"]
+        try:
+            for _ in session.send(msg["text"], **msg["gen"]):
+                pass
+        except (ValueError, OSError):
+            pass  # rank 0 meets the same error (same inputs) and reports it
+        model.idle()
+
+
 @user_errors
+@peer_errors
 def chat(
     model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
@@ -185,18 +250,37 @@ def chat(
     max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 2048,
     seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
     resume: Annotated[str | None, typer.Option(help="Resume the session saved with /save NAME.")] = None,
+    parallel: ParallelOpt = "pipeline",
+    layers: LayersOpt = None,
+    dist_timeout: TimeoutOpt = 300.0,
 ):
+    from .distributed import group_if_launched, load
     from .ui import UI
 
     if effort not in EFFORTS:
         raise UserError(f"unknown effort {effort!r}", "use --effort high or --effort max")
     gen = generation_kwargs(max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, top_k=top_k, seed=seed)
+    group = group_if_launched(parallel, layers, dist_timeout)
+    if group is not None and resume:
+        raise UserError("--resume is not available in a distributed chat", "run the chat on one machine")
     saved = session_path(resume) if resume else None
     if saved is not None and not saved.exists():
         raise UserError(f"no saved session {resume!r} ({saved})", "save one in a chat with /save NAME")
     ui = UI()
-    m, tok, path = load_model(ui, model)
     from mlx_v4.chat import ChatSession
+
+    if group is not None:
+        path = resolve_model(model)
+        m, tok = load(ui, group, model, parallel, layers, dist_timeout)
+        thinking = think if think is not None else not is_demo(path)
+        session = ChatSession(m, tok, system=system, thinking=thinking, reasoning_effort=effort)
+        if group.rank() != 0:
+            return follow(m, tok, session, group)
+        ui.banner(model_name=path, demo=is_demo(path), thinking=session.thinking, effort=effort,
+                  max_context=m.args.max_position_embeddings)
+        ui.notice(f"distributed: {m.split.describe()}; rank 0 of {group.size()} owns this terminal")
+        return ChatLoop(ui, m, tok, session, gen, group).run()
+    m, tok, path = load_model(ui, model)
 
     if saved is not None:
         session = ChatSession.load(saved, m, tok)

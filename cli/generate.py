@@ -8,9 +8,11 @@ from typing import Annotated
 import typer
 
 from .common import MODEL_HELP, UserError, consume, generation_kwargs, load_model, user_errors
+from .distributed import LayersOpt, ParallelOpt, TimeoutOpt, peer_errors
 
 
 @user_errors
+@peer_errors
 def generate(
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The prompt text ('-' reads stdin).")] = None,
     prompt_file: Annotated[Path | None, typer.Option(help="Read the prompt from this file.")] = None,
@@ -22,10 +24,35 @@ def generate(
     temp: Annotated[float | None, typer.Option(help="Sampling temperature, 0 = greedy (default: the model's generation_config).")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
+    parallel: ParallelOpt = "pipeline",
+    layers: LayersOpt = None,
+    dist_timeout: TimeoutOpt = 300.0,
 ):
-    import sys
+    from .distributed import group_if_launched
 
+    group = group_if_launched(parallel, layers, dist_timeout)
+    if group is not None:
+        return _generate_distributed(group, prompt, prompt_file, model, system, think, effort, max_tokens, temp,
+                                     top_p, seed, parallel, layers, dist_timeout)
+    text = _read_prompt(prompt, prompt_file)
+    if effort not in (None, "high", "max"):
+        raise UserError(f"unknown effort {effort!r}", "use --effort high or --effort max")
+    gen = generation_kwargs(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
     from .ui import UI
+
+    ui = UI()
+    m, tok, _ = load_model(ui, model)
+    from mlx_v4.chat import ChatSession
+
+    session = ChatSession(m, tok, system=system, thinking=think, reasoning_effort=effort)
+    stats, reason = consume(ui, session.send(text, **gen))
+    ui.stats_line(stats)
+    if reason == "interrupted":
+        raise typer.Exit(130)
+
+
+def _read_prompt(prompt, prompt_file) -> str:
+    import sys
 
     if (prompt is None) == (prompt_file is None):
         raise UserError("give exactly one of --prompt and --prompt-file", "e.g. mlx-v4 generate -p 'Hello'")
@@ -37,15 +64,48 @@ def generate(
         text = prompt
     if not text.strip():
         raise UserError("the prompt is empty", "pass some text with --prompt or --prompt-file")
+    return text
+
+
+def _generate_distributed(group, prompt, prompt_file, model, system, think, effort, max_tokens, temp, top_p,
+                          seed, parallel, layers, timeout):
+    """Every rank loads its share; rank 0 reads the prompt, hands it and the seed to the others,
+    and prints; the other ranks run the same steps silently."""
+    import random
+
+    from mlx_v4.chat import ChatSession
+    from mlx_v4.distributed import broadcast_ints, broadcast_text
+
+    from .ui import UI
+
+    rank = group.rank()
     if effort not in (None, "high", "max"):
         raise UserError(f"unknown effort {effort!r}", "use --effort high or --effort max")
     gen = generation_kwargs(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
     ui = UI()
-    m, tok, _ = load_model(ui, model)
-    from mlx_v4.chat import ChatSession
-
+    text = _read_prompt(prompt, prompt_file) if rank == 0 else None  # errors before the load
+    m, tok = _load(ui, group, model, parallel, layers, timeout)
+    if m.watchdog is not None:
+        m.watchdog.kick("start-up (receiving the prompt from rank 0)")
+    text = broadcast_text(text, group)
+    gen["seed"] = broadcast_ints([seed if seed is not None else random.randrange(2**31)], group)[0]
     session = ChatSession(m, tok, system=system, thinking=think, reasoning_effort=effort)
-    stats, reason = consume(ui, session.send(text, **gen))
-    ui.stats_line(stats)
+    try:
+        if rank == 0:
+            stats, reason = consume(ui, session.send(text, **gen))
+            ui.stats_line(stats)
+        else:
+            reason = None
+            for ev in session.send(text, **gen):
+                if type(ev).__name__ == "Finish":
+                    reason = ev.reason
+    finally:
+        m.idle()
     if reason == "interrupted":
         raise typer.Exit(130)
+
+
+def _load(ui, group, model, parallel, layers, timeout):
+    from .distributed import load
+
+    return load(ui, group, model, parallel, layers, timeout)

@@ -169,16 +169,93 @@ def plan(model: str, *, recipe: str | None, bits: float | None, context: int) ->
                       cache_bytes=kv, params=params, machine_bytes=platform.total_memory_bytes(), notes=notes)
 
 
+def parse_memory(spec: str, machines: int) -> list[float]:
+    """'192GB' or '192GB,128GB,...' (GB = 2**30 bytes, as Macs are sold) -> bytes per machine."""
+    import re
+
+    sizes = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(GB|G|TB|T|GIB|TIB)?\s*", part, re.IGNORECASE)
+        if not m:
+            raise UserError(f"--memory {spec!r}: {part!r} is not a size like 192GB", "e.g. --memory 192GB,128GB")
+        unit = (m.group(2) or "GB").upper()
+        sizes.append(float(m.group(1)) * (2**40 if unit.startswith("T") else 2**30))
+    if len(sizes) == 1:
+        sizes *= machines
+    if len(sizes) != machines:
+        raise UserError(f"--memory gives {len(sizes)} sizes for {machines} machines",
+                        "give one size for all or one per machine")
+    return sizes
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    layers: str
+    weights_bytes: float
+    cache_bytes: float
+    memory_bytes: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weights_bytes + self.cache_bytes + 2e9 + 0.03 * self.weights_bytes
+
+    @property
+    def verdict(self) -> str:
+        if self.total_bytes <= DEFAULT_GPU_FRACTION * self.memory_bytes:
+            return "yes"
+        return "tight" if self.total_bytes <= self.memory_bytes - RAISED_RESERVE_BYTES else "no"
+
+
+def split_plan(model: str, *, machines: int, memory: str, parallel: str, layers: str | None, context: int,
+               recipe: str | None, bits: float | None) -> tuple[str, list[RankPlan]]:
+    """Per-machine weights and KV for a pipeline or tensor split (see mlx_v4.distributed)."""
+    from mlx_v4 import config
+    from mlx_v4 import distributed as dist
+
+    one = plan(model, recipe=recipe, bits=bits, context=context)
+    if model in config.PRESETS:
+        args = config.preset(model)
+    else:
+        import mlx_v4
+
+        directory = mlx_v4.DEMO_MODEL_PATH if model in ("demo", "") else _checkpoint(model)[0]
+        args = config.ModelArgs.from_file(directory)
+    expert_bits, other_bits = RECIPES[recipe or "native"] if bits is None else (bits + 0.5, bits + 0.5)
+    split = dist.plan_split(args, machines, parallel, layers)
+    shares = dist.plan_ranks(args, split, context, expert_bits=expert_bits, other_bits=other_bits,
+                             total_bytes=one.weights_bytes)
+    sizes = parse_memory(memory, machines)
+    rows = [RankPlan(s.rank, f"{s.layers[0]}-{s.layers[1] - 1}" if parallel == "pipeline" else f"all (1/{machines})",
+                     s.weights_bytes, s.kv_bytes, mem) for s, mem in zip(shares, sizes)]
+    return f"{one.name}, {split.describe()}, {one.weights_source}", rows
+
+
 @user_errors
 def info(
     model: Annotated[str, typer.Argument(help="flash, pro, a model directory or a Hugging Face repo id.")] = "flash",
     recipe: Annotated[str | None, typer.Option(help=f"Weight format for flash/pro: {', '.join(RECIPES)}.")] = None,
     bits: Annotated[float | None, typer.Option(help="Uniform affine bits for flash/pro (overrides --recipe).")] = None,
     context: Annotated[int, typer.Option(help="Context length to size the KV cache for.")] = 65536,
+    machines: Annotated[int, typer.Option(help="Plan a split over this many machines (mlx.launch ranks).")] = 1,
+    memory: Annotated[str, typer.Option(help="Memory per machine for --machines: 192GB, or one per machine "
+                                              "(192GB,128GB).")] = "192GB",
+    parallel: Annotated[str, typer.Option(help="Split for --machines: pipeline (layers) or tensor "
+                                                "(heads and experts).")] = "pipeline",
+    layers: Annotated[str | None, typer.Option(help="Pipeline override, e.g. 0-30,31-60.")] = None,
 ):
     from .ui import UI
 
     if context < 0:
         raise UserError("--context must be >= 0", "pass a token count such as 65536")
+    if machines < 1:
+        raise UserError("--machines must be >= 1", "e.g. --machines 4")
+    if machines > 1 or layers:
+        title, rows = split_plan(model, machines=machines, memory=memory, parallel=parallel, layers=layers,
+                                 context=context, recipe=recipe, bits=bits)
+        UI().split_plan(title, context, rows)
+        if any(r.verdict == "no" for r in rows):
+            raise typer.Exit(2)
+        return
     result = plan(model, recipe=recipe, bits=bits, context=context)
     UI().memory_plan(result)

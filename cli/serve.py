@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from .common import MODEL_HELP, UserError, is_demo, load_model, user_errors
+from .common import MODEL_HELP, UserError, is_demo, load_model, resolve_model, user_errors
+from .distributed import LayersOpt, ParallelOpt, TimeoutOpt, peer_errors
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
           "t": 1 << 40, "tb": 1 << 40}
@@ -37,6 +38,7 @@ def is_loopback(host: str) -> bool:
 
 
 @user_errors
+@peer_errors
 def serve(
     model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
@@ -52,6 +54,9 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests waiting beyond that before 503s.")] = 256,
     prefill_chunk: Annotated[int, typer.Option(help="Prompt ids fed per scheduling step.")] = 2048,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    parallel: ParallelOpt = "pipeline",
+    layers: LayersOpt = None,
+    dist_timeout: TimeoutOpt = 300.0,
 ):
     if api_key is None and not is_loopback(host):
         raise UserError(f"binding {host} (beyond loopback) needs --api-key",
@@ -61,6 +66,9 @@ def serve(
     if max_tokens < 1 or max_active < 1 or max_queue < 1 or prefill_chunk < 1:
         raise UserError("--max-tokens, --max-active, --max-queue and --prefill-chunk must be positive")
     budget = parse_bytes(cache_budget)
+    from .distributed import group_if_launched
+
+    group = group_if_launched(parallel, layers, dist_timeout)
     try:
         import uvicorn
 
@@ -71,13 +79,27 @@ def serve(
     from .ui import UI
 
     ui = UI()
-    m, tok, path = load_model(ui, model)
+    engine = None
+    if group is not None:
+        from mlx_v4.server.distributed import LeaderEngine, follow
+
+        from .distributed import load
+
+        path = resolve_model(model)
+        m, tok = load(ui, group, model, parallel, layers, dist_timeout)
+        if group.rank() != 0:
+            return follow(m, tok, group, prefill_chunk=prefill_chunk)
+        engine = LeaderEngine(m, tok, group, max_active=max_active, prefill_chunk=prefill_chunk, max_queue=max_queue)
+        ui.notice(f"distributed: {m.split.describe()}; rank 0 of {group.size()} serves HTTP "
+                  "(no prefix reuse across requests in this mode)")
+    else:
+        m, tok, path = load_model(ui, model)
     name = model_name or ("demo" if is_demo(path) else "deepseek-v4")
     config = ServerConfig(model_name=name, api_key=api_key, default_max_tokens=max_tokens,
                           cache_budget_bytes=budget, cache_dir=str(cache_dir) if cache_dir else None,
                           max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk,
                           accept_any_model=any_model)
-    app = create_app(m, tok, config)
+    app = create_app(m, tok, config, engine=engine)
     ui.notice(f"serving {path} as '{name}' on http://{host}:{port}  (OpenAI: /v1/chat/completions, "
               f"/v1/responses; Anthropic: /v1/messages)")
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -242,6 +242,24 @@ class UI:
         for note in plan.notes:
             self.out.print(Text(note, style="dim"), soft_wrap=True)
 
+    def split_plan(self, title: str, context: int, rows) -> None:
+        table = Table(title=f"Split plan: {title}")
+        for col in ("rank", "layers", "weights", f"KV at {context:,}", "total", "memory", "fits"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            style = {"yes": "green", "tight": "yellow", "no": "red"}[r.verdict]
+            label = {"yes": "yes", "tight": "tight (raise iogpu.wired_limit_mb)", "no": "NO"}[r.verdict]
+            table.add_row(str(r.rank), r.layers, human_bytes(r.weights_bytes), human_bytes(r.cache_bytes),
+                          human_bytes(r.total_bytes), human_bytes(r.memory_bytes), Text(label, style=style))
+        self.out.print(table)
+        bad = [r.rank for r in rows if r.verdict == "no"]
+        if bad:
+            self.out.print(Text(f"does not fit: rank(s) {', '.join(map(str, bad))} need more memory than their "
+                                f"machine has; add machines, use more memory, or a smaller recipe", style="red"))
+        self.out.print(Text("total includes ~2 GB + 3% of weights for activations and buffers; tensor mode "
+                            "keeps the whole KV cache on every rank (one shared KV head).", style="dim"),
+                       soft_wrap=True)
+
     def bench_table(self, model_name: str, rows: list[dict]) -> None:
         table = Table(title=f"Benchmark: {model_name}")
         for col in ("context", "prefill tok/s", "decode tok/s", "generated", "KV cache", "peak memory"):

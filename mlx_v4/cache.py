@@ -435,11 +435,12 @@ def entry_nbytes(args) -> tuple[int, int]:
     return main, index
 
 
-def planned_nbytes(args, tokens: int, batch: int = 1) -> int:
-    """Cache bytes after ``tokens`` positions (filled rows, fp32 compressor state), no slack."""
+def planned_nbytes(args, tokens: int, batch: int = 1, layers=None) -> int:
+    """Cache bytes after ``tokens`` positions (filled rows, fp32 compressor state), no slack.
+    ``layers``: only these layer indices (a pipeline rank's share); default all."""
     main, index = entry_nbytes(args)
     total = 0
-    for i in range(args.num_hidden_layers):
+    for i in (range(args.num_hidden_layers) if layers is None else layers):
         kind = args.layer_kind(i)
         total += min(tokens, args.sliding_window - 1) * main
         if kind == "hca":
