@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from mlx_v4.kernels import hyper_mix as hm  # noqa: E402
 from mlx_v4.kernels import indexer_topk as ik  # noqa: E402
 from mlx_v4.kernels import sparse_decode as sd  # noqa: E402
+from mlx_v4.kernels import sparse_prefill as sp  # noqa: E402
 
 _KERNELS: dict = {}
 #: With --time, the CuPy runner times every launch (20 repeats) and appends a line here.
@@ -141,6 +142,27 @@ def check_sparse_decode(runner: Callable) -> int:
     return failures
 
 
+def check_sparse_prefill(runner: Callable, cases=None) -> int:
+    """``cases`` overrides the emulator-test shapes plus the Flash-size chunks."""
+    from test_kernels_sparse_prefill import CASES, call, make_inputs  # noqa: PLC0415
+
+    failures = 0
+    big = [(1, 256, 64, 512, 64, 128, 4096, 512, 8192, 128, 4),  # Flash CSA chunk
+           (1, 256, 64, 512, 64, 128, 64, 0, 8192, 128, 128)]  # Flash HCA chunk (all visible)
+    for case in (CASES + big) if cases is None else cases:
+        B, L, H, D, rope, P, N, K, offset, window_len, ratio = case
+        for dtype in (mx.float32, mx.bfloat16):
+            x, _ = make_inputs(1, B, L, H, D, rope, P, N, K, dtype=dtype)
+            kw = dict(scale=D**-0.5, offset=offset, sliding_window=window_len, ratio=ratio, n_entries=N)
+            x32 = dict(x, q=x["q"].astype(mx.float32), window=x["window"].astype(mx.float32))
+            ref = call(sp.sparse_prefill_reference, x32, **kw)
+            out = call(sp.sparse_prefill_kernel, x, runner=runner, **kw)
+            err = float(mx.abs(out.astype(mx.float32) - ref).max())
+            tol = 5e-5 if dtype == mx.float32 else 3e-2 * max(1.0, float(mx.abs(ref).max()))
+            failures += not report(f"sparse_prefill {case} {dtype}", err, tol)
+    return failures
+
+
 def check_hyper_mix(runner: Callable) -> int:
     mx.random.seed(0)
     mixes = mx.random.normal((3, 70, 24))
@@ -151,7 +173,7 @@ def check_hyper_mix(runner: Callable) -> int:
     return int(not report("hyper_mix (3, 70)", err, 1e-5))
 
 
-CHECKS = [check_sparse_decode, check_indexer, check_hyper_mix]
+CHECKS = [check_sparse_decode, check_sparse_prefill, check_indexer, check_hyper_mix]
 
 
 def main() -> int:
