@@ -40,21 +40,21 @@ def test_reference_is_attend_per_query():
         ref = call(sp.sparse_prefill_reference, x, scale=0.1, offset=offset, sliding_window=window_len,
                    ratio=4, n_entries=N)
         for b in range(B):
-            for l in range(L):
-                t = offset + l
+            for row in range(L):
+                t = offset + row
                 wpos = range(offset + L - (P + L), offset + L)
                 rows = [j for j, pos in enumerate(wpos) if t - window_len < pos <= t]
                 keys = [x["window"][b][mx.array(rows)]]
                 if K:
-                    picks = [int(i) for i in x["indices"][b, l].tolist() if i >= 0]
+                    picks = [int(i) for i in x["indices"][b, row].tolist() if i >= 0]
                 else:
                     picks = list(range(min(N, (t + 1) // 4)))
                 if picks:
                     keys.append(values[b][mx.array(picks)])
                 keys = mx.concatenate(keys, axis=0)
-                want = attend(x["q"][b, l][None, None], keys[None], mx.ones((1, 1, keys.shape[0]), dtype=mx.bool_),
+                want = attend(x["q"][b, row][None, None], keys[None], mx.ones((1, 1, keys.shape[0]), dtype=mx.bool_),
                               x["sinks"], 0.1)[0, 0]
-                assert mx.allclose(ref[b, l], want, atol=1e-5, rtol=1e-5), (b, l, K)
+                assert mx.allclose(ref[b, row], want, atol=1e-5, rtol=1e-5), (b, row, K)
 
 
 def test_use_kernel_false_is_the_reference():
