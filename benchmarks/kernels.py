@@ -34,6 +34,21 @@ def sparse_decode_cost(args, act_bytes: int = 2) -> dict:
                 note=f"H={H} D={D} W={W} top-k={K} heads/group={hg} splits={splits}")
 
 
+def sparse_prefill_cost(args, chunk: int = 2048, act_bytes: int = 2) -> dict:
+    """One CSA layer, one prefill chunk of ``chunk`` queries (each: its sliding window of dense
+    rows + index_topk picks). Ideal: every query's picks read once (not deduplicated across
+    queries), the window rows once; as launched: every (query, head group) threadgroup reads its
+    own rows. The "calls/token" column counts calls per chunk here."""
+    H, D, W, K = args.num_attention_heads, args.head_dim, args.sliding_window, args.index_topk
+    hg = _heads_per_group(H, D)
+    io = 2 * chunk * H * D * act_bytes + H * 4 + chunk * K * 4
+    ideal = io + (chunk + W) * D * act_bytes + chunk * K * (KV_ROW + 4)
+    launched = io + (H // hg) * chunk * (W * D * act_bytes + K * (KV_ROW + 4))
+    return dict(ideal=ideal, launched=launched, flops=4 * H * D * (W + K) * chunk,
+                calls=sum(1 for r in args.compress_ratios[: args.num_hidden_layers] if r == 4),
+                note=f"chunk={chunk} H={H} D={D} W={W} top-k={K} heads/group={hg} (per chunk)")
+
+
 def indexer_topk_cost(args, context: int) -> dict:
     """One CSA layer, one decode token at ``context`` tokens: score every visible packed FP4
     index key (N = context / 4), then select the top k (chunked + merged when split).
@@ -77,7 +92,8 @@ def main():
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for name in a.models.split(","):
         args = preset(name)
-        costs = [("sparse decode", sparse_decode_cost(args)), ("hyper mix", hyper_mix_cost(args))]
+        costs = [("sparse decode", sparse_decode_cost(args)), ("sparse prefill", sparse_prefill_cost(args)),
+                 ("hyper mix", hyper_mix_cost(args))]
         costs += [("indexer top-k", indexer_topk_cost(args, ctx)) for ctx in (65536, 1 << 20)]
         for kname, cost in costs:
             t_i, t_l = cost["ideal"] / bw * 1e6, cost["launched"] / bw * 1e6

@@ -6,6 +6,7 @@ through the whole library, and the bundled demo model (once it exists)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -22,8 +23,11 @@ pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is no
 
 
 class Pane:
+    _count = itertools.count()
+
     def __init__(self, tmp: Path, command: list[str], env: dict[str, str]):
-        self.socket = str(tmp / "tmux.sock")
+        # A fresh server per pane: a killed server may still hold the old socket for a moment.
+        self.socket = str(tmp / f"tmux{next(Pane._count)}.sock")
         self.name = "chat"
         envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
         shell = f"cd {shlex.quote(str(TESTS.parent))} && env {envs} {shlex.join(command)}"
