@@ -34,7 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .layers.moe import RoutedExperts, _expert_matmul, clamped_swiglu
+from .layers.moe import RoutedExperts
 
 
 class SplitError(ValueError):
@@ -117,16 +117,8 @@ class ShardedExperts(RoutedExperts):
             return mx.zeros((T, x.shape[-1]), mx.float32)
         order = keep[np.argsort(flat[keep], kind="stable")]
         counts = np.bincount(flat[order], minlength=self.n_local)
-        rows = x[mx.array(order // k)]
-        w = weights.reshape(-1)[mx.array(order)][:, None]
-        outs, start = [], 0
-        for e in np.nonzero(counts)[0]:
-            sl = slice(start, start + int(counts[e]))
-            h = clamped_swiglu(_expert_matmul(self.w1, rows[sl], e), _expert_matmul(self.w3, rows[sl], e), self.limit)
-            outs.append(_expert_matmul(self.w2, (h * w[sl]).astype(x.dtype), e))
-            start = sl.stop
         slots = mx.zeros((T * k, x.shape[-1]), mx.float32).at[mx.array(order)].add(
-            mx.concatenate(outs, axis=0).astype(mx.float32))
+            self._run_groups(x, order, counts, weights, k).astype(mx.float32))
         return slots.reshape(T, k, -1).sum(axis=1)  # summed in slot order, like the parent
 
 

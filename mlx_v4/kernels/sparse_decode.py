@@ -23,6 +23,36 @@ import mlx.core as mx
 
 from ._base import CUDA_PRELUDE, DECODE_HEADER, KernelSpec, metal_runner
 
+# Shared with kernel 2: the query rows of the group (scaled) and the online-softmax state; a
+# packed entry ``e`` of batch row ``b`` decoded into the lane's slice ``kv``.
+LOAD_QUERY = r"""
+  float qv[HG][DPL];
+  float m[HG];
+  float s[HG];
+  float o[HG][DPL];
+  for (int h = 0; h < HG; ++h) {
+    auto qrow = q + (size_t(out_row) * H + h0 + h) * D + d0;
+    for (int i = 0; i < DPL; ++i) {
+      qv[h][i] = float(qrow[i]) * qscale;
+      o[h][i] = 0.0f;
+    }
+    m[h] = -INFINITY;
+    s[h] = 0.0f;
+  }
+"""
+
+DECODE_ENTRY = r"""
+      const size_t r = size_t(b) * N + e;
+      if (d0 < NOPE) {
+        auto c = codes + r * NOPE + d0;
+        const float blk = v4_e8m0(uint(scales[r * (NOPE / 64) + d0 / 64]));
+        for (int i = 0; i < DPL; ++i) kv[i] = v4_fp8_e4m3(uint(c[i])) * blk;
+      } else {
+        auto rp = rope + r * (D - NOPE) + (d0 - NOPE);
+        for (int i = 0; i < DPL; ++i) kv[i] = v4_bf16_bits(uint(rp[i]));
+      }
+"""
+
 # The online-softmax update of every head of the group with key row ``kv`` (lane slice), and
 # the merge of the simdgroups (plus the sink without SPLIT): shared with kernel 2.
 ACCUMULATE = r"""
@@ -102,20 +132,7 @@ SOURCE = r"""
   const int k_end = SPLIT ? min(n_keys, k_begin + chunk) : n_keys;
   const float qscale = scale[0];
 
-  float qv[HG][DPL];
-  float m[HG];
-  float s[HG];
-  float o[HG][DPL];
-  for (int h = 0; h < HG; ++h) {
-    auto qrow = q + (size_t(b) * H + h0 + h) * D + d0;
-    for (int i = 0; i < DPL; ++i) {
-      qv[h][i] = float(qrow[i]) * qscale;
-      o[h][i] = 0.0f;
-    }
-    m[h] = -INFINITY;
-    s[h] = 0.0f;
-  }
-
+""" + LOAD_QUERY + r"""
   for (int j = k_begin + sg; j < k_end; j += NSG) {
     float kv[DPL];
     if (j < W) {
@@ -124,16 +141,7 @@ SOURCE = r"""
     } else {
       const int e = indices[size_t(b) * K + (j - W)];
       if (e < 0) continue;  // the whole simdgroup skips together
-      const size_t r = size_t(b) * N + e;
-      if (d0 < NOPE) {
-        auto c = codes + r * NOPE + d0;
-        const float blk = v4_e8m0(uint(scales[r * (NOPE / 64) + d0 / 64]));
-        for (int i = 0; i < DPL; ++i) kv[i] = v4_fp8_e4m3(uint(c[i])) * blk;
-      } else {
-        auto rp = rope + r * (D - NOPE) + (d0 - NOPE);
-        for (int i = 0; i < DPL; ++i) kv[i] = v4_bf16_bits(uint(rp[i]));
-      }
-    }
+""" + DECODE_ENTRY + r"""    }
 """ + ACCUMULATE + r"""
   }
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ._base import KernelSpec, metal_runner
-from .sparse_decode import ACCUMULATE, HEADER, MERGE_SIMDGROUPS, _heads_per_group
+from .sparse_decode import ACCUMULATE, DECODE_ENTRY, HEADER, LOAD_QUERY, MERGE_SIMDGROUPS, _heads_per_group
 
 SOURCE = r"""
   // Template: T (q/window/out dtype), D, NOPE, HG heads per group, NSG simdgroups, DENSE
@@ -63,20 +63,7 @@ SOURCE = r"""
   const int n_keys = n_win + n_ent;
   const float qscale = scale[0];
 
-  float qv[HG][DPL];
-  float m[HG];
-  float s[HG];
-  float o[HG][DPL];
-  for (int h = 0; h < HG; ++h) {
-    auto qrow = q + (size_t(out_row) * H + h0 + h) * D + d0;
-    for (int i = 0; i < DPL; ++i) {
-      qv[h][i] = float(qrow[i]) * qscale;
-      o[h][i] = 0.0f;
-    }
-    m[h] = -INFINITY;
-    s[h] = 0.0f;
-  }
-
+""" + LOAD_QUERY + r"""
   for (int j = sg; j < n_keys; j += NSG) {
     float kv[DPL];
     if (j < n_win) {
@@ -85,16 +72,7 @@ SOURCE = r"""
     } else {
       const int e = DENSE ? j - n_win : indices[size_t(out_row) * K + (j - n_win)];
       if (e < 0) continue;  // the whole simdgroup skips together
-      const size_t r = size_t(b) * N + e;
-      if (d0 < NOPE) {
-        auto c = codes + r * NOPE + d0;
-        const float blk = v4_e8m0(uint(scales[r * (NOPE / 64) + d0 / 64]));
-        for (int i = 0; i < DPL; ++i) kv[i] = v4_fp8_e4m3(uint(c[i])) * blk;
-      } else {
-        auto rp = rope + r * (D - NOPE) + (d0 - NOPE);
-        for (int i = 0; i < DPL; ++i) kv[i] = v4_bf16_bits(uint(rp[i]));
-      }
-    }
+""" + DECODE_ENTRY + r"""    }
 """ + ACCUMULATE + r"""
   }
 

@@ -80,12 +80,12 @@ class RoutedExperts(nn.Module):
             y = _scatter_unsort(y, inv, indices.shape)
         return y.squeeze(-2).astype(mx.float32).sum(axis=-2)
 
-    def _grouped_dense(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        T, k = indices.shape
-        flat = np.array(indices).reshape(-1)  # host sync: row counts per expert decide the shapes
-        order = np.argsort(flat, kind="stable")
-        counts = np.bincount(flat, minlength=self.w1["weight"].shape[0])
-        rows = x[mx.array(order // k)]  # [T*k, D], grouped by expert
+    def _run_groups(self, x: mx.array, order: np.ndarray, counts: np.ndarray, weights: mx.array,
+                    k: int) -> mx.array:
+        """The slots ``order`` (indices into the flattened [T*k] routing, grouped by expert,
+        ``counts[e]`` for expert e) through their experts, one dense GEMM per expert, weighted
+        -> [len(order), D] in that order."""
+        rows = x[mx.array(order // k)]  # grouped by expert
         w = weights.reshape(-1)[mx.array(order)][:, None]
         outs, start = [], 0
         for e in np.nonzero(counts)[0]:
@@ -93,7 +93,14 @@ class RoutedExperts(nn.Module):
             h = clamped_swiglu(_expert_matmul(self.w1, rows[sl], e), _expert_matmul(self.w3, rows[sl], e), self.limit)
             outs.append(_expert_matmul(self.w2, (h * w[sl]).astype(x.dtype), e))
             start = sl.stop
-        y = mx.concatenate(outs, axis=0)[mx.array(np.argsort(order))]  # back to [T*k] order
+        return mx.concatenate(outs, axis=0)
+
+    def _grouped_dense(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        T, k = indices.shape
+        flat = np.array(indices).reshape(-1)  # host sync: row counts per expert decide the shapes
+        order = np.argsort(flat, kind="stable")
+        counts = np.bincount(flat, minlength=self.w1["weight"].shape[0])
+        y = self._run_groups(x, order, counts, weights, k)[mx.array(np.argsort(order))]  # back to [T*k] order
         return y.reshape(T, k, -1).astype(mx.float32).sum(axis=1)
 
 
