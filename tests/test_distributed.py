@@ -78,13 +78,18 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(checkpoint, tmp_path_factory):
-    # In a process started like the ranks (same BLAS threads): a 2-thread sgemm may sum in
-    # another order than the ranks' 1-thread one, and pipeline mode is compared bit for bit.
     out = tmp_path_factory.mktemp("ref") / "ref.npz"
-    r = subprocess.run([sys.executable, "-m", WORKER, str(checkpoint), str(out), "--mode", "single,single:fq",
-                        "--exact"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout + r.stderr
+    _single(checkpoint, out, "--mode", "single,single:fq", "--exact")
     return np.load(out)
+
+
+def _single(checkpoint: Path, out: Path, *args: str) -> None:
+    """The one-process reference, in a process started like the ranks (same BLAS threads): a
+    2-thread sgemm may sum in another order than the ranks' 1-thread one, and pipeline mode is
+    compared bit for bit."""
+    r = subprocess.run([sys.executable, "-m", WORKER, str(checkpoint), str(out), *args], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 # ---- planner -----------------------------------------------------------------------------------
@@ -337,10 +342,8 @@ def test_pipeline_matches_with_a_quantized_checkpoint(checkpoint, tmp_path):
     q4 = tmp_path / "q4"
     conv = _cli(["convert", str(checkpoint), str(q4), "--recipe", "4bit"])
     assert conv.returncode == 0, conv.stderr
-    from mlx_v4.testing import dist_worker
-
     ref = tmp_path / "ref.npz"
-    assert dist_worker.main([str(q4), str(ref), "--mode", "single", "--decode", "5"]) == 0
+    _single(q4, ref, "--mode", "single", "--decode", "5")
     out = tmp_path / "out.npz"
     r = _launch(2, [str(q4), str(out), "--mode", "pipeline", "--decode", "5"])
     assert out.exists(), r.stdout + r.stderr
