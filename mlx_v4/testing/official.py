@@ -213,7 +213,7 @@ def read_safetensors(path) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]
 def write_official_checkpoint(path, cfg: dict, weights: dict[str, np.ndarray], *, fp8: bool = True,
                               expert_fp4: bool = True, max_shard_bytes: int = 5 << 30,
                               bf16_names=None) -> dict[str, np.ndarray]:
-    """Write config.json, shards and model.safetensors.index.json in the release's layout.
+    r"""Write config.json, shards and model.safetensors.index.json in the release's layout.
     Returns the exact float32 values every stored weight encodes (official names).
 
     ``bf16_names``: a regex (searched) or a collection of exact names stored BF16 even where
