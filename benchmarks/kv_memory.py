@@ -10,6 +10,7 @@ Part 2 (long context, small model): peak memory of chunked prefill at several pr
 
     python benchmarks/kv_memory.py                     # both parts, defaults
     python benchmarks/kv_memory.py --tokens 8192 --long 8192,32768,131072 --decode 2048,16384,65536
+    python benchmarks/kv_memory.py --skip-bytes --fill random     # long context in minutes
 """
 
 from __future__ import annotations
@@ -78,20 +79,20 @@ def part_bytes(tokens: int, step: int) -> None:
         del cache, model, ids  # so the next model's baseline does not include this cache
 
 
-def fill_random(cache, tokens: int) -> None:
+def fill_random(args, cache, tokens: int) -> None:
     """Stand in for prefilling ``tokens`` tokens: append random entries of the real packed formats
     (the counts a prefill would leave: tokens/4 and tokens/128 entries, tokens/4 index keys) and
     advance the offsets. A decode step's cost depends on these sizes, not on the values."""
     from mlx_v4.layers.fake_quant import quantize_index_key, quantize_kv_entry
 
     for c in cache:
-        ratio = {"csa": 4, "hca": 128}.get(c.kind)
+        ratio = {"csa": 4, "hca": 128}.get(c.kind)  # the schedules' two compression ratios
         if ratio:
             for s in range(0, tokens // ratio, 4096):
                 n = min(4096, tokens // ratio - s)
-                c.entries.append(quantize_kv_entry(mx.random.normal((1, n, 512)), c.rope_dim)[1])
+                c.entries.append(quantize_kv_entry(mx.random.normal((1, n, args.head_dim)), c.rope_dim)[1])
                 if ratio == 4:
-                    c.index_keys.append(quantize_index_key(mx.random.normal((1, n, 128)))[1])
+                    c.index_keys.append(quantize_index_key(mx.random.normal((1, n, args.index_head_dim)))[1])
                 mx.eval(c.state)
         c.offset = tokens
 
@@ -111,7 +112,7 @@ def part_long(lengths: list[int], decode_at: list[int], step: int, fill: str = "
         if fill == "random":
             # The last chunk sees the most context, so its peak is the prefill's peak: stand in
             # for all but two chunks, prefill one for real state, then measure the last.
-            fill_random(cache, n - 2 * step)
+            fill_random(args, cache, n - 2 * step)
             prefill(model, ids[:, n - 2 * step: n - step], cache, step)
             ids = ids[:, n - step:]
         mx.reset_peak_memory()
@@ -127,7 +128,7 @@ def part_long(lengths: list[int], decode_at: list[int], step: int, fill: str = "
         cache = make_cache(args)
         reserve(cache, n + 256)
         if fill == "random":  # all but the last 1024 tokens stand-in, those prefilled for real
-            fill_random(cache, n - 1024)
+            fill_random(args, cache, n - 1024)
             ids = ids[:, n - 1024:]
         out = prefill(model, ids, cache, step)
         states[n] = (cache, mx.argmax(out[:, -1], axis=-1)[:, None])

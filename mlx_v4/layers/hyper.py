@@ -18,6 +18,8 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels.hyper_mix import hyper_mix
+
 
 def sinkhorn(logits: mx.array, iters: int, eps: float) -> mx.array:
     """[..., hc, hc] logits -> approximately doubly-stochastic matrix (official hc_split_sinkhorn)."""
@@ -49,8 +51,6 @@ def _collapse(x, fn, base, scale, hc: int, iters: int, hc_eps: float, norm_eps: 
               use_kernel: bool = False):
     xf, mixes = _mixes(x, fn, norm_eps)
     if use_kernel:  # one Metal thread per token does all of it (mlx_v4/kernels/hyper_mix.py)
-        from ..kernels.hyper_mix import hyper_mix
-
         pre, post, comb = hyper_mix(mixes, base, scale, hc=hc, iters=iters, eps=hc_eps, use_kernel=True)
     else:
         # Sinkhorn is ~60 tiny ops: compiled, they fuse into a few kernels (decode is launch-bound).
