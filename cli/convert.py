@@ -8,15 +8,19 @@ import typer
 
 from .common import UserError, user_errors
 
-RECIPE_HELP = ("4bit, 8bit, mixed-4-8 (experts 4-bit, the rest 8-bit), mxfp4 (the release's FP4/FP8 "
-               "kept exactly; alias native) or bf16.")
+#: convert's recipes (mlx_v4.quantize.recipes.RECIPE_NAMES; spelled out so that `--help` needs no
+#: MLX import, and checked against it by tests/test_cli.py).
+RECIPE_LIST = "native, mxfp4, mxfp8, 4bit, 8bit, mixed-4-8, bf16"
+RECIPE_HELP = ("native (lossless: every tensor keeps its source format), mxfp4 (experts mxfp4, the rest "
+               "mxfp8), mxfp8, 4bit, 8bit, mixed-4-8 (experts 4-bit, the rest 8-bit) or bf16. `mlx-v4 info "
+               "--recipe` sizes the same names.")
 
 
 @user_errors
 def convert(
     src: Annotated[str, typer.Argument(help="Source checkpoint: a directory or a Hugging Face repo id.")],
     dst: Annotated[str, typer.Argument(help="Output directory (new, or a conversion to resume).")],
-    recipe: Annotated[str, typer.Option(help=RECIPE_HELP)] = "mxfp4",
+    recipe: Annotated[str, typer.Option(help=RECIPE_HELP)] = "native",
     group_size: Annotated[int, typer.Option(help="Group size of the affine formats: 32, 64 or 128.")] = 64,
     shard_size: Annotated[float, typer.Option(help="Largest output shard, in GB.")] = 5.0,
     force: Annotated[bool, typer.Option("--force", help="Redo a finished conversion in DST.")] = False,

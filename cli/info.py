@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from .common import REAL_MODEL, UserError, looks_like_repo, user_errors
+from .convert import RECIPE_LIST
 
 MAC_SIZES_GB = (36, 48, 64, 96, 128, 192, 256, 512)
 # macOS lets the GPU wire about 75% of unified memory by default; `sudo sysctl
@@ -24,18 +25,7 @@ MAC_SIZES_GB = (36, 48, 64, 96, 128, 192, 256, 512)
 DEFAULT_GPU_FRACTION = 0.75
 RAISED_RESERVE_BYTES = 8e9
 
-# bits per weight for (routed experts, other matrices); norms and small vectors stay 16-bit.
-# mx formats carry one 8-bit scale per 32 values (+0.25 bit); affine qN one fp16 scale and
-# bias per 64 values (+0.5 bit).
-RECIPES = {
-    "native": (4.25, 8.25),  # the release: FP4 experts, FP8 elsewhere (mxfp4 / mxfp8 here)
-    "mxfp4": (4.25, 4.25),
-    "mxfp8": (8.25, 8.25),
-    "q4": (4.5, 4.5),
-    "q8": (8.5, 8.5),
-    "bf16": (16.0, 16.0),
-}
-
+AFFINE_OVERHEAD_BITS = 0.5  # --bits: a bf16 scale and bias per 64 values
 
 @dataclass
 class MemoryPlan:
@@ -74,8 +64,39 @@ class MemoryPlan:
         return [(gb, self.verdict(gb * 2**30)) for gb in MAC_SIZES_GB]
 
 
-def parameter_bytes(args, expert_bits: float, other_bits: float) -> tuple[float, float]:
-    """(parameter count, bytes) of a model built from ``args`` (shapes only; nothing allocated)."""
+def get_recipe(name: str):
+    """convert's recipe ``name`` (aliases accepted); a UserError listing the choices."""
+    from mlx_v4.quantize.recipes import ConvertError
+    from mlx_v4.quantize.recipes import get_recipe as _get
+
+    try:
+        return _get(name)
+    except ConvertError as e:
+        raise UserError(str(e), "mlx-v4 convert --help describes each recipe") from None
+
+
+def recipe_bits(recipe):
+    """-> bits(name, shape): stored bits per weight of each parameter under convert's ``recipe``
+    (the tensor classes and shape rules conversion uses; ``native`` as the release stores it)."""
+    from mlx_v4.quantize.recipes import bits_per_weight, choose, classify
+
+    def bits(name: str, shape: tuple[int, ...]) -> float:
+        klass = classify(name)
+        return 32.0 if klass == "tid2eid" else bits_per_weight(choose(name, klass, recipe, shape, None))
+    return bits
+
+
+def uniform_bits(bits: float):
+    """--bits: every matrix but the embedding affine ``bits``; the rest 16-bit."""
+    def per_weight(name: str, shape: tuple[int, ...]) -> float:
+        matrix = len(shape) >= 2 and not name.startswith("embed") and "tid2eid" not in name
+        return bits + AFFINE_OVERHEAD_BITS if matrix else 16.0
+    return per_weight
+
+
+def parameter_bytes(args, bits) -> tuple[float, float]:
+    """(parameter count, bytes) of a model built from ``args`` (shapes only; nothing allocated),
+    ``bits(name, shape)`` bits per weight of each parameter."""
     from mlx.utils import tree_flatten
 
     from mlx_v4.model import Model
@@ -84,14 +105,18 @@ def parameter_bytes(args, expert_bits: float, other_bits: float) -> tuple[float,
     for name, p in tree_flatten(Model(args).parameters()):
         n = math.prod(p.shape)
         count += n
-        if ".experts." in name and "shared" not in name:
-            bits = expert_bits
-        elif p.ndim >= 2 and not name.startswith("embed") and "tid2eid" not in name:
-            bits = other_bits
-        else:
-            bits = 16.0
-        nbytes += n * bits / 8
+        nbytes += n * bits(name, tuple(p.shape)) / 8
     return count, nbytes
+
+
+def split_bits(recipe: str | None, bits: float | None) -> tuple[float, float]:
+    """(routed-expert bits, other matrices' bits) for the distributed planner."""
+    if bits is not None:
+        return bits + AFFINE_OVERHEAD_BITS, bits + AFFINE_OVERHEAD_BITS
+    from mlx_v4.quantize.recipes import bits_per_weight
+
+    rec = get_recipe(recipe or "native")
+    return bits_per_weight(rec.experts), bits_per_weight(rec.linear)
 
 
 def _index_bytes(index_file: Path) -> float | None:
@@ -134,18 +159,14 @@ def plan(model: str, *, recipe: str | None, bits: float | None, context: int) ->
     from mlx_v4 import cache, config, platform
 
     if bits is not None:
-        expert_bits = other_bits = bits + 0.5  # affine: fp16 scale and bias per 64 values
-        label = f"{bits:g}-bit"
+        per_weight, label = uniform_bits(bits), f"{bits:g}-bit"
     else:
-        recipe = recipe or "native"
-        if recipe not in RECIPES:
-            raise UserError(f"unknown recipe {recipe!r}", f"choose one of {', '.join(RECIPES)}")
-        expert_bits, other_bits = RECIPES[recipe]
-        label = recipe
+        rec = get_recipe(recipe or "native")
+        per_weight, label = recipe_bits(rec), f"recipe {rec.name}"
     notes = []
     if model in config.PRESETS:
         args = config.preset(model)
-        params, weights = parameter_bytes(args, expert_bits, other_bits)
+        params, weights = parameter_bytes(args, per_weight)
         name, source = f"DeepSeek V4 {model.capitalize()}", f"{label}, from parameter counts"
     else:
         if model in ("demo", ""):
@@ -154,7 +175,7 @@ def plan(model: str, *, recipe: str | None, bits: float | None, context: int) ->
             model = str(mlx_v4.DEMO_MODEL_PATH)
         directory, weights, source = _checkpoint(model)
         args = config.ModelArgs.from_file(directory)
-        params, name = parameter_bytes(args, 16, 16)[0], model
+        params, name = parameter_bytes(args, lambda n, s: 16.0)[0], model
         if recipe is not None or bits is not None:
             notes.append("--recipe/--bits apply to flash and pro; a checkpoint is sized from its files.")
     if context > args.max_position_embeddings:
@@ -221,7 +242,7 @@ def split_plan(model: str, *, machines: int, memory: str, parallel: str, layers:
 
         directory = mlx_v4.DEMO_MODEL_PATH if model in ("demo", "") else _checkpoint(model)[0]
         args = config.ModelArgs.from_file(directory)
-    expert_bits, other_bits = RECIPES[recipe or "native"] if bits is None else (bits + 0.5, bits + 0.5)
+    expert_bits, other_bits = split_bits(recipe, bits)
     split = dist.plan_split(args, machines, parallel, layers)
     shares = dist.plan_ranks(args, split, context, expert_bits=expert_bits, other_bits=other_bits,
                              total_bytes=one.weights_bytes)
@@ -234,7 +255,8 @@ def split_plan(model: str, *, machines: int, memory: str, parallel: str, layers:
 @user_errors
 def info(
     model: Annotated[str, typer.Argument(help="flash, pro, a model directory or a Hugging Face repo id.")] = "flash",
-    recipe: Annotated[str | None, typer.Option(help=f"Weight format for flash/pro: {', '.join(RECIPES)}.")] = None,
+    recipe: Annotated[str | None, typer.Option(help=f"Weight format for flash/pro, as `mlx-v4 convert` writes "
+                                                    f"it: {RECIPE_LIST} (default native).")] = None,
     bits: Annotated[float | None, typer.Option(help="Uniform affine bits for flash/pro (overrides --recipe).")] = None,
     context: Annotated[int, typer.Option(help="Context length to size the KV cache for.")] = 65536,
     machines: Annotated[int, typer.Option(help="Plan a split over this many machines (mlx.launch ranks).")] = 1,

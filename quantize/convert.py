@@ -38,7 +38,7 @@ from .plan import (
     produce,
 )
 from .progress import Progress
-from .recipes import ConvertError, Override, Quant, get_recipe
+from .recipes import DEFAULT_RECIPE, ConvertError, Override, Quant, get_recipe
 
 log = logging.getLogger("mlx_v4.quantize")
 
@@ -92,7 +92,7 @@ def _prepare_dst(dst: Path, force: bool) -> None:
         shutil.rmtree(dst)
 
 
-def convert(src: str | Path, dst: str | Path, *, recipe: str = "mxfp4", group_size: int = 64,
+def convert(src: str | Path, dst: str | Path, *, recipe: str = DEFAULT_RECIPE, group_size: int = 64,
             override: Override | None = None, max_shard_bytes: int = 5_000_000_000, force: bool = False,
             verify: bool = False, upload_repo: str | None = None, private: bool = False,
             progress: bool | None = None, chunk_bytes: int = 256 << 20,
@@ -100,7 +100,8 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str = "mxfp4", group_si
     """Convert ``src`` (a directory or a Hugging Face repo id: the official FP8/FP4 release, or
     bf16/fp32 safetensors with official or transformers names) into an mlx-v4 directory ``dst``.
 
-    ``recipe``: 4bit, 8bit, mixed-4-8, mxfp4, bf16 (see recipes.py); ``group_size`` for affine
+    ``recipe``: one of ``RECIPE_NAMES`` (native, mxfp4, mxfp8, 4bit, 8bit, mixed-4-8, bf16; see
+    recipes.RECIPES; ``native`` is lossless); ``group_size`` for affine
     formats (32/64/128); ``override(module, class, target)`` may return another target per
     module. ``max_shard_bytes`` caps output shards. ``force`` redoes a finished output. ``verify``
     compares the converted and the source model (mean KL, top-1 agreement); ``upload_repo``

@@ -32,8 +32,10 @@ from mlx_v4.weights import (
 )
 
 from .io import mx_dtype, st_dtype
-from .recipes import ConvertError, Override, Quant, Recipe, Target, choose, classify
+from .recipes import QUANTIZABLE, ConvertError, Override, Quant, Recipe, Target, choose, classify
 
+_DENSE_DTYPE = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
+_SOURCE_DENSE = {"F32": "fp32", "F64": "fp32", "F16": "fp16"}
 _ITEM = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
          "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "BOOL": 1}
 
@@ -111,14 +113,26 @@ def produce(job: Job, entry, get: Callable[[TensorInfo], mx.array], src: Source,
     a = arrays[job.name]
     if leaf != "weight" or not isinstance(t, Quant):
         if mx.issubdtype(a.dtype, mx.floating):
-            a = a.astype(mx.float32 if t == "fp32" else mx.bfloat16)
+            a = a.astype(_DENSE_DTYPE.get(t, mx.bfloat16))
         return {job.name: a}
     out = mx.quantize(a.astype(mx.bfloat16), **t.params())
     return dict(zip((f"{module}.weight", f"{module}.scales", f"{module}.biases"), out, strict=False))
 
 
 def _work_dtype(entry) -> mx.Dtype:
-    return mx.float32 if any(t.dtype in ("F32", "F64") for p in entry.parts for t in _part_tensors(p)) else mx.bfloat16
+    wide = ("F32", "F64", "F16")  # F16 too: bf16 cannot hold it, float32 holds it exactly
+    return mx.float32 if any(t.dtype in wide for p in entry.parts for t in _part_tensors(p)) else mx.bfloat16
+
+
+def source_format(job: Job, entry, src: Source) -> Target:
+    """The format ``entry`` has in the source, as the model can hold it exactly: FP4/FP8 ->
+    mxfp4/mxfp8 and MLX-quantized tensors keep their parameters where the model runs the module
+    quantized; otherwise the float dtype (FP8/FP4 values dequantized are exact in bf16)."""
+    _, quant = materialise(job.name, entry, _zeros, fp8="mxfp8", fp4="mxfp4", dtype=job.work_dtype,
+                           block=src.block, own=src.own)
+    if quant is not None and job.klass in QUANTIZABLE:
+        return Quant(quant["bits"], quant["group_size"], quant["mode"])
+    return _SOURCE_DENSE.get(entry.parts[0].w.dtype, "bf16")
 
 
 def plan_jobs(src: Source, recipe: Recipe, override: Override | None) -> tuple[list[Job], list[str]]:
@@ -137,7 +151,8 @@ def plan_jobs(src: Source, recipe: Recipe, override: Override | None) -> tuple[l
         job = Job(name, entry, klass, "bf16", stacked, [], sum(_ITEM[t.dtype] * math.prod(t.shape)
                   for p in entry.parts for t in _part_tensors(p)), _work_dtype(entry))
         dense = produce(job, one if stacked else entry, _zeros, src, target="bf16")
-        job.target = choose(name, klass, recipe, tuple(dense[name].shape), override)
+        source = source_format(job, one if stacked else entry, src) if recipe.keep_source else None
+        job.target = choose(name, klass, recipe, tuple(dense[name].shape), override, source)
         if klass == "compressor" and job.target == "bf16" and job.work_dtype == mx.float32:
             job.target = "fp32"  # the model runs compressors in fp32: an fp32 source keeps them exact
         out = produce(job, one if stacked else entry, _zeros, src)
