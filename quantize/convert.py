@@ -7,7 +7,8 @@ Order of work, so that no failure leaves something that looks finished:
    every output tensor planned: bad input fails here, before anything is written;
 3. the resume manifest ``.mlx-v4-progress.json`` records finished shards; shards are written
    one by one (temp name, fsync, rename), skipping those a previous run finished;
-4. tokenizer files, README.md, config.json, the index, and last the marker ``.mlx-v4-complete``.
+4. tokenizer files, the chat template and mlx-lm's model file (``mlx_v4.mlx_lm_hook``), README.md,
+   config.json, the index, and last the marker ``.mlx-v4-complete``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_v4.mlx_lm_hook import HOOK_FILE, model_files
 from mlx_v4.weights import INDEX_FILE, resolve_model_path
 
 from . import card
@@ -45,9 +47,10 @@ log = logging.getLogger("mlx_v4.quantize")
 MARKER = ".mlx-v4-complete"
 MANIFEST = ".mlx-v4-progress.json"
 FORMAT_VERSION = 1
-#: Copied from the source when present (tokenizer, chat template, generation defaults).
+#: Copied from the source when present (tokenizer, generation defaults). The tokenizer pair, the
+#: chat template and mlx-lm's model file are then written by mlx_v4.mlx_lm_hook.model_files.
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-               "generation_config.json", "chat_template.jinja", "chat_template.json")
+               "generation_config.json")
 
 
 @dataclass
@@ -204,6 +207,8 @@ def _finish(src: Source, dst: Path, rec, request, shards, phash) -> None:
         f = src.path / name
         if f.is_file():
             write_atomic(dst / name, f.read_bytes())
+    for name, data in model_files(src.path).items():  # what mlx-lm needs to open the directory
+        write_atomic(dst / name, data)
     quantization, classes = {}, {}
     for s in shards:
         for j in s.jobs:
@@ -222,6 +227,7 @@ def _finish(src: Source, dst: Path, rec, request, shards, phash) -> None:
                   "source_fingerprint": src.fingerprint,
                   "classes": {k: sorted(v)[0] if len(v) == 1 else sorted(v) for k, v in sorted(classes.items())}}
     config["mlx_v4_conversion"] = conversion
+    config["model_file"] = HOOK_FILE  # mlx-lm imports it (trust_remote_code) to build the model
     write_atomic(dst / "README.md", card.model_card(config, conversion, shards))
     write_json(dst / "config.json", config)
     weight_map = {n: s.name for s in shards for n, _, _ in s.tensors}
