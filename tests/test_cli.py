@@ -188,6 +188,22 @@ def test_info_bits_shrinks_weights():
     assert weights("--bits", 2) < weights("--recipe", "native") < weights("--recipe", "bf16")
 
 
+def test_info_and_convert_share_the_recipe_names():
+    from mlx_v4.cli.convert import RECIPE_LIST
+    from mlx_v4.quantize.recipes import RECIPE_NAMES
+
+    assert RECIPE_LIST.split(", ") == list(RECIPE_NAMES)  # the --help text lists the real table
+
+    def weights(recipe):
+        r = run("info", "flash", "--recipe", recipe)
+        assert r.exit_code == 0, r.output
+        return next(ln for ln in r.stdout.splitlines() if "weights" in ln)
+
+    assert "recipe 4bit" in weights("q4") and weights("q4") == weights("4bit")
+    assert "recipe native" in weights("native")
+    one_line_error(run("info", "flash", "--recipe", "q3"), "unknown recipe 'q3': choose one of native, mxfp4")
+
+
 def test_info_checkpoint_dir_reads_index(tmp_path):
     from mlx_v4.testing.tiny import TINY_CONFIG
 

@@ -271,3 +271,17 @@ def test_mlx_lm_server_answers_a_chat_completion(dirs, loaded, tmp_path):
     assert body["usage"]["prompt_tokens"] == len(ids)
     want = "".join(r.text for r in mlx_lm.stream_generate(m, tok, ids, max_tokens=6))
     assert body["choices"][0]["message"]["content"] == want
+
+
+def test_mlx_lm_generate_command(dirs, loaded):
+    messages = [{"role": "user", "content": "What is a list?"}]
+    r = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(dirs["demo"]),
+                        "--trust-remote-code", "--prompt", messages[0]["content"], "--max-tokens", "6",
+                        "--chat-template-config", '{"enable_thinking": false}'],
+                       capture_output=True, text=True, timeout=180, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    (m, tok), _ = loaded("demo")
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
+    want = "".join(x.text for x in mlx_lm.stream_generate(m, tok, ids, max_tokens=6))
+    assert r.stdout.split("==========")[1].strip() == want.strip()
+    assert f"Prompt: {len(ids)} tokens" in r.stdout
