@@ -18,7 +18,8 @@ RECIPE_HELP = ("native (lossless: every tensor keeps its source format), mxfp4 (
 
 @user_errors
 def convert(
-    src: Annotated[str, typer.Argument(help="Source checkpoint: a directory or a Hugging Face repo id.")],
+    src: Annotated[str, typer.Argument(help="Source checkpoint: a directory, a Hugging Face repo id, or demo "
+                                            "(the bundled tiny model).")],
     dst: Annotated[str, typer.Argument(help="Output directory (new, or a conversion to resume).")],
     recipe: Annotated[str, typer.Option(help=RECIPE_HELP)] = "native",
     group_size: Annotated[int, typer.Option(help="Group size of the affine formats: 32, 64 or 128.")] = 64,
@@ -37,6 +38,10 @@ def convert(
 
     from .ui import UI
 
+    if src == "demo":
+        import mlx_v4
+
+        src = str(mlx_v4.DEMO_MODEL_PATH)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # plain progress when not a terminal
     ui = UI()
     result = _convert(src, dst, recipe=recipe, group_size=group_size, max_shard_bytes=int(shard_size * 1e9),

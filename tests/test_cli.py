@@ -323,3 +323,10 @@ def test_convert_verify_and_errors(tmp_path):
     assert r.exit_code == 0 and "already converted" in r.stderr
     one_line_error(run("convert", tmp_path / "src", tmp_path / "out2", "--recipe", "3bit"), "recipe")
     one_line_error(run("convert", tmp_path / "nope", tmp_path / "out3"), "nope")
+
+
+def test_convert_demo_default_native(tmp_path):
+    r = run("convert", "demo", tmp_path / "d")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert cfg["mlx_v4_conversion"]["recipe"] == "native" and (tmp_path / "d" / cfg["model_file"]).is_file()
