@@ -123,6 +123,7 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str = DEFAULT_RECIPE, g
                                f"(recipe {marker.get('request', {}).get('recipe')!r}); pass force=True (--force) "
                                "to replace it")
         log.info("%s: already converted (%s); nothing to do", dst, MARKER)
+        _add_model_files(dst)
         result.noop = True
         source_dir = None
     else:
@@ -236,6 +237,18 @@ def _finish(src: Source, dst: Path, rec, request, shards, phash) -> None:
     write_json(dst / MARKER, {"request": request, "plan": phash, "files": sorted(s.name for s in shards),
                               "completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     (dst / MANIFEST).unlink(missing_ok=True)
+
+
+def _add_model_files(dst: Path) -> None:
+    """A conversion finished by an mlx-v4 that did not write mlx-lm's files gets them (its own
+    tokenizer files are kept), so running convert again makes it open in mlx-lm."""
+    config = _read_json(dst / "config.json")
+    if config is None or config.get("model_file") == HOOK_FILE and (dst / HOOK_FILE).is_file():
+        return
+    for name, data in model_files(dst).items():
+        write_atomic(dst / name, data)
+    write_json(dst / "config.json", config | {"model_file": HOOK_FILE})
+    log.info("%s: added mlx-lm's model file, chat template and tokenizer files", dst)
 
 
 def is_complete(path: str | Path) -> bool:

@@ -226,6 +226,20 @@ def test_resume_after_kill_noop_and_force(source, tmp_path):
     assert json.loads((dst / "config.json").read_text())["mlx_v4_conversion"]["recipe"] == "4bit"
 
 
+def test_rerun_adds_mlx_lm_files_to_an_older_conversion(source, tmp_path):
+    dst = tmp_path / "old"
+    convert(source[0], dst, recipe="4bit", max_shard_bytes=SHARD, progress=False)
+    cfg = json.loads((dst / "config.json").read_text())
+    for name in ("chat_template.jinja", cfg.pop("model_file")):  # as mlx-v4 wrote them before
+        (dst / name).unlink()
+    (dst / "config.json").write_text(json.dumps(cfg))
+    tokenizer_config = (dst / "tokenizer_config.json").read_text()
+    r = convert(source[0], dst, recipe="4bit", max_shard_bytes=SHARD, progress=False)
+    assert r.noop and (dst / "chat_template.jinja").is_file() and (dst / "mlx_v4_model.py").is_file()
+    assert json.loads((dst / "config.json").read_text()) == cfg | {"model_file": "mlx_v4_model.py"}
+    assert (dst / "tokenizer_config.json").read_text() == tokenizer_config  # its own, completed again
+
+
 def test_refuses_foreign_directory(source, tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(ConvertError, match="not an mlx-v4 conversion"):
