@@ -241,6 +241,7 @@ def _post(url, body, timeout):
         return r.status, json.loads(r.read())
 
 
+@pytest.mark.slow
 def test_mlx_lm_server_answers_a_chat_completion(dirs, loaded, tmp_path):
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
@@ -273,6 +274,7 @@ def test_mlx_lm_server_answers_a_chat_completion(dirs, loaded, tmp_path):
     assert body["choices"][0]["message"]["content"] == want
 
 
+@pytest.mark.slow
 def test_mlx_lm_generate_command(dirs, loaded):
     messages = [{"role": "user", "content": "What is a list?"}]
     r = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(dirs["demo"]),
