@@ -21,8 +21,7 @@ def model_card(config: dict, conversion: dict, shards) -> str:
               "| tensor class | format |", "|---|---|"]
     for klass, fmt in conversion["classes"].items():
         lines.append(f"| {klass} | {fmt if isinstance(fmt, str) else ', '.join(fmt)} |")
-    lines += ["", "Lossless: every tensor keeps the source's format." if conversion["recipe"] == "native" else "",
-              "", "## Run it", "",
+    lines += ["", "## Run it", "",
               "Both routes need the mlx-v4 package (from a clone of its repository: `pip install -e .`), "
               "which provides the DeepSeek V4 model.", "",
               "With mlx-v4 (chat, server, memory planner, KV cache that saves and rewinds):", "",

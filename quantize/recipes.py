@@ -117,8 +117,8 @@ class RecipeSpec:
 
 #: Every recipe, in the order the CLI and docs list them: adding one is one line here.
 RECIPES: dict[str, RecipeSpec] = {
-    "native": RecipeSpec(MXFP4, MXFP8, "bf16", "lossless: every tensor keeps its source format (FP4 -> mxfp4 "
-                         "and FP8 -> mxfp8 bit for bit, bf16 stays bf16)", keep_source=True),
+    "native": RecipeSpec(MXFP4, MXFP8, "bf16", "every tensor keeps its source format, so nothing is rounded "
+                         "(FP4 -> mxfp4 and FP8 -> mxfp8 bit for bit, bf16 stays bf16)", keep_source=True),
     "mxfp4": RecipeSpec(MXFP4, MXFP8, "bf16", "routed experts mxfp4, attention/indexer/shared expert mxfp8, "
                         "embedding/head bf16 (the release's layout, imposed on any source)"),
     "mxfp8": RecipeSpec(MXFP8, MXFP8, "bf16", "routed experts and attention/indexer/shared expert mxfp8, "
