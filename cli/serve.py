@@ -58,6 +58,7 @@ def serve(
     layers: LayersOpt = None,
     dist_timeout: TimeoutOpt = 300.0,
 ):
+    api_key = api_key if api_key and api_key.strip() else None  # an empty key is no key
     if api_key is None and not is_loopback(host):
         raise UserError(f"binding {host} (beyond loopback) needs --api-key",
                         "pass --api-key KEY (or set MLX_V4_API_KEY), or bind 127.0.0.1")

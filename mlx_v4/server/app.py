@@ -42,6 +42,11 @@ class ServerConfig:
     prefill_chunk: int = 2048
     accept_any_model: bool = False  # answer every model name (some agents insist on their own)
 
+    def __post_init__(self):
+        # an empty key would switch authentication off while looking like one was set
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("ServerConfig.api_key is empty; pass None for no key, or a non-empty key")
+
 
 class _State:
     def __init__(self, model, tokenizer, config: ServerConfig, engine: Engine | None):
