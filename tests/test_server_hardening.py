@@ -47,3 +47,228 @@ def test_empty_api_key_is_refused_by_the_library():
         with pytest.raises(ValueError, match="api_key is empty"):
             ServerConfig(api_key=key)
     assert ServerConfig(api_key="k").api_key == "k" and ServerConfig().api_key is None
+
+
+# ---- servers for the HTTP checks ------------------------------------------------------------------
+
+CAP = 1 << 20
+PATHS = ("/v1/chat/completions", "/v1/messages", "/v1/responses")
+
+
+def _body(path: str, text: str = "hi") -> dict:
+    msg = [{"role": "user", "content": text}]
+    return {"/v1/chat/completions": {"model": "s", "messages": msg, "max_tokens": 3, **NO_THINK},
+            "/v1/messages": {"model": "s", "messages": msg, "max_tokens": 3, **NO_THINK},
+            "/v1/responses": {"model": "s", "input": msg, "max_output_tokens": 3,
+                              "reasoning": {"effort": "none"}}}[path]
+
+
+def _shaped(path: str, r, status: int) -> str:
+    """The error message, after checking the status and the protocol's error shape."""
+    assert r.status_code == status, (path, r.status_code, r.text[:300])
+    err = r.json()
+    if path == "/v1/messages":
+        assert err["type"] == "error" and set(err["error"]) == {"type", "message"}, err
+        return err["error"]["message"]
+    assert set(err["error"]) == {"message", "type", "param", "code"}, err
+    return err["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def open_server(tokenizer):
+    """No key: loopback names only (plus box.local); a 1 MiB body cap."""
+    model = ScriptedModel([tokenizer.encode("Hi there.")], max_positions=2048)
+    app = create_app(model, tokenizer, ServerConfig(model_name="s", default_max_tokens=8, max_body_bytes=CAP,
+                                                    allowed_hosts=["Box.local"]))
+    with running(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tokenizer):
+    model = ScriptedModel([tokenizer.encode("Hi there.")], max_positions=2048)
+    app = create_app(model, tokenizer, ServerConfig(model_name="s", default_max_tokens=8, api_key="sekrit"))
+    with running(app) as url:
+        yield url, app
+
+
+# ---- 3: the body cap holds for chunked bodies ------------------------------------------------------
+
+def test_body_cap_holds_for_chunked_bodies(open_server):
+    url, app = open_server
+    import json
+
+    for path in PATHS:
+        big = json.dumps(_body(path, "x" * (3 * CAP))).encode()
+
+        def chunks(data=big):
+            for i in range(0, len(data), 64 << 10):
+                yield data[i:i + 64 << 10]
+
+        try:
+            r = httpx.post(url + path, content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+        except httpx.TransportError:  # the server may hang up before the client sent everything
+            pytest.fail("the server closed the connection without answering 413")
+        assert "transfer-encoding" in r.request.headers and "content-length" not in r.request.headers
+        assert "over the limit of 1048576 bytes" in _shaped(path, r, 413)
+        # with a length header it is refused before any of it is read
+        r = httpx.post(url + path, content=big, headers={"content-type": "application/json"}, timeout=30)
+        assert f"({len(big)} bytes; the limit is 1048576)" in _shaped(path, r, 413)
+        # a chunked body under the cap is served
+        small = json.dumps(_body(path)).encode()
+        r = httpx.post(url + path, content=iter([small[:10], small[10:]]),
+                       headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 200, r.text
+
+
+def test_read_body_stops_reading_past_the_cap():
+    import asyncio
+
+    from mlx_v4.server.guards import read_body
+    from mlx_v4.server.protocols import ApiError
+
+    class Chunked:
+        headers: dict = {}
+        pulled = 0
+
+        async def stream(self):
+            while True:  # an endless body
+                self.pulled += 1
+                yield b"x" * 1000
+
+    req = Chunked()
+    with pytest.raises(ApiError) as e:
+        asyncio.run(read_body(req, 10_500))
+    assert e.value.status == 413 and req.pulled == 11
+
+
+# ---- 5: JSON nesting depth ---------------------------------------------------------------------------
+
+def test_deep_json_is_400_on_every_endpoint(open_server):
+    url, app = open_server
+    import json
+
+    for path in PATHS:
+        for deep in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000):
+            body = b'{"model": "s", "messages": ' + deep + b', "input": "x"}'
+            r = httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
+            assert _shaped(path, r, 400) == "request body nests arrays and objects deeper than 64 levels"
+        # brackets inside strings are text, not nesting
+        r = httpx.post(url + path, json=_body(path, "[{" * 300 + "\\\\\"[" * 100), timeout=30)
+        assert r.status_code == 200, r.text
+    assert json.loads(httpx.get(f"{url}/health").text)["engine"]["failed"] == 0
+
+
+def test_json_depth_scan_matches_the_parsed_depth():
+    import json
+    import random
+
+    from mlx_v4.server.guards import json_depth_exceeds
+
+    def depth(x):
+        if isinstance(x, (list, dict)):
+            return 1 + max([depth(v) for v in (x.values() if isinstance(x, dict) else x)] or [0])
+        return 0
+
+    rng = random.Random(0)
+    alphabet = '[]{}"\\ab\n'
+
+    def gen(d):
+        r = rng.random()
+        if d > 12 or r < 0.3:
+            return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+        if r < 0.65:
+            return [gen(d + 1) for _ in range(rng.randint(0, 3))]
+        return {"".join(rng.choice(alphabet) for _ in range(3)): gen(d + 1) for _ in range(rng.randint(0, 3))}
+
+    for _ in range(400):
+        x = gen(0)
+        body, true = json.dumps(x).encode(), depth(x)
+        for limit in {0, 1, max(0, true - 1), true, true + 1}:
+            for step in (1, 3, 7, 1 << 20):  # chunk boundaries anywhere
+                assert json_depth_exceeds(body, limit, step) == (true > limit), (body, limit, step)
+
+
+# ---- 6: content type, Host and Origin ----------------------------------------------------------------
+
+def test_only_json_content_type(open_server):
+    url, _ = open_server
+    import json
+
+    for path in PATHS:
+        raw = json.dumps(_body(path)).encode()
+        for ct in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            r = httpx.post(url + path, content=raw, headers={"content-type": ct})
+            assert _shaped(path, r, 415) == f"Content-Type must be application/json, not {ct!r}"
+        r = httpx.post(url + path, content=raw, headers={"content-type": ""})
+        assert _shaped(path, r, 415) == "Content-Type must be application/json"
+        r = httpx.post(url + path, content=raw, headers={"content-type": "Application/JSON; charset=utf-8"})
+        assert r.status_code == 200, r.text
+
+
+def test_unkeyed_server_answers_only_loopback_hosts_and_origins(open_server, keyed_server):
+    url, _ = open_server
+    port = url.rsplit(":", 1)[1]
+    for path in PATHS:
+        h = {"content-type": "application/json"}
+        for host in ("evil.example", f"evil.example:{port}", "192.168.1.5", "localhost.evil.example"):
+            r = httpx.post(url + path, json=_body(path), headers={**h, "host": host})
+            assert _shaped(path, r, 403).startswith(f"host {host.split(':')[0]!r} is not allowed")
+        for origin in ("http://evil.example", f"http://evil.example:{port}", "null", "file://"):
+            r = httpx.post(url + path, json=_body(path), headers={**h, "origin": origin})
+            assert _shaped(path, r, 403) == f"cross-origin requests from {origin!r} are not allowed"
+        for host in (f"localhost:{port}", "LOCALHOST", f"127.0.0.1:{port}", f"[::1]:{port}", "box.local:9"):
+            r = httpx.post(url + path, json=_body(path), headers={**h, "host": host})
+            assert r.status_code == 200, (host, r.text)
+        r = httpx.post(url + path, json=_body(path), headers={**h, "origin": "http://localhost:3000"})
+        assert r.status_code == 200, r.text
+    for get in ("/v1/models", "/health"):
+        assert httpx.get(url + get, headers={"host": "evil.example"}).status_code == 403
+        r = httpx.get(url + get, headers={"host": "evil.example", "anthropic-version": "2023-06-01"})
+        assert r.json()["error"]["type"] == "permission_error"
+        assert httpx.get(url + get, headers={"host": f"localhost:{port}"}).status_code == 200
+    # a keyed server is reached by any name (the key is the guard)
+    kurl, _ = keyed_server
+    r = httpx.post(kurl + PATHS[0], json=_body(PATHS[0]),
+                   headers={"host": "box.example", "authorization": "Bearer sekrit"})
+    assert r.status_code == 200, r.text
+
+
+def test_host_names():
+    from mlx_v4.server.guards import host_name, normalize_hosts
+
+    assert host_name("LocalHost:8000") == "localhost" and host_name("[::1]:80") == "[::1]"
+    assert host_name("[::1]") == "[::1]" and host_name("127.0.0.1") == "127.0.0.1"
+    assert normalize_hosts(["::1", "Box.local:8000", " ", "*"]) == {"[::1]", "box.local", "*"}
+
+
+def test_allowed_hosts_flag(monkeypatch):
+    import mlx_v4.cli.serve as cli_serve
+    from mlx_v4.cli.app import app
+    from typer.testing import CliRunner
+
+    seen = {}
+
+    def create_app(model, tok, config, engine=None):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli_serve, "load_model", lambda ui, model: (None, None, "demo"))
+    monkeypatch.setattr("mlx_v4.server.create_app", create_app)
+    r = CliRunner().invoke(app, ["serve", "--allowed-hosts", "box.local, 10.0.0.5,"])
+    assert r.exit_code == 0, r.output
+    assert seen["config"].allowed_hosts == ["box.local", "10.0.0.5"]
+
+
+# ---- 9: /health wants the key ------------------------------------------------------------------------
+
+def test_health_requires_the_key(keyed_server, open_server):
+    url, _ = keyed_server
+    r = httpx.get(f"{url}/health")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert "engine" not in r.text and "prefix_cache" not in r.text
+    r = httpx.get(f"{url}/health", headers={"anthropic-version": "2023-06-01", "x-api-key": "wrong"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.get(f"{url}/health", headers={"authorization": "Bearer sekrit"})
+    assert r.status_code == 200 and r.json()["status"] == "ok" and "served" in r.json()["engine"]
+    assert httpx.get(f"{open_server[0]}/health").json()["status"] == "ok"

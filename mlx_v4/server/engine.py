@@ -70,7 +70,7 @@ class Engine:
     def submit(self, job: Job) -> bool:
         """Queue ``job``; False when the queue is full (the caller answers 503/429)."""
         with self.cv:
-            if self.stopping or len(self.pending) >= self.max_queue:
+            if self.stopping or not self.thread.is_alive() or len(self.pending) >= self.max_queue:
                 return False
             self.pending.append(job)
             self.cv.notify()
@@ -80,6 +80,11 @@ class Engine:
         job.cancelled = True
         with self.cv:
             self.cv.notify()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread still runs (/health reports a dead one)."""
+        return self.thread.is_alive()
 
     def stats(self) -> dict:
         return {"queued": len(self.pending), "active": len(self.active), "served": self.served,

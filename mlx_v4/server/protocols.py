@@ -32,8 +32,9 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str | None = None, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
-        self.kind = kind or {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
-                             429: "rate_limit_error", 503: "overloaded_error"}.get(status, "invalid_request_error")
+        self.kind = kind or {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                             413: "request_too_large", 429: "rate_limit_error",
+                             503: "overloaded_error"}.get(status, "invalid_request_error")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class Protocol:
             kind = "invalid_request_error" if err.kind == "context_length_exceeded" else err.kind
             return {"type": "error", "error": {"type": kind, "message": err.message}}
         kind = {"not_found_error": "invalid_request_error", "authentication_error": "invalid_request_error",
-                "overloaded_error": "server_error", "api_error": "server_error"}.get(err.kind, err.kind)
+                "permission_error": "invalid_request_error", "overloaded_error": "server_error",
+                "api_error": "server_error"}.get(err.kind, err.kind)
         code = {401: "invalid_api_key", 404: "model_not_found"}.get(err.status, kind)
         return {"error": {"message": err.message, "type": kind, "param": err.param, "code": code}}
 
@@ -135,16 +137,21 @@ def _error_from_conversion(e) -> ApiError:
 
 
 def prepare(protocol: Protocol, body: bytes, *, tokenizer, options, context: int, default_max_tokens: int,
-            max_marks: int = 12) -> Prepared:
+            max_marks: int = 12, model_override: str | None = None) -> Prepared:
     """Validate and convert a request body; encode its prompt; resolve max_tokens against the
-    context. Raises :class:`ApiError` (4xx) for anything the client got wrong."""
+    context. Raises :class:`ApiError` (4xx) for anything the client got wrong.
+    ``model_override``: answer as this model whatever model name the request gives."""
     r = _recipe()
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # callers bound the depth first (guards.json_depth_exceeds); a last line
+        raise ApiError(400, "request body nests too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
+    if model_override is not None and isinstance(data.get("model"), str):
+        data["model"] = model_override
     sampling: dict = {}
     top_k = data.get("top_k")
     if top_k is not None and protocol.name == "messages":
