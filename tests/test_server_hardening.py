@@ -272,3 +272,76 @@ def test_health_requires_the_key(keyed_server, open_server):
     r = httpx.get(f"{url}/health", headers={"authorization": "Bearer sekrit"})
     assert r.status_code == 200 and r.json()["status"] == "ok" and "served" in r.json()["engine"]
     assert httpx.get(f"{open_server[0]}/health").json()["status"] == "ok"
+
+
+# ---- 4: one failing request, a dead engine, a mis-shaped cache file ----------------------------------
+
+def test_one_failing_request_leaves_the_engine_serving(open_server):
+    url, app = open_server
+    pool = app.state.server.pool
+    real, calls = pool.acquire, []
+
+    def acquire(ids):
+        calls.append(ids)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(ids)
+
+    pool.acquire = acquire
+    try:
+        failed = app.state.server.engine.stats()["failed"]
+        for path in PATHS:
+            calls.clear()
+            r = httpx.post(url + path, json=_body(path), timeout=30)
+            assert _shaped(path, r, 500) == "cannot start the response: RuntimeError: boom"
+            r = httpx.post(url + path, json=_body(path), timeout=30)
+            assert r.status_code == 200, r.text
+        health = httpx.get(f"{url}/health").json()
+        assert health["status"] == "ok" and health["engine"]["failed"] == failed + 3
+    finally:
+        del pool.acquire
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the point of the test
+def test_health_and_requests_see_a_dead_engine(tokenizer):
+    model = ScriptedModel([tokenizer.encode("Hi there.")], max_positions=2048, interrupt_at_call=1)
+    app = create_app(model, tokenizer, ServerConfig(model_name="s", default_max_tokens=8))
+    with running(app) as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+        # KeyboardInterrupt is no Exception: it ends the worker thread
+        r = httpx.post(f"{url}/v1/messages", json=_body("/v1/messages"), timeout=30)
+        assert _shaped("/v1/messages", r, 503) == "the engine has stopped; see the server log"
+        app.state.server.engine.thread.join(10)
+        r = httpx.get(f"{url}/health")
+        assert r.status_code == 503 and r.json()["status"] == "engine stopped"
+        r = httpx.post(f"{url}/v1/chat/completions", json=_body("/v1/chat/completions"), timeout=30)
+        assert _shaped("/v1/chat/completions", r, 503).startswith("the engine has stopped")
+
+
+def test_mis_shaped_cache_file_fails_once_and_is_removed(tokenizer, tmp_path):
+    """A file whose tensors have the wrong shape loads, then breaks the forward pass: that request
+    gets a 500 in its protocol's shape, the file is removed, and the same prompt then works."""
+    import mlx.core as mx
+
+    from mlx_v4.testing.tiny import random_model, tiny_args
+
+    model = random_model(tiny_args(vocab_size=129280))
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 3,
+            "temperature": 0, **NO_THINK}
+    config = ServerConfig(model_name="tiny", cache_dir=str(tmp_path))
+    with running(create_app(model, tokenizer, config)) as url:
+        want = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == 2  # the end of the exchange and its turn start (written at shutdown)
+    for f in files:
+        arrays, meta = mx.load(str(f), return_metadata=True)
+        arrays["0.window.0"] = mx.zeros((1, 3, 5))
+        mx.save_safetensors(str(f), arrays, metadata=meta)
+    app = create_app(model, tokenizer, config)
+    with running(app) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert _shaped("/v1/chat/completions", r, 500).startswith("generation failed: ")
+        assert len(list(tmp_path.glob("*.safetensors"))) == 1  # the file it resumed from is gone
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0] == want
+        assert app.state.server.engine.stats()["failed"] == 1
