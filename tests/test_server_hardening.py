@@ -345,3 +345,143 @@ def test_mis_shaped_cache_file_fails_once_and_is_removed(tokenizer, tmp_path):
         r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0] == want
         assert app.state.server.engine.stats()["failed"] == 1
+
+
+# ---- 2: prompts far beyond the context ------------------------------------------------------------------
+
+class _Watched:
+    """The tokenizer, with its prompt encoding and plain encode watched: ``encoded`` counts whole
+    conversations encoded; ``chars`` the characters given to ``encode``. ``meet``: a barrier every
+    conversation encode waits at (to prove two run at once)."""
+
+    def __init__(self, tokenizer, meet=None):
+        from mlx_v4.server.protocols import prompt_encoding
+
+        self._inner, self.encoded, self.chars, self.meet = tokenizer, 0, 0, meet
+        real, watched = prompt_encoding(tokenizer), self
+
+        class Encoding:
+            def render_conversation(self, conv):
+                return real.render_conversation(conv)
+
+            def encode(self, conv):
+                watched.encoded += 1
+                if watched.meet is not None:
+                    watched.meet.wait()
+                return real.encode(conv)
+
+        self._recipe_v4_encoding = Encoding()
+
+    def encode(self, text):
+        self.chars += len(text)
+        return self._inner.encode(text)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _prepare(tok, text: str, context: int, protocol: str = "chat"):
+    import json
+
+    from mlx_v4.server.protocols import PROTOCOLS, conversion_options, prepare
+
+    body = json.dumps({"model": "s", "messages": [{"role": "user", "content": text}], "max_tokens": 4,
+                       **NO_THINK}).encode()
+    return prepare(PROTOCOLS[protocol], body, tokenizer=tok, options=conversion_options(["s"], context),
+                   context=context, default_max_tokens=4)
+
+
+def test_huge_prompt_is_refused_before_it_is_encoded(tokenizer):
+    from mlx_v4.server import prompt_size
+    from mlx_v4.server.protocols import ApiError
+
+    text = "All work and no play makes Jack a dull boy.\n" * 50_000  # 2.2 MB, ~550K tokens
+    for context, cheap in ((2048, True), (100_000, False)):  # over 128 bytes a token, or counted
+        tok = _Watched(tokenizer)
+        with pytest.raises(ApiError) as e:
+            _prepare(tok, text, context)
+        assert e.value.status == 400 and e.value.kind == "context_length_exceeded"
+        assert e.value.message.startswith(f"This model's maximum context length is {context} tokens. "
+                                          "However, your messages hold at least ")
+        assert tok.encoded == 0  # the conversation was never encoded whole
+        if cheap:
+            assert tok.chars == 0
+        else:  # counted in pieces until past the context: a fraction of the text
+            assert 0 < tok.chars < 100_000 * 16 < len(text)
+            assert int(e.value.message.split("at least ")[1].split()[0]) > context
+    # a prompt that fits is encoded once, exactly as before
+    tok = _Watched(tokenizer)
+    prep = _prepare(tok, "Hello there", 2048)
+    assert tok.encoded == 1 and prep.ids == _prepare(tokenizer, "Hello there", 2048).ids
+    assert prompt_size.CHUNK == 1 << 16
+
+
+def test_encoding_runs_outside_any_global_lock(tokenizer):
+    """Two requests encode at once (each waits for the other inside the encoder): a large
+    prompt does not hold up a small one."""
+    import threading
+
+    tok = _Watched(tokenizer, meet=threading.Barrier(2, timeout=30))
+    out = {}
+
+    def one(i):
+        try:
+            out[i] = _prepare(tok, f"Hello number {i}", 2048).ids
+        except Exception as e:  # recorded, asserted below
+            out[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(isinstance(v, list) for v in out.values()) and len(out) == 2, out
+    assert out[0] == _prepare(tokenizer, "Hello number 0", 2048).ids
+
+
+def test_prompt_count_only_errs_low(tokenizer, monkeypatch):
+    """``tokens_beyond`` against the exact encoding on mixed text (CJK, digits, emoji, special
+    spellings, long runs) cut into small pieces: it never counts more tokens than the prompt
+    holds, and on text with clean cuts it counts exactly."""
+    import random
+
+    import deepseek_recipe as r
+
+    from mlx_v4.server import prompt_size
+    from mlx_v4.server.protocols import prompt_encoding
+
+    monkeypatch.setattr(prompt_size, "CHUNK", 40)
+    enc, rng = prompt_encoding(tokenizer), random.Random(1)
+    words = ["hello", "world", "Ünïcødé", "漢字かな", "1234567", "  ", "\n", "\n\n", " \n", "...", "{[(", "tab\t",
+             "é", "x" * 30, "----", "naïve", "🙂", "'s", "<｜User｜>", "<think>", "-=" * 40, "1" * 90]
+    exact = 0
+    for trial in range(120):
+        text = "".join(rng.choice(words) + rng.choice(["", " ", "\n"]) for _ in range(rng.randint(1, 150)))
+        conv = r.Conversation([r.SystemMessage("Be brief."), r.UserMessage(text)], thinking_mode=bool(trial % 2))
+        rendered = enc.render_conversation(conv)
+        true = len(enc.encode(conv))
+        for limit in (true - 1, true // 2, true // 5):
+            got = prompt_size.tokens_beyond(rendered.prompt, rendered.special_ranges, tokenizer, limit)
+            assert got is None or limit < got <= true, (got, limit, true, text)
+        assert prompt_size.tokens_beyond(rendered.prompt, rendered.special_ranges, tokenizer, true) is None
+    for _ in range(40):  # words and newlines only: every cut is clean
+        text = "".join(rng.choice(["hello", "world", "naïve", "漢字"]) + rng.choice([" ", "\n"])
+                       for _ in range(rng.randint(30, 150)))
+        conv = r.Conversation([r.UserMessage(text)], thinking_mode=False)
+        rendered = enc.render_conversation(conv)
+        true = len(enc.encode(conv))
+        exact += prompt_size.tokens_beyond(rendered.prompt, rendered.special_ranges, tokenizer, true - 1) == true
+    assert exact == 40
+
+
+def test_huge_prompt_over_http_is_a_fast_4xx(keyed_server):
+    url, app = keyed_server
+    h = {"authorization": "Bearer sekrit", "anthropic-version": "2023-06-01"}
+    text = "word " * 4_000_000  # 20 MB
+    for path in PATHS:
+        body = _body(path, text)
+        r = httpx.post(url + path, json=body, headers=h, timeout=120)
+        assert "This model's maximum context length is 2048 tokens" in _shaped(path, r, 400)
+        if path != "/v1/messages":
+            assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert httpx.post(url + PATHS[0], json=_body(PATHS[0]), headers=h, timeout=30).status_code == 200

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ..chat import recipe_tokenizer
 from ..tokenizer import ASSISTANT_ID, USER_ID
+from .prompt_size import tokens_beyond
 
 
 def _recipe():
@@ -170,12 +171,17 @@ def prepare(protocol: Protocol, body: bytes, *, tokenizer, options, context: int
     io = conv.inference_options
     if io.logprobs:
         raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
-    try:
+    try:  # no lock: the encoding is immutable and lets other threads run while it works
         enc = prompt_encoding(tokenizer)
-        with _ENCODING_LOCK:
-            ids = enc.encode(conv.conversation)
+        rendered = enc.render_conversation(conv.conversation)
+        beyond = tokens_beyond(rendered.prompt, rendered.special_ranges, tokenizer, context)
+        ids = enc.encode(conv.conversation) if beyond is None else None
     except (RuntimeError, ValueError) as e:
         raise ApiError(400, f"cannot encode the conversation: {e}") from None
+    if beyond is not None:  # refused before encoding it all (prompt_size.py)
+        raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your messages "
+                            f"hold at least {beyond} tokens. Please reduce the length of the messages.",
+                       "context_length_exceeded" if protocol.name != "messages" else None)
     try:
         max_tokens = conv.resolve_max_tokens(len(ids), context)
     except r.ConversionError as e:
