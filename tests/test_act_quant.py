@@ -206,3 +206,16 @@ def test_fingerprint_tells_the_numerics_apart(checkpoints):
     on, _ = mlx_v4.load(path, dtype=mx.float32)
     off, _ = mlx_v4.load(path, dtype=mx.float32, model_config={"act_quant": False})
     assert on.fingerprint != off.fingerprint
+
+
+def test_tensor_split_keeps_the_blocks_global():
+    """Each rank rounds its own wo_b input columns; that equals the one-process rounding only
+    when every rank holds whole blocks of 128."""
+    from mlx_v4.parallel import SplitError, check_tensor_split
+
+    args = ModelArgs.from_dict(CONFIG)  # o_groups 2 x o_lora_rank 64: 128 wo_b inputs
+    check_tensor_split(args, 1)
+    with pytest.raises(SplitError, match="gives each rank 64 wo_b inputs, not a multiple of 128"):
+        check_tensor_split(args, 2)
+    check_tensor_split(ModelArgs.from_dict(CONFIG, {"act_quant": False}), 2)
+    check_tensor_split(ModelArgs.from_dict(dict(CONFIG, o_lora_rank=128)), 2)
