@@ -65,6 +65,27 @@ def worker(ckpt: str, act_quant: bool, prompt: int, decode: int) -> dict:
     return {"act_quant": act_quant, **run(prompt, decode)}
 
 
+def micro(rows: int = 512, width: int = 4096, repeats: int = 20) -> str:
+    """The rounding alone, in this process: act_quant_fp8 (bit-pattern e4m3 grid, compiled) vs
+    the to_fp8/from_fp8 round trip of the KV rounding at block 128 (bit-identical, tested)."""
+    import mlx_v4  # noqa: F401, I001  (first: the BLAS preload must run before mlx.core loads)
+    import mlx.core as mx
+    from mlx_v4.layers import fake_quant as fq
+
+    x = mx.random.normal((rows, width), key=mx.random.key(0))
+    mx.eval(x)
+    out = {}
+    for name, fn in (("act_quant_fp8", fq.act_quant_fp8), ("to_fp8 round trip", lambda v: fq.fake_quant_fp8(v, 128)),
+                     ("one copy (x * 1)", lambda v: v * 1.0)):
+        mx.eval(fn(x))
+        t = time.perf_counter()
+        for _ in range(repeats):
+            mx.eval(fn(x))
+        out[name] = (time.perf_counter() - t) / repeats * 1e3
+    return f"rounding a [{rows}, {width}] float32 input, ms per call: " + ", ".join(
+        f"{k} {v:.2f}" for k, v in out.items())
+
+
 def projection() -> list[str]:
     """Values rounded per token and extra kernels per decode step for the released configs."""
     from mlx_v4.config import preset
@@ -124,6 +145,7 @@ def main() -> None:
         print(f"| {'on' if on else 'off'} | " + " | ".join(f"{best[on][k]:.1f}" for k in keys) + " |")
     print("| on / off | " + " | ".join(f"{best[True][k] / best[False][k]:.3f}" for k in keys) + " |")
     print("all runs:", json.dumps(rows))
+    print(micro())
     print("\nMetal projection (arithmetic, not measured):")
     for line in projection():
         print("-", line)
