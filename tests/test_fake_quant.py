@@ -163,3 +163,20 @@ def test_act_quant_fp8_needs_whole_blocks():
         fq.act_quant_fp8(mx.zeros((2, 128)), block=64)
     with pytest.raises(ValueError, match="not a multiple of 128"):
         official.act_quant(np.zeros((2, 192), np.float32))
+
+
+@pytest.mark.mac
+@pytest.mark.skipif(not mx.metal.is_available(), reason="needs Metal (Apple GPU)")
+def test_act_quant_fp8_on_metal_matches_the_reference():
+    """The compiled rounding on the GPU (Metal's own float rules) gives the CPU's bits."""
+    x = _gemm_inputs((6, 1024), 11)
+    with mx.stream(mx.gpu):
+        got = fq.act_quant_fp8(mx.array(x))
+        got_bf16 = fq.act_quant_fp8(mx.array(x).astype(mx.bfloat16))
+        grid = fq._e4m3_grid(mx.array(np.clip(x.reshape(-1)[:4096] * 1e3, -448, 448)))
+        mx.eval(got, got_bf16, grid)
+    np.testing.assert_array_equal(np.array(got), official.act_quant(x))
+    want_bf16 = official.act_quant(np.array(mx.array(x).astype(mx.bfloat16).astype(mx.float32)))
+    np.testing.assert_array_equal(np.array(got_bf16.astype(mx.float32)), want_bf16)
+    v = np.clip(x.reshape(-1)[:4096] * 1e3, -448, 448).astype(np.float32)
+    np.testing.assert_array_equal(np.array(grid), v.astype(ml_dtypes.float8_e4m3fn).astype(np.float32))

@@ -55,7 +55,8 @@ class Indexer(nn.Module):
         if self.fake_quant:
             q = fake_quant_fp4(hadamard(q))
         q = q.astype(mx.float32)
-        w = self.weights_proj(x).astype(mx.float32)  # bf16 weight officially: x not rounded * (self.head_dim**-0.5 * self.n_heads**-0.5)
+        # weights_proj is a bf16 weight in the official code: its input x is not rounded
+        w = self.weights_proj(x).astype(mx.float32) * (self.head_dim**-0.5 * self.n_heads**-0.5)
         if self.use_kernel and packed is not None:
             return indexer_topk(q, w, *packed, n_keys=n_total, offset=offset, k=self.topk, use_kernel=True)
         score = _packed_scores if len(keys) == 2 else _dense_scores
