@@ -1,4 +1,6 @@
-"""Write (and read) checkpoints in the layout of the official DeepSeek V4 release.
+"""Write (and read) checkpoints in the layout of the official DeepSeek V4 release, and the
+official ``linear()`` path (``act_quant`` + FP8/FP4 GEMM, ``Expert``, the MoE expert loop) in
+numpy, for reference models.
 
 For tests, benchmarks and fixtures: numpy + ml_dtypes only (the ``test`` extra), no torch, no
 MLX. The format (see ``inference/convert.py`` and the release's index):
