@@ -13,10 +13,10 @@ import argparse
 import tempfile
 import time
 
+import mlx_v4  # noqa: F401  # isort: skip  (first: its BLAS preload must run before mlx.core loads)
 import mlx.core as mx
 import numpy as np
 
-import mlx_v4  # noqa: F401  (BLAS preload before mlx.core)
 from mlx_v4.cache import make_cache
 
 

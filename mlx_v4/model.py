@@ -88,7 +88,8 @@ class Model(nn.Module):
         from mlx.utils import tree_flatten
 
         layout = sorted((k, tuple(v.shape), str(v.dtype)) for k, v in tree_flatten(self.parameters()))
-        blob = json.dumps([self.args.to_dict(), self.args.fake_quant, layout, self.weights_id], default=str)
+        numerics = [self.args.fake_quant] + (["act_quant"] if self.args.act_quant else [])  # old caches stay valid
+        blob = json.dumps([self.args.to_dict(), *numerics, layout, self.weights_id], default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def make_cache(self):
