@@ -28,8 +28,8 @@ from . import card
 from .io import TEMP_SUFFIX, Reader, ShardWriter, write_atomic, write_json
 from .plan import (
     Source,
-    chunk_offset,
     chunk_src_bytes,
+    chunk_target,
     chunks,
     layout,
     open_source,
@@ -179,7 +179,7 @@ def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_byte
                         out = produce(job, sub, reader.read, src)
                         mx.eval(*out.values())
                         for name, arr in out.items():
-                            writer.write(name, chunk_offset(job, e, a, name, arr), arr)
+                            writer.write(*chunk_target(job, e, a, name, arr), arr)
                         del out
                         bar.advance(nbytes=chunk_src_bytes(sub))
                     bar.advance(tensors=1)
