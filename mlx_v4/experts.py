@@ -306,6 +306,7 @@ class ExpertStore:
         self.pending: dict[tuple[int, int], _Pending] = {}
         self._stats = _Stats()
         self._fds: dict[Path, int] = {}
+        self._stale_fds: list[int] = []
         self._fd_lock = threading.Lock()
         self._lock = threading.RLock()  # one MoE layer at a time uses the store
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="mlx-v4-experts")
@@ -336,9 +337,10 @@ class ExpertStore:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         with self._fd_lock:
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *self._stale_fds]:
                 os.close(fd)
             self._fds.clear()
+            self._stale_fds.clear()
 
     def stream(self, layer: int, needed) -> Iterator[tuple[list[int], list[dict[str, mx.array]]]]:
         """Yield (experts, their arrays) groups covering ``needed`` (expert ids of ``layer``):
@@ -465,12 +467,19 @@ class ExpertStore:
                     raise ExpertReadError(f"{path}: cannot open shard file ({e.strerror})") from None
             return fd
 
+    def _forget(self, path: Path) -> None:
+        with self._fd_lock:  # closed in close(): another reader may still be using it
+            fd = self._fds.pop(path, None)
+            if fd is not None:
+                self._stale_fds.append(fd)
+
     def _read_runs(self, runs: list[_Run], views: list[memoryview]) -> tuple[float, int]:
         """Worker thread: fill ``views`` from ``runs`` (pread, no mapping)."""
         t0, reads = time.perf_counter(), 0
         for run, view in zip(runs, views):
             fd = self._fd(run.file)
             if os.fstat(fd).st_nlink == 0:
+                self._forget(run.file)  # a file put back at that path is opened afresh
                 raise ExpertReadError(f"{run.file}: shard file vanished (deleted or replaced) while experts are "
                                       "read from it")
             got = 0

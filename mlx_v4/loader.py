@@ -45,18 +45,19 @@ def _expert_store(path: Path, args, weights, quantization: dict, budget, *, fp8:
     block = tuple(int(b) for b in (qc.get("weight_block_size") or (128, 128)))
     convert = experts._Convert(fp8, "mxfp4", dtype, block, read_own_quantization(path))
     specs = experts.plan_layers(scan_checkpoint(path), args, convert)
-    for name in [k for k in weights if _ROUTED.fullmatch(k)]:
-        del weights[name]  # never evaluated, so never read
-    for module in [k for k in quantization if _ROUTED.fullmatch(k)]:
-        del quantization[module]
+    routed = [k for k in weights if _ROUTED.fullmatch(k)]
     if budget == "auto":
-        resident = sum(a.nbytes for a in weights.values())
+        resident = sum(a.nbytes for k, a in weights.items() if k not in set(routed))
         all_experts = sum(s.slot_bytes * len(s.experts) for s in specs.values())
         budget = auto_expert_budget(resident, planned_nbytes(args, AUTO_CONTEXT_TOKENS), all_experts,
                                     platform.total_memory_bytes())
         if budget is None:
             return None
         budget = max(budget, 0)
+    for name in routed:
+        del weights[name]  # never evaluated, so never read
+    for module in [k for k in quantization if _ROUTED.fullmatch(k)]:
+        del quantization[module]
     return experts.ExpertStore(specs, convert, budget, args.num_experts_per_tok,
                                policy=policy or experts.DEFAULT_POLICY)
 
