@@ -203,7 +203,8 @@ class UI:
             self.err.print(Text(f"{role}: ", style=style) + Text(one_line(text)[:400]), soft_wrap=True)
         self.err.print(Text("--- end of history ---", style="dim"))
 
-    def session_stats(self, stats, breakdown: dict[str, int] | None, context: tuple[int, int] | None) -> None:
+    def session_stats(self, stats, breakdown: dict[str, int] | None, context: tuple[int, int] | None,
+                      experts: dict | None = None) -> None:
         table = Table(title="session", show_header=False, box=None, padding=(0, 2))
         if context:
             table.add_row("context", f"{context[0]:,} / {context[1]:,} tokens")
@@ -214,6 +215,11 @@ class UI:
             table.add_row("peak memory", human_bytes(stats.peak_memory_bytes))
         for kind, n in (breakdown or {}).items():
             table.add_row(f"  cache: {kind}", human_bytes(n))
+        if experts is not None:
+            table.add_row("experts resident", f"{human_bytes(experts['resident_bytes'])} of budget "
+                          f"{human_bytes(experts['budget_bytes'])} ({experts['resident_experts']} experts)")
+            table.add_row("expert hits", f"{experts['hits']:,} hits, {experts['misses']:,} misses "
+                          f"({experts['hit_rate']:.1%}), {human_bytes(experts['bytes_read'])} read")
         if stats is None and not breakdown and not context:
             table.add_row("", "nothing generated yet")
         self.err.print(table)
@@ -259,6 +265,19 @@ class UI:
         self.out.print(Text("total includes ~2 GB + 3% of weights for activations and buffers; tensor mode "
                             "keeps the whole KV cache on every rank (one shared KV head).", style="dim"),
                        soft_wrap=True)
+
+    def expert_stats(self, stats: dict, tokens: int | None = None) -> None:
+        table = Table(title=f"Routed experts read on demand ({stats['policy']})", show_header=False)
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        table.add_row("budget", f"{human_bytes(stats['budget_bytes'])} of {human_bytes(stats['total_bytes'])}")
+        table.add_row("resident", f"{human_bytes(stats['resident_bytes'])} ({stats['resident_experts']} experts)")
+        table.add_row("hit rate", f"{stats['hit_rate']:.1%} ({stats['hits']:,} hits, {stats['misses']:,} misses)")
+        table.add_row("read", f"{human_bytes(stats['bytes_read'])} in {stats['reads']:,} reads, "
+                      f"{stats['read_seconds']:.2f} s")
+        if tokens:
+            table.add_row("read per token", human_bytes(stats["bytes_read"] / tokens))
+        self.out.print(table)
 
     def bench_table(self, model_name: str, rows: list[dict]) -> None:
         table = Table(title=f"Benchmark: {model_name}")

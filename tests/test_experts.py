@@ -269,3 +269,45 @@ def test_peak_rss_stays_within_resident_weights_plus_budget(tmp_path):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["stats"]["total_bytes"] == total and r["stats"]["bytes_read"] > budget  # it streamed
     assert r["peak"] <= r["start"] + r["resident"] + budget + RSS_OVERHEAD, r
+
+
+# ---- the CLI and the server show the store ----------------------------------------------------
+def test_cli_bench_shows_expert_reads_and_refuses_a_tiny_budget():
+    from mlx_v4.cli.app import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["bench", "--expert-budget", "100KB", "--contexts", "32", "--gen", "4"])
+    assert r.exit_code == 0, r.output
+    assert "Routed experts read on demand" in r.stdout and "hit rate" in r.stdout and "read per token" in r.stdout
+    for budget, words in (("1KB", ["below the minimum", "--expert-budget"]), ("lots", ["expected a size"])):
+        r = runner.invoke(app, ["generate", "-p", "hi", "--expert-budget", budget])
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and all(w in lines[0] for w in words), r.stderr
+
+
+def test_server_health_and_chat_stats_show_expert_stats():
+    import mlx_v4
+    from mlx_v4.server import create_app
+    from starlette.testclient import TestClient
+
+    model, tok = mlx_v4.load(None, expert_budget="100KB")
+    with TestClient(create_app(model, tok)) as client:
+        body = client.post("/v1/chat/completions", json={"model": "deepseek-v4", "messages": [{"role": "user", "content": "hi"}],
+                                                          "max_tokens": 3}).json()
+        assert body["choices"][0]["message"] is not None, body
+        health = client.get("/health").json()
+    assert health["experts"]["budget_bytes"] == 100_000 and health["experts"]["misses"] > 0
+
+    from mlx_v4.cli.chat import ChatLoop
+
+    shown = {}
+
+    class UI:
+        def session_stats(self, stats, breakdown, context, experts=None):
+            shown.update(experts)
+
+    loop = ChatLoop(UI(), model, tok, mlx_v4.ChatSession(model, tok), {})
+    loop.show_stats()
+    assert shown == model.expert_store.stats()

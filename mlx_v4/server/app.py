@@ -124,8 +124,12 @@ def create_app(model, tokenizer, config: ServerConfig | None = None, *, engine: 
                              "first_id": data[0]["id"], "last_id": data[-1]["id"]})
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "model": config.model_name, "context": state.context,
-                             "engine": state.engine.stats(), "prefix_cache": state.pool.stats()})
+        body = {"status": "ok", "model": config.model_name, "context": state.context,
+                "engine": state.engine.stats(), "prefix_cache": state.pool.stats()}
+        store = getattr(model, "expert_store", None)
+        if store is not None:
+            body["experts"] = store.stats()
+        return JSONResponse(body)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
