@@ -288,9 +288,10 @@ def test_cli_bench_shows_expert_reads_and_refuses_a_tiny_budget():
 
 
 def test_server_health_and_chat_stats_show_expert_stats():
+    from starlette.testclient import TestClient
+
     import mlx_v4
     from mlx_v4.server import create_app
-    from starlette.testclient import TestClient
 
     model, tok = mlx_v4.load(None, expert_budget="100KB")
     with TestClient(create_app(model, tok)) as client:
