@@ -248,6 +248,44 @@ class UI:
         for note in plan.notes:
             self.out.print(Text(note, style="dim"), soft_wrap=True)
 
+    def stream_plan(self, title: str, rows, memory_gb: int, context: int, ssd_gbps: float) -> None:
+        from .stream_plan import DEFAULT_TARGET_TPS
+
+        table = Table(title=f"{title}: recipe and expert budget per Mac (KV at {context:,} tokens)")
+        for col in ("Mac", "recipe", "budget", "resident", "hit*", "read/tok*", f"tok/s* @{ssd_gbps:g}GB/s"):
+            table.add_column(col, justify="right", no_wrap=col in ("Mac", "recipe"))
+        for r in rows:
+            c = r.choice
+            style = "bold" if r.memory_gb == memory_gb else None
+            if c is None:
+                table.add_row(f"{r.memory_gb} GB", Text("does not fit", style="red"), "-", "-", "-", "-", "-",
+                              style=style)
+            elif c.resident:
+                table.add_row(f"{r.memory_gb} GB", c.recipe, "all", "100%", "-", "0", "no reads", style=style)
+            else:
+                table.add_row(f"{r.memory_gb} GB", c.recipe, human_bytes(c.budget), f"{c.fraction:.0%}",
+                              f"{c.hit:.0%}", human_bytes(c.read_per_token), f"{c.tps:.2f}" if c.tps else "-",
+                              style=style)
+        self.out.print(table)
+        mine = next(r for r in rows if r.memory_gb == memory_gb)
+        if mine.choice is None:
+            self.out.print(Text(f"{memory_gb} GB: no recipe fits (the other weights and KV cache alone are too big).",
+                                style="red"))
+        else:
+            c = mine.choice
+            budget = "every expert resident" if c.resident else f"--expert-budget {c.budget / 1e9:.0f}GB"
+            self.out.print(Text(f"{memory_gb} GB: convert with --recipe {c.recipe}, run with {budget}.", style="bold"))
+            for o in mine.options:
+                speed = "resident" if o.resident else (f"{o.tps:.2f} tok/s*" if o.tps else "does not fit")
+                self.out.print(Text(f"  {o.recipe}: experts {human_bytes(o.expert_bytes)}, {speed}", style="dim"))
+        self.out.print(Text("* PROJECTION, not a measurement: read/token = (1 - hit rate) x top-k x layers x one "
+                            f"expert; tok/s = {ssd_gbps:g} GB/s / read per token (SSD alone, compute left out). "
+                            "Hit rates were measured by benchmarks/expert_stream.py with a near-uniform synthetic "
+                            "router (a pessimistic stand-in); the real Flash routing pattern was not measured. "
+                            "Suggested: the best quality that keeps every expert resident or projects "
+                            f"{DEFAULT_TARGET_TPS:g}+ tok/s, else the fastest.",
+                            style="dim"), soft_wrap=True)
+
     def split_plan(self, title: str, context: int, rows) -> None:
         table = Table(title=f"Split plan: {title}")
         for col in ("rank", "layers", "weights", f"KV at {context:,}", "total", "memory", "fits"):

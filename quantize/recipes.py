@@ -93,7 +93,7 @@ class Recipe:
         return "fp32" if klass in FP32_CLASSES else "bf16"
 
 
-RECIPE_NAMES = ("4bit", "8bit", "mixed-4-8", "mxfp4", "bf16")
+RECIPE_NAMES = ("4bit", "8bit", "mixed-4-8", "mxfp4", "bf16", "3bit-experts", "2bit-experts")
 #: Names other parts of the project use for the same recipes.
 ALIASES = {"q4": "4bit", "q8": "8bit", "native": "mxfp4", "mixed": "mixed-4-8"}
 GROUP_SIZES = (32, 64, 128)
@@ -112,6 +112,10 @@ def get_recipe(name: str, group_size: int = 64) -> Recipe:
         "mxfp4": Recipe("mxfp4", "the release's own formats: FP4 experts -> mxfp4 and FP8 -> mxfp8 "
                         "without rounding; embedding/head bf16", MXFP4, MXFP8, "bf16"),
         "bf16": Recipe("bf16", "everything dense bf16 (fp32 where the model needs it)", "bf16", "bf16", "bf16"),
+        # for Macs that stream the experts from SSD (mlx_v4.experts): fewer bytes per miss
+        **{f"{b}bit-experts": Recipe(f"{b}bit-experts", f"routed experts affine {b}-bit, attention/indexer/shared "
+                                     f"expert/embedding/head affine 8-bit (group {group_size})",
+                                     Quant(b, group_size), q8, q8) for b in (3, 2)},
     }
     if name not in recipes:
         raise ConvertError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPE_NAMES)}")
