@@ -25,6 +25,8 @@ import numpy as np
 
 from .recipes import ConvertError
 
+#: The recipes whose routed experts are calibrated (quantize/recipes.py).
+CALIBRATED_RECIPES = ("2bit-experts", "3bit-experts")
 #: Clip factors tried for each end of a group's range.
 CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
 MAX_TOKENS = 4096

@@ -94,8 +94,9 @@ def _zeros(info: TensorInfo) -> mx.array:
 
 
 def produce(job: Job, entry, get: Callable[[TensorInfo], mx.array], src: Source,
-            target: Target | None = None) -> dict[str, mx.array]:
-    """One (sub-)entry -> {output name: lazy array} in the job's target format."""
+            target: Target | None = None, quantizer: Callable | None = None) -> dict[str, mx.array]:
+    """One (sub-)entry -> {output name: lazy array} in the job's target format. ``quantizer``
+    replaces ``mx.quantize`` (same signature and outputs; calibrate.quantize_weighted)."""
     t = job.target if target is None else target
     module, leaf = job.name.rsplit(".", 1)
     # FP8/FP4 always arrive as mxfp8/mxfp4 (exact): they pass through when that is the target, and
@@ -113,7 +114,7 @@ def produce(job: Job, entry, get: Callable[[TensorInfo], mx.array], src: Source,
         if mx.issubdtype(a.dtype, mx.floating):
             a = a.astype(mx.float32 if t == "fp32" else mx.bfloat16)
         return {job.name: a}
-    out = mx.quantize(a.astype(mx.bfloat16), **t.params())
+    out = (quantizer or mx.quantize)(a.astype(mx.bfloat16), **t.params())
     return dict(zip((f"{module}.weight", f"{module}.scales", f"{module}.biases"), out, strict=False))
 
 
