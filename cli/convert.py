@@ -9,7 +9,8 @@ import typer
 from .common import UserError, user_errors
 
 RECIPE_HELP = ("4bit, 8bit, mixed-4-8 (experts 4-bit, the rest 8-bit), mxfp4 (the release's FP4/FP8 "
-               "kept exactly; alias native) or bf16.")
+               "kept exactly; alias native), bf16, or 3bit-experts / 2bit-experts (calibrated low-bit "
+               "experts for streaming them from SSD on small Macs).")
 
 
 @user_errors
@@ -23,6 +24,10 @@ def convert(
     verify: Annotated[bool, typer.Option("--verify", help="Compare with the source model: mean KL, top-1 agreement.")] = False,
     upload_repo: Annotated[str | None, typer.Option(help="Upload the result to this Hugging Face repo.")] = None,
     private: Annotated[bool, typer.Option("--private", help="Create the upload repo as private.")] = False,
+    calibration: Annotated[str | None, typer.Option(help="Text file to calibrate 2bit-/3bit-experts on "
+                                                         "(default: a built-in text).")] = None,
+    no_calibration: Annotated[bool, typer.Option("--no-calibration", help="2bit-/3bit-experts with plain "
+                                                                          "rounding.")] = False,
 ):
     try:
         from mlx_v4.quantize import convert as _convert
@@ -35,8 +40,11 @@ def convert(
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # plain progress when not a terminal
     ui = UI()
+    if calibration is not None and no_calibration:
+        raise UserError("give --calibration FILE or --no-calibration, not both")
+    extra = {"calibration": False} if no_calibration else ({"calibration": calibration} if calibration else {})
     result = _convert(src, dst, recipe=recipe, group_size=group_size, max_shard_bytes=int(shard_size * 1e9),
-                      force=force, verify=verify, upload_repo=upload_repo, private=private)
+                      force=force, verify=verify, upload_repo=upload_repo, private=private, **extra)
     if getattr(result, "noop", False):
         ui.notice(f"{dst} is already converted (use --force to redo it)")
     else:

@@ -166,6 +166,9 @@ def calibrate(source_dir: Path, text: str, max_tokens: int = MAX_TOKENS) -> Mome
     ids = tokenizer.encode(text)[:max_tokens]
     if len(ids) < 16:
         raise ConvertError(f"the calibration text gives only {len(ids)} tokens; give a longer one")
+    if max(ids) >= model.args.vocab_size:  # an id past the embedding would read out of bounds
+        raise ConvertError(f"{source_dir}: its tokenizer gives token id {max(ids)} but the model's vocab_size is "
+                           f"{model.args.vocab_size}; calibration needs the model's own tokenizer.json")
     return collect_moments(model, ids)
 
 

@@ -3,6 +3,8 @@ than plain rounding, moments equal to a direct computation, and the recipes end 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -99,6 +101,15 @@ def test_calibration_option_errors(tmp_path):
         convert(mlx_v4.DEMO_MODEL_PATH, tmp_path / "b", recipe="2bit-experts", calibration=tmp_path / "missing.txt")
     with pytest.raises(ConvertError, match="--calibration applies to 2bit-experts, 3bit-experts"):
         convert(mlx_v4.DEMO_MODEL_PATH, tmp_path / "c", recipe="4bit", calibration=tmp_path / "empty.txt")
+    tiny = Path(__file__).parent / "fixtures" / "tiny"  # no tokenizer.json: the bundled V4 one does not fit
+    with pytest.raises(ConvertError, match="calibration needs the model's own tokenizer.json"):
+        convert(tiny, tmp_path / "d", recipe="2bit-experts")
+    from mlx_v4.cli.app import app
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, ["convert", str(tiny), str(tmp_path / "e"), "--recipe", "2bit-experts",
+                                 "--calibration", str(tmp_path / "empty.txt"), "--no-calibration"])
+    assert r.exit_code == 1 and "not both" in r.stderr
 
 
 @pytest.mark.slow
