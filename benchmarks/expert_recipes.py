@@ -60,9 +60,11 @@ def main() -> None:
                 r = convert(src, out, recipe=recipe, group_size=gs, calibration=cal, override=override, progress=False)
                 rand = verify_conversion(r.path, src)
                 text = verify_conversion(r.path, src, tokens=text_ids)
-                bits = int(recipe[0])
+                bpw = bits_per_weight(int(recipe[0]), gs)
+                if variant:  # two of the layers at 4 bits: the average over the routed experts
+                    bpw = (2 * bits_per_weight(4, gs) + (layers - 2) * bpw) / layers
                 label = recipe + (" +4b edges" if variant else "")
-                print(f"{label:14} {gs:>5} {bits_per_weight(bits, gs):>6.2f} {'calibrated' if cal is None else 'plain':>10} "
+                print(f"{label:14} {gs:>5} {bpw:>6.2f} {'calibrated' if cal is None else 'plain':>10} "
                       f"{rand.kl_mean:>10.4f} {rand.top1_agreement:>6.1%} {text.kl_mean:>8.4f} "
                       f"{text.top1_agreement:>6.1%}", flush=True)
 
