@@ -191,6 +191,25 @@ def plan_layers(infos: dict[str, TensorInfo], args, convert: _Convert) -> dict[i
     return specs
 
 
+_SHARED: list[bool] = []
+
+
+def shared_buffers() -> bool:
+    """Whether bytes written through an evaluated MLX array's buffer are what MLX computes with
+    (host or unified memory). Checked once; where not, reads go through a host copy."""
+    if not _SHARED:
+        a = mx.zeros((64,), mx.uint8)
+        mx.eval(a)
+        try:
+            view = memoryview(a)
+            view[3] = 7
+            ok = not view.readonly and int(a.astype(mx.int32).sum().item()) == 7
+        except (TypeError, ValueError, BufferError):
+            ok = False
+        _SHARED.append(ok)
+    return _SHARED[0]
+
+
 # ---- eviction policies ------------------------------------------------------------------------
 class _LRU:
     name = "lru"
@@ -413,8 +432,11 @@ class ExpertStore:
                 continue
             self._make_room(spec.slot_bytes, keep)
             runs = spec.experts[e].runs
-            buffers = [mx.zeros((r.nbytes,), mx.uint8) for r in runs]  # MLX-owned; pread fills them
-            mx.eval(buffers)
+            if shared_buffers():
+                buffers = [mx.zeros((r.nbytes,), mx.uint8) for r in runs]  # MLX-owned; pread fills them
+                mx.eval(buffers)
+            else:  # a backend whose arrays are not host memory: read, then copy into MLX
+                buffers = [np.empty(r.nbytes, np.uint8) for r in runs]
             views = [memoryview(b) for b in buffers]
             self.reserved += spec.slot_bytes
             self.pending[key] = _Pending(self._pool.submit(self._read_runs, runs, views), buffers, spec.slot_bytes)
@@ -438,7 +460,8 @@ class ExpertStore:
             self._stats.reads += reads
             self._stats.bytes_read += sum(b.nbytes for b in p.buffers)
             self._stats.read_seconds += seconds
-            arrays = self._build(layer, e, p.buffers)
+            buffers = p.buffers if shared_buffers() else [mx.array(b) for b in p.buffers]
+            arrays = self._build(layer, e, buffers)
             self.slots[key] = arrays
             self.resident_bytes += self.specs[layer].slot_bytes
             self.policy.insert(key)

@@ -312,3 +312,54 @@ def test_server_health_and_chat_stats_show_expert_stats():
     loop = ChatLoop(UI(), model, tok, mlx_v4.ChatSession(model, tok), {})
     loop.show_stats()
     assert shown == model.expert_store.stats()
+
+
+def test_each_needed_expert_counted_once_per_call_and_read_at_most_once():
+    minimum = _minimum(OFFICIAL)
+    model, _ = load_model(OFFICIAL, expert_budget=minimum * 5 // 2)  # a 70-token chunk needs more than fits
+    store = model.expert_store
+    calls, original = [], store.stream
+
+    def recording(layer, needed):
+        needed = list(needed)
+        before = {e for e in needed if (layer, e) in store.slots}
+        misses = store.stats()["misses"]
+        yield from original(layer, needed)
+        calls.append((len(needed), len(needed) - len(before), store.stats()["misses"] - misses))
+
+    store.stream = recording
+    run_chunks(model, IDS, CHUNKS)
+    s = store.stats()
+    assert s["hits"] + s["misses"] == sum(n for n, _, _ in calls)
+    assert all(read <= cold for _, cold, read in calls)  # never read twice within one call
+    assert any(n * store.specs[0].slot_bytes > store.budget for n, _, _ in calls)  # groups were needed
+
+
+def test_resident_experts_compute_while_misses_are_read(monkeypatch):
+    model, _ = load_model(OFFICIAL, expert_budget=1 << 40)
+    store = model.expert_store
+    list(store.stream(1, [0, 1]))  # 0 and 1 resident
+    started = threading.Event()
+    release = threading.Event()
+    slow = store._read_runs
+
+    def held_read(runs, views):
+        started.set()
+        assert release.wait(10)
+        return slow(runs, views)
+
+    monkeypatch.setattr(store, "_read_runs", held_read)
+    groups = store.stream(1, [0, 1, 5])
+    first, _ = next(groups)
+    assert first == [0, 1] and started.wait(10)  # the hits are handed out while expert 5 is being read
+    assert not store.pending[(1, 5)].future.done()
+    release.set()
+    second, arrays = next(groups)
+    assert second == [5] and list(groups) == []
+
+
+def test_fallback_when_mlx_buffers_are_not_host_memory(monkeypatch):
+    monkeypatch.setattr(experts, "_SHARED", [False])
+    resident, _ = load_model(OFFICIAL)
+    model, _ = load_model(OFFICIAL, expert_budget=_minimum(OFFICIAL))
+    assert mx.array_equal(run_chunks(model, IDS, CHUNKS), run_chunks(resident, IDS, CHUNKS)).item()
