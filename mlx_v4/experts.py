@@ -22,22 +22,21 @@ computes with the resident ones while the misses are read, then computes the mis
 
 from __future__ import annotations
 
-import heapq
 import math
 import os
 import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .expert_policy import DEFAULT_POLICY, POLICIES, make_policy  # noqa: F401 (re-exported)
 from .layers.moe import RoutedExperts
 from .weights import TensorInfo, WeightsError, materialise, plan_checkpoint
 
@@ -49,9 +48,6 @@ _ITEM = {"BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2
          "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9,
           "T": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-POLICIES = ("lru", "lfu")
-#: The policy benchmarks/expert_stream.py measured best (see BENCHMARKS.md).
-DEFAULT_POLICY = "lfu"
 
 
 class ExpertBudgetError(ValueError):
@@ -210,80 +206,6 @@ def shared_buffers() -> bool:
     return _SHARED[0]
 
 
-# ---- eviction policies ------------------------------------------------------------------------
-class _LRU:
-    name = "lru"
-
-    def __init__(self):
-        self.order: OrderedDict = OrderedDict()
-
-    def touch(self, key) -> None:
-        if key in self.order:
-            self.order.move_to_end(key)
-
-    def insert(self, key) -> None:
-        self.order[key] = None
-
-    def remove(self, key) -> None:
-        self.order.pop(key, None)
-
-    def victims(self) -> Iterator:
-        yield from self.order  # least recent first (the caller stops before it evicts)
-
-
-class _LFU:
-    """Frequency with dynamic aging (LFU-DA): priority = age + requests, where ``age`` is the
-    priority of the last victim, so experts hot long ago fade. Request counts are kept for
-    experts that are not resident too (seeding a returning expert with its history)."""
-
-    name = "lfu"
-
-    def __init__(self):
-        self.count: dict = {}
-        self.prio: dict = {}
-        self.heap: list = []
-        self.age = 0.0
-        self.tick = 0
-
-    def touch(self, key) -> None:
-        self.tick += 1
-        self.count[key] = self.count.get(key, 0) + 1
-        if key in self.prio:
-            self._push(key)
-
-    def insert(self, key) -> None:
-        self._push(key)
-
-    def _push(self, key) -> None:
-        self.prio[key] = (self.age + self.count.get(key, 1), self.tick)
-        heapq.heappush(self.heap, (*self.prio[key], key))
-
-    def remove(self, key) -> None:
-        if key in self.prio:
-            self.age = max(self.age, self.prio.pop(key)[0])
-
-    def victims(self) -> Iterator:
-        skipped = []
-        try:
-            while self.heap:
-                p, t, key = heapq.heappop(self.heap)
-                if self.prio.get(key) != (p, t):
-                    continue  # stale entry
-                skipped.append((p, t, key))
-                yield key
-        finally:  # runs when the caller stops: what was looked at stays queued
-            for item in skipped:
-                heapq.heappush(self.heap, item)
-
-
-def make_policy(name: str):
-    if name == "lru":
-        return _LRU()
-    if name == "lfu":
-        return _LFU()
-    raise ExpertBudgetError(f"expert policy {name!r}: choose one of {', '.join(POLICIES)}")
-
-
 # ---- the store --------------------------------------------------------------------------------
 @dataclass
 class _Pending:
@@ -301,7 +223,6 @@ class _Stats:
     evictions: int = 0
     read_seconds: float = 0.0
     calls: int = 0
-    per_layer: dict = field(default_factory=dict)
 
 
 class ExpertStore:
@@ -384,6 +305,7 @@ class ExpertStore:
         for e in needed:
             self.policy.touch((layer, e))
         groups = self._groups(layer, needed)
+        capacity = self.budget // self.specs[layer].slot_bytes
         upcoming = {(layer, e) for e in needed}
         current: list = []
         try:
@@ -394,8 +316,8 @@ class ExpertStore:
                 current = [(layer, e) for e in group]
                 self.pinned.update(current)
                 upcoming.difference_update(current)
-                if i + 1 < len(groups):
-                    self._start_reads(layer, groups[i + 1], upcoming)
+                if i + 1 < len(groups) and len(group) + len(groups[i + 1]) <= capacity:
+                    self._start_reads(layer, groups[i + 1], upcoming)  # overlaps the caller's compute
                 yield group, arrays
                 self.pinned.difference_update(current)
                 current = []
@@ -575,21 +497,26 @@ class StreamedExperts(nn.Module):
             rows_of[int(e)] = order[bounds[e]:bounds[e + 1]]  # pair positions routed to e, ascending
         wflat = weights.reshape(-1)
         outs, positions = [], []
-        for group, arrays in self._store.stream(self.layer, sorted(rows_of)):
-            part = []
-            for e, slot in zip(group, arrays):
-                sel = rows_of[e]
-                for name, a in slot.items():
-                    w, leaf = name.split(".")
-                    comp[w][leaf] = mx.expand_dims(a, 0)  # a view: [1, ...]
-                sel_mx = mx.array(sel)
-                y = comp.pair_outputs(x[sel_mx // k], mx.zeros((sel.size, 1), mx.uint32),
-                                      wflat[sel_mx].reshape(-1, 1), path)
-                part.append(y.reshape(sel.size, -1))
-                positions.append(sel)
-            mx.eval(part)  # before the store may evict these slots
-            outs.extend(part)
-            _drop_views(comp)  # nothing outside the store may keep a slot alive
+        groups = self._store.stream(self.layer, sorted(rows_of))
+        try:
+            for group, arrays in groups:
+                part = []
+                for e, slot in zip(group, arrays):
+                    sel = rows_of[e]
+                    for name, a in slot.items():
+                        w, leaf = name.split(".")
+                        comp[w][leaf] = mx.expand_dims(a, 0)  # a view: [1, ...]
+                    sel_mx = mx.array(sel)
+                    y = comp.pair_outputs(x[sel_mx // k], mx.zeros((sel.size, 1), mx.uint32),
+                                          wflat[sel_mx].reshape(-1, 1), path)
+                    part.append(y.reshape(sel.size, -1))
+                    positions.append(sel)
+                mx.eval(part)  # before the store may evict these slots
+                outs.extend(part)
+                _drop_views(comp)  # nothing outside the store may keep a slot alive
+        finally:
+            groups.close()  # releases the store (its lock, pins, reads in flight) on any exit
+            _drop_views(comp)
         pos = np.concatenate(positions)
         y = mx.concatenate(outs, axis=0)
         if not np.array_equal(pos, np.arange(pos.size)):
@@ -630,7 +557,7 @@ class StepGuard:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        failed = exc_type is not None and issubclass(exc_type, (ExpertReadError, KeyboardInterrupt))
+        failed = exc_type is not None  # a read error, an interrupt, anything: no half step stays
         for c, (offset, snap) in zip(self.cache, self.before):
             if failed:
                 c.rewind(offset)

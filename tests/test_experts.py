@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from mlx_v4 import experts
+from mlx_v4.expert_policy import PolicyError
 from mlx_v4.experts import ExpertBudgetError, ExpertReadError, parse_budget
 from mlx_v4.loader import auto_expert_budget, load_model
 from mlx_v4.testing.tiny import run_chunks
@@ -225,7 +226,7 @@ def test_policies_choose_their_victims():
     assert next(iter(lfu.victims())) == "b"  # least often used (b, c tie on count: older first)
     lfu.remove("b")
     assert list(lfu.victims())[:2] == ["c", "a"]
-    with pytest.raises(ExpertBudgetError, match="choose one of lru, lfu"):
+    with pytest.raises(PolicyError, match="choose one of lru, lfu"):
         experts.make_policy("fifo")
 
 
