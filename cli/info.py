@@ -34,6 +34,8 @@ RECIPES = {
     "q4": (4.5, 4.5),
     "q8": (8.5, 8.5),
     "bf16": (16.0, 16.0),
+    "3bit-experts": (3.5, 8.5),  # affine 3/2-bit experts, the rest 8-bit (convert's names)
+    "2bit-experts": (2.5, 8.5),
 }
 
 
@@ -165,6 +167,8 @@ def plan(model: str, *, recipe: str | None, bits: float | None, context: int) ->
                  f"{args.sliding_window}-token window.")
     notes.append("'tight' means it fits only after raising the GPU memory limit: "
                  "sudo sysctl iogpu.wired_limit_mb=<MB>.")
+    if model in config.PRESETS:
+        notes.append(f"Smaller Mac? Routed experts can stream from SSD: mlx-v4 info {model} --memory 64GB.")
     return MemoryPlan(name=name, weights_bytes=weights, weights_source=source, context=context,
                       cache_bytes=kv, params=params, machine_bytes=platform.total_memory_bytes(), notes=notes)
 
