@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from mlx_v4 import experts
-from mlx_v4.expert_policy import PolicyError
 from mlx_v4.experts import ExpertBudgetError, ExpertReadError, parse_budget
 from mlx_v4.loader import auto_expert_budget, load_model
 from mlx_v4.testing.tiny import run_chunks
@@ -210,24 +209,6 @@ def test_stats_and_the_budget_cap():
     assert second["misses"] == first["misses"] and second["hits"] == first["hits"] + first["hits"] + first["misses"]
     big.expert_store.reset_stats()
     assert big.expert_store.stats()["hits"] == 0
-
-
-def test_policies_choose_their_victims():
-    lru, lfu = experts.make_policy("lru"), experts.make_policy("lfu")
-    for p in (lru, lfu):
-        for key in ("a", "b", "c"):
-            p.touch(key)
-            p.insert(key)
-        for _ in range(3):
-            p.touch("a")  # a: popular but not recent
-        p.touch("b")
-        p.touch("c")
-    assert next(iter(lru.victims())) == "a"  # least recently used
-    assert next(iter(lfu.victims())) == "b"  # least often used (b, c tie on count: older first)
-    lfu.remove("b")
-    assert list(lfu.victims())[:2] == ["c", "a"]
-    with pytest.raises(PolicyError, match="choose one of lru, lfu"):
-        experts.make_policy("fifo")
 
 
 RSS_SCRIPT = textwrap.dedent("""
