@@ -5,7 +5,8 @@ A synthetic checkpoint in the release's layout (tiny attention, big FP4 experts:
 layers x 128 experts x 418 KB = 214 MB of experts, top-6 routing) is written to a temp dir.
 The router's bias can be skewed towards a Zipf-like popularity (``--skews``); the real Flash
 routing pattern is NOT measured here. Each configuration runs in its own process (peak RSS is
-VmHWM there), after dropping the checkpoint's pages from the OS page cache (fadvise), with a
+VmHWM there), after dropping the checkpoint's pages from the OS page cache (fadvise) and touching every
+resident weight (so the fully resident baseline really is in memory), with a
 64-token prompt then ``--decode`` tokens teacher-forced from a fixed random sequence (so no
 degenerate repetition gives the cache an easy time). Decode tok/s is 1 / the median step time.
 
@@ -55,7 +56,9 @@ def child(spec: dict) -> dict:
     _drop_page_cache(path)
     start = _status("VmRSS")
     model, _ = load_model(path, expert_budget=spec["budget"], expert_policy=spec.get("policy"))
-    resident = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    params = [v for _, v in tree_flatten(model.parameters())]
+    resident = sum(v.nbytes for v in params)
+    mx.eval([v.astype(mx.float32).sum() for v in params])  # touch every resident byte before timing
     rng = np.random.default_rng(spec["seed"])
     prompt = mx.array(rng.integers(0, model.args.vocab_size, (1, spec["prompt"])), dtype=mx.int32)
     forced = rng.integers(0, model.args.vocab_size, spec["decode"]).tolist()
