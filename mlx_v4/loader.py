@@ -46,7 +46,8 @@ def _expert_store(path: Path, args, weights, quantization: dict, budget, *, fp8:
     convert = experts._Convert(fp8, "mxfp4", dtype, block, read_own_quantization(path))
     specs = experts.plan_layers(scan_checkpoint(path), args, convert)
     routed = [k for k in weights if _ROUTED.fullmatch(k)]
-    if budget == "auto":
+    auto = budget == "auto"
+    if auto:
         resident = sum(a.nbytes for k, a in weights.items() if k not in set(routed))
         all_experts = sum(s.slot_bytes * len(s.experts) for s in specs.values())
         budget = auto_expert_budget(resident, planned_nbytes(args, AUTO_CONTEXT_TOKENS), all_experts,
@@ -58,8 +59,15 @@ def _expert_store(path: Path, args, weights, quantization: dict, budget, *, fp8:
         del weights[name]  # never evaluated, so never read
     for module in [k for k in quantization if _ROUTED.fullmatch(k)]:
         del quantization[module]
-    return experts.ExpertStore(specs, convert, budget, args.num_experts_per_tok,
-                               policy=policy or experts.DEFAULT_POLICY)
+    try:
+        return experts.ExpertStore(specs, convert, budget, args.num_experts_per_tok,
+                                   policy=policy or experts.DEFAULT_POLICY)
+    except experts.ExpertBudgetError as e:
+        if not auto:
+            raise
+        raise experts.ExpertBudgetError(
+            f"expert budget 'auto': {AUTO_MEMORY_SHARE:.0%} of this machine's memory minus the other weights and a "
+            f"{AUTO_CONTEXT_TOKENS:,}-token KV cache leaves too little for the experts ({e})") from None
 
 
 def load_model(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8: str | None = None,

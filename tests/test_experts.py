@@ -345,3 +345,11 @@ def test_fallback_when_mlx_buffers_are_not_host_memory(monkeypatch):
     resident, _ = load_model(OFFICIAL)
     model, _ = load_model(OFFICIAL, expert_budget=_minimum(OFFICIAL))
     assert mx.array_equal(run_chunks(model, IDS, CHUNKS), run_chunks(resident, IDS, CHUNKS)).item()
+
+
+def test_auto_budget_too_small_says_so(monkeypatch):
+    from mlx_v4 import platform
+
+    monkeypatch.setattr(platform, "total_memory_bytes", lambda: 1_000_000)  # a machine far too small
+    with pytest.raises(ExpertBudgetError, match="expert budget 'auto': 75% of this machine's memory"):
+        load_model(OFFICIAL, expert_budget="auto")
