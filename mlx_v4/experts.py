@@ -135,7 +135,7 @@ def _runs(infos: list[TensorInfo]) -> list[_Run]:
 
 
 @dataclass
-class _Convert:
+class Conversion:
     """How the loader converts tensors (so a slot is bit-identical to the resident stack)."""
 
     fp8: str
@@ -149,7 +149,7 @@ class _Convert:
                            own=self.own)
 
 
-def plan_layers(infos: dict[str, TensorInfo], args, convert: _Convert) -> dict[int, _LayerSpec]:
+def plan_layers(infos: dict[str, TensorInfo], args, convert: Conversion) -> dict[int, _LayerSpec]:
     """The routed experts of a checkpoint, per layer: where each expert's tensors are, and the
     shapes, dtypes and quantization they load as."""
     entries, _ = plan_checkpoint(infos, args)
@@ -228,7 +228,7 @@ class _Stats:
 class ExpertStore:
     """(layer, expert) slots under a byte budget, filled from the checkpoint files on demand."""
 
-    def __init__(self, specs: dict[int, _LayerSpec], convert: _Convert, budget: int, top_k: int, *,
+    def __init__(self, specs: dict[int, _LayerSpec], convert: Conversion, budget: int, top_k: int, *,
                  policy: str = DEFAULT_POLICY, threads: int = 4):
         self.specs, self.convert, self.budget, self.top_k = specs, convert, int(budget), top_k
         self.minimum = top_k * max((s.slot_bytes for s in specs.values()), default=0)

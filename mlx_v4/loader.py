@@ -43,12 +43,13 @@ def _expert_store(path: Path, args, weights, quantization: dict, budget, *, fp8:
 
     qc = args.quantization_config or {}
     block = tuple(int(b) for b in (qc.get("weight_block_size") or (128, 128)))
-    convert = experts._Convert(fp8, "mxfp4", dtype, block, read_own_quantization(path))
+    convert = experts.Conversion(fp8, "mxfp4", dtype, block, read_own_quantization(path))
     specs = experts.plan_layers(scan_checkpoint(path), args, convert)
     routed = [k for k in weights if _ROUTED.fullmatch(k)]
     auto = budget == "auto"
     if auto:
-        resident = sum(a.nbytes for k, a in weights.items() if k not in set(routed))
+        skip = set(routed)
+        resident = sum(a.nbytes for k, a in weights.items() if k not in skip)
         all_experts = sum(s.slot_bytes * len(s.experts) for s in specs.values())
         budget = auto_expert_budget(resident, planned_nbytes(args, AUTO_CONTEXT_TOKENS), all_experts,
                                     platform.total_memory_bytes())
