@@ -10,10 +10,11 @@ from .common import UserError, user_errors
 
 #: convert's recipes (mlx_v4.quantize.recipes.RECIPE_NAMES; spelled out so that `--help` needs no
 #: MLX import, and checked against it by tests/test_cli.py).
-RECIPE_LIST = "native, mxfp4, mxfp8, 4bit, 8bit, mixed-4-8, bf16"
+RECIPE_LIST = "native, mxfp4, mxfp8, 4bit, 8bit, mixed-4-8, bf16, 3bit-experts, 2bit-experts"
 RECIPE_HELP = ("native (lossless: every tensor keeps its source format), mxfp4 (experts mxfp4, the rest "
-               "mxfp8), mxfp8, 4bit, 8bit, mixed-4-8 (experts 4-bit, the rest 8-bit) or bf16. `mlx-v4 info "
-               "--recipe` sizes the same names.")
+               "mxfp8), mxfp8, 4bit, 8bit, mixed-4-8 (experts 4-bit, the rest 8-bit), bf16, or 3bit-experts / "
+               "2bit-experts (calibrated low-bit experts for streaming them from SSD on small Macs). "
+               "`mlx-v4 info --recipe` sizes the same names.")
 
 
 @user_errors
@@ -28,6 +29,10 @@ def convert(
     verify: Annotated[bool, typer.Option("--verify", help="Compare with the source model: mean KL, top-1 agreement.")] = False,
     upload_repo: Annotated[str | None, typer.Option(help="Upload the result to this Hugging Face repo.")] = None,
     private: Annotated[bool, typer.Option("--private", help="Create the upload repo as private.")] = False,
+    calibration: Annotated[str | None, typer.Option(help="Text file to calibrate 2bit-/3bit-experts on "
+                                                         "(default: a built-in text).")] = None,
+    no_calibration: Annotated[bool, typer.Option("--no-calibration", help="2bit-/3bit-experts with plain "
+                                                                          "rounding.")] = False,
 ):
     try:
         from mlx_v4.quantize import convert as _convert
@@ -44,8 +49,11 @@ def convert(
         src = str(mlx_v4.DEMO_MODEL_PATH)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # plain progress when not a terminal
     ui = UI()
+    if calibration is not None and no_calibration:
+        raise UserError("give --calibration FILE or --no-calibration, not both")
+    extra = {"calibration": False} if no_calibration else ({"calibration": calibration} if calibration else {})
     result = _convert(src, dst, recipe=recipe, group_size=group_size, max_shard_bytes=int(shard_size * 1e9),
-                      force=force, verify=verify, upload_repo=upload_repo, private=private)
+                      force=force, verify=verify, upload_repo=upload_repo, private=private, **extra)
     if getattr(result, "noop", False):
         ui.notice(f"{dst} is already converted (use --force to redo it)")
     else:

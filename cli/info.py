@@ -186,6 +186,8 @@ def plan(model: str, *, recipe: str | None, bits: float | None, context: int) ->
                  f"{args.sliding_window}-token window.")
     notes.append("'tight' means it fits only after raising the GPU memory limit: "
                  "sudo sysctl iogpu.wired_limit_mb=<MB>.")
+    if model in config.PRESETS:
+        notes.append(f"Smaller Mac? Routed experts can stream from SSD: mlx-v4 info {model} --memory 64GB.")
     return MemoryPlan(name=name, weights_bytes=weights, weights_source=source, context=context,
                       cache_bytes=kv, params=params, machine_bytes=platform.total_memory_bytes(), notes=notes)
 
@@ -260,8 +262,11 @@ def info(
     bits: Annotated[float | None, typer.Option(help="Uniform affine bits for flash/pro (overrides --recipe).")] = None,
     context: Annotated[int, typer.Option(help="Context length to size the KV cache for.")] = 65536,
     machines: Annotated[int, typer.Option(help="Plan a split over this many machines (mlx.launch ranks).")] = 1,
-    memory: Annotated[str, typer.Option(help="Memory per machine for --machines: 192GB, or one per machine "
-                                              "(192GB,128GB).")] = "192GB",
+    memory: Annotated[str | None, typer.Option(help="One Mac's memory (64GB): the recipe and expert budget "
+                                                     "that fit it, streaming experts from SSD. With --machines: "
+                                                     "memory per machine (192GB, or 192GB,128GB).")] = None,
+    ssd_gbps: Annotated[float, typer.Option(help="SSD read bandwidth (GB/s) for the streaming projection "
+                                                 "with --memory.")] = 5.0,
     parallel: Annotated[str, typer.Option(help="Split for --machines: pipeline (layers) or tensor "
                                                 "(heads and experts).")] = "pipeline",
     layers: Annotated[str | None, typer.Option(help="Pipeline override, e.g. 0-30,31-60.")] = None,
@@ -272,8 +277,10 @@ def info(
         raise UserError("--context must be >= 0", "pass a token count such as 65536")
     if machines < 1:
         raise UserError("--machines must be >= 1", "e.g. --machines 4")
+    if machines == 1 and memory and not layers:
+        return _stream_plan(model, memory, context, ssd_gbps)
     if machines > 1 or layers:
-        title, rows = split_plan(model, machines=machines, memory=memory, parallel=parallel, layers=layers,
+        title, rows = split_plan(model, machines=machines, memory=memory or "192GB", parallel=parallel, layers=layers,
                                  context=context, recipe=recipe, bits=bits)
         UI().split_plan(title, context, rows)
         if any(r.verdict == "no" for r in rows):
@@ -281,3 +288,23 @@ def info(
         return
     result = plan(model, recipe=recipe, bits=bits, context=context)
     UI().memory_plan(result)
+
+
+def _stream_plan(model: str, memory: str, context: int, ssd_gbps: float) -> None:
+    """--memory on one machine: recipe and expert budget per Mac size (cli/stream_plan.py)."""
+    from mlx_v4 import config
+
+    from .stream_plan import MAC_SIZES_GB, stream_plan
+    from .ui import UI
+
+    if model not in config.PRESETS:
+        raise UserError(f"--memory plans flash or pro, not {model!r}", "e.g. mlx-v4 info flash --memory 64GB")
+    if ssd_gbps <= 0:
+        raise UserError("--ssd-gbps must be positive", "e.g. --ssd-gbps 5")
+    gb = round(parse_memory(memory, 1)[0] / 2**30)
+    args = config.preset(model)
+    if context > args.max_position_embeddings:
+        raise UserError(f"--context {context} is past this model's maximum {args.max_position_embeddings}",
+                        "choose a smaller --context")
+    rows = stream_plan(args, context=context, ssd_gbps=ssd_gbps, sizes_gb=sorted(set(MAC_SIZES_GB) | {gb}))
+    UI().stream_plan(f"DeepSeek V4 {model.capitalize()}", rows, gb, context, ssd_gbps)

@@ -11,7 +11,16 @@ from typing import Annotated
 
 import typer
 
-from .common import MODEL_HELP, UserError, is_demo, load_model, resolve_model, user_errors
+from .common import (
+    EXPERT_BUDGET_HELP,
+    MODEL_HELP,
+    UserError,
+    is_demo,
+    load_model,
+    no_distributed_budget,
+    resolve_model,
+    user_errors,
+)
 from .distributed import LayersOpt, ParallelOpt, TimeoutOpt, peer_errors
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
@@ -57,6 +66,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests waiting beyond that before 503s.")] = 256,
     prefill_chunk: Annotated[int, typer.Option(help="Prompt ids fed per scheduling step.")] = 2048,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    expert_budget: Annotated[str | None, typer.Option("--expert-budget", help=EXPERT_BUDGET_HELP)] = None,
     parallel: ParallelOpt = "pipeline",
     layers: LayersOpt = None,
     dist_timeout: TimeoutOpt = 300.0,
@@ -74,6 +84,7 @@ def serve(
     from .distributed import group_if_launched
 
     group = group_if_launched(parallel, layers, dist_timeout)
+    no_distributed_budget(group, expert_budget)
     try:
         import uvicorn
 
@@ -98,7 +109,7 @@ def serve(
         ui.notice(f"distributed: {m.split.describe()}; rank 0 of {group.size()} serves HTTP "
                   "(no prefix reuse across requests in this mode)")
     else:
-        m, tok, path = load_model(ui, model)
+        m, tok, path = load_model(ui, model, expert_budget)
     name = model_name or ("demo" if is_demo(path) else "deepseek-v4")
     config = ServerConfig(model_name=name, api_key=api_key, default_max_tokens=max_tokens,
                           cache_budget_bytes=budget, cache_dir=str(cache_dir) if cache_dir else None,

@@ -231,6 +231,11 @@ def _scan(model_dir: Path) -> tuple[dict[str, TensorInfo], str]:
     return infos, files[0].name if len(files) == 1 else "the *.safetensors files"
 
 
+def scan_checkpoint(model_dir: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint with its file and byte offset (headers validated)."""
+    return _scan(Path(model_dir))[0]
+
+
 def read_index(model_dir: str | Path) -> dict[str, Path]:
     """Tensor name -> shard file, from the index or the single file; every header validated."""
     return {name: info.file for name, info in _scan(Path(model_dir))[0].items()}

@@ -30,8 +30,8 @@ from . import card
 from .io import TEMP_SUFFIX, Reader, ShardWriter, write_atomic, write_json
 from .plan import (
     Source,
-    chunk_offset,
     chunk_src_bytes,
+    chunk_target,
     chunks,
     layout,
     open_source,
@@ -69,9 +69,28 @@ class ConvertResult:
         return str(self.path)
 
 
-def _request(src, recipe: str, group_size: int, override, max_shard_bytes: int) -> dict:
-    return {"source": str(src), "recipe": recipe, "group_size": group_size, "override": override is not None,
-            "max_shard_bytes": int(max_shard_bytes), "format_version": FORMAT_VERSION}
+def _request(src, recipe: str, group_size: int, override, max_shard_bytes: int, calibration: str | None = None) -> dict:
+    out = {"source": str(src), "recipe": recipe, "group_size": group_size, "override": override is not None,
+           "max_shard_bytes": int(max_shard_bytes), "format_version": FORMAT_VERSION}
+    if calibration is not None:
+        out["calibration"] = calibration
+    return out
+
+
+def _calibration(recipe: str, calibration) -> tuple[str | None, str | None]:
+    """(calibration text, its identity for the request) for a calibrated recipe, else (None, None)."""
+    import hashlib
+
+    from .calibrate import CALIBRATED_RECIPES, calibration_text
+
+    if recipe not in CALIBRATED_RECIPES:
+        if calibration not in (None, False):
+            raise ConvertError(f"--calibration applies to {', '.join(CALIBRATED_RECIPES)}, not recipe {recipe!r}")
+        return None, None
+    if calibration is False:
+        return None, "plain"
+    text = calibration_text(None if calibration in (None, True) else calibration)
+    return text, hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _read_json(path: Path) -> dict | None:
@@ -99,7 +118,7 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str = DEFAULT_RECIPE, g
             override: Override | None = None, max_shard_bytes: int = 5_000_000_000, force: bool = False,
             verify: bool = False, upload_repo: str | None = None, private: bool = False,
             progress: bool | None = None, chunk_bytes: int = 256 << 20,
-            on_shard: Callable[[str], None] | None = None) -> ConvertResult:
+            on_shard: Callable[[str], None] | None = None, calibration=None) -> ConvertResult:
     """Convert ``src`` (a directory or a Hugging Face repo id: the official FP8/FP4 release, or
     bf16/fp32 safetensors with official or transformers names) into an mlx-v4 directory ``dst``.
 
@@ -109,11 +128,14 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str = DEFAULT_RECIPE, g
     module. ``max_shard_bytes`` caps output shards. ``force`` redoes a finished output. ``verify``
     compares the converted and the source model (mean KL, top-1 agreement); ``upload_repo``
     uploads the result. ``progress``: bars on a terminal (None = when stderr is one).
-    ``on_shard(name)`` is called after each shard is durably written."""
+    ``on_shard(name)`` is called after each shard is durably written. ``calibration`` (the
+    2bit-experts / 3bit-experts recipes): a text file to calibrate the routed experts on (None:
+    the built-in text; False: plain rounding), see calibrate.py."""
     t0 = time.monotonic()
     dst = Path(dst).expanduser()
     rec = get_recipe(recipe, group_size)
-    request = _request(src, rec.name, group_size, override, max_shard_bytes)
+    calib_text, calib_id = _calibration(rec.name, calibration)
+    request = _request(src, rec.name, group_size, override, max_shard_bytes, calib_id)
     _prepare_dst(dst, force)
     result = ConvertResult(dst, rec.name)
     marker = _read_json(dst / MARKER)
@@ -128,7 +150,13 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str = DEFAULT_RECIPE, g
         source_dir = None
     else:
         source_dir = resolve_model_path(str(src))
-        _convert(source_dir, dst, rec, request, override, max_shard_bytes, progress, chunk_bytes, on_shard, result)
+        moments = None
+        if calib_text is not None:
+            from .calibrate import calibrate
+
+            moments = calibrate(source_dir, calib_text)
+        _convert(source_dir, dst, rec, request, override, max_shard_bytes, progress, chunk_bytes, on_shard, result,
+                 moments)
     result.seconds = time.monotonic() - t0
     if verify:
         from .verify import verify_conversion
@@ -142,7 +170,7 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str = DEFAULT_RECIPE, g
 
 
 def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_bytes, progress, chunk_bytes,
-             on_shard, result: ConvertResult) -> None:
+             on_shard, result: ConvertResult, moments=None) -> None:
     src = open_source(source_dir)
     jobs, skipped = plan_jobs(src, rec, override)
     if skipped:
@@ -181,10 +209,10 @@ def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_byte
             try:
                 for job in s.jobs:
                     for e, a, sub in chunks(job, src, chunk_bytes):
-                        out = produce(job, sub, reader.read, src)
+                        out = produce(job, sub, reader.read, src, quantizer=_quantizer(job, e, a, moments))
                         mx.eval(*out.values())
                         for name, arr in out.items():
-                            writer.write(name, chunk_offset(job, e, a, name, arr), arr)
+                            writer.write(*chunk_target(job, e, a, name, arr), arr)
                         del out
                         bar.advance(nbytes=chunk_src_bytes(sub))
                     bar.advance(tensors=1)
@@ -201,6 +229,25 @@ def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_byte
     reader.close()
     result.bytes_read = reader.bytes_read
     _finish(src, dst, rec, request, shards, phash)
+
+
+def _quantizer(job, e: int, a: int, moments):
+    """The calibrated quantizer for a chunk of routed experts (None: plain mx.quantize): expert
+    ``e`` of a stack of per-expert tensors, or experts ``a``, ``a + 1``... of a stacked [E, ...]
+    source tensor."""
+    if moments is None or job.klass != "experts":
+        return None
+    from .calibrate import quantize_weighted
+
+    layer, w = int(job.name.split(".")[1]), job.name.split(".")[-2]
+
+    def quantize(arr, **params):
+        if arr.ndim == 2:
+            return quantize_weighted(arr, moments.importance(layer, e if job.stacked else a, w), **params)
+        parts = [quantize_weighted(arr[i], moments.importance(layer, a + i, w), **params) for i in range(arr.shape[0])]
+        return tuple(mx.stack(p) for p in zip(*parts))
+
+    return quantize
 
 
 def _finish(src: Source, dst: Path, rec, request, shards, phash) -> None:

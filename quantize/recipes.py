@@ -128,6 +128,12 @@ RECIPES: dict[str, RecipeSpec] = {
     "mixed-4-8": RecipeSpec(4, 8, 8, "routed experts affine 4-bit, attention/indexer/shared expert/embedding/"
                             "head affine 8-bit (group {g})"),
     "bf16": RecipeSpec("bf16", "bf16", "bf16", "everything dense bf16 (fp32 where the model needs it)"),
+    # for Macs that stream the experts from SSD (mlx_v4.experts): fewer bytes per miss; the routed
+    # experts are calibrated on activations (quantize/calibrate.py)
+    "3bit-experts": RecipeSpec(3, 8, 8, "routed experts affine 3-bit (calibrated), attention/indexer/shared "
+                               "expert/embedding/head affine 8-bit (group {g})"),
+    "2bit-experts": RecipeSpec(2, 8, 8, "routed experts affine 2-bit (calibrated), attention/indexer/shared "
+                               "expert/embedding/head affine 8-bit (group {g})"),
 }
 RECIPE_NAMES = tuple(RECIPES)
 #: Other spellings accepted for the same recipes (older mlx-v4 names, mlx-lm's q-bits names).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import struct
 
@@ -45,9 +46,18 @@ def converted(source, tmp_path_factory):
 
 
 def _tensors(path):
+    """Every output tensor; routed experts (one tensor per expert on disk) also stacked under
+    the model's names (layers.N.ffn.experts.w1.weight [E, ...])."""
     out = {}
     for f in sorted(path.glob("model-*.safetensors")):
         out.update(mx.load(str(f)))
+    per_expert = re.compile(r"(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123]\.\w+)")
+    stacks: dict[str, dict[int, mx.array]] = {}
+    for name, a in out.items():
+        if m := per_expert.fullmatch(name):
+            stacks.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = a
+    for name, by_e in stacks.items():
+        out[name] = mx.stack([by_e[e] for e in range(len(by_e))])
     return out
 
 

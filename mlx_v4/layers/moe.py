@@ -71,10 +71,21 @@ class RoutedExperts(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """x [T, D] (already rounded when act_quant is on), indices/weights [T, k]
         -> sum_k weights * expert_k(x) [T, D]."""
-        if self.grouped_dense and indices.size >= self.grouped_dense_min_rows:
+        return self.pair_outputs(x, indices, weights).astype(mx.float32).sum(axis=-2)
+
+    def choose_path(self, n_pairs: int) -> tuple[bool, bool]:
+        """(grouped dense, sorted gather) for a batch of ``n_pairs`` routed (token, expert) pairs."""
+        return self.grouped_dense and n_pairs >= self.grouped_dense_min_rows, n_pairs >= 64
+
+    def pair_outputs(self, x: mx.array, indices: mx.array, weights: mx.array,
+                     path: tuple[bool, bool] | None = None) -> mx.array:
+        """x [T, D], indices/weights [T, k] -> weights * expert_k(x) per pair [T, k, D] (x's dtype).
+        Each pair's row is computed on its own, so a caller holding only some experts (the
+        expert store) runs subsets of the pairs with ``path`` fixed to the whole batch's."""
+        grouped, do_sort = self.choose_path(indices.size) if path is None else path
+        if grouped:
             return self._grouped_dense(x, indices, weights)
         xe = mx.expand_dims(x, (-2, -3))  # [T, 1, 1, D]
-        do_sort = indices.size >= 64  # group rows by expert when there are many tokens
         idx, inv = indices, None
         if do_sort:
             xe, idx, inv = _gather_sort(xe, indices)
@@ -87,7 +98,7 @@ class RoutedExperts(nn.Module):
         y = self.w2(gemm_input(h.astype(x.dtype), self.act_quant), idx, sorted_indices=do_sort)
         if do_sort:
             y = _scatter_unsort(y, inv, indices.shape)
-        return y.squeeze(-2).astype(mx.float32).sum(axis=-2)
+        return y.squeeze(-2)
 
     def _run_groups(self, x: mx.array, order: np.ndarray, counts: np.ndarray, weights: mx.array,
                     k: int) -> mx.array:
@@ -110,7 +121,7 @@ class RoutedExperts(nn.Module):
         order = np.argsort(flat, kind="stable")
         counts = np.bincount(flat, minlength=self.w1["weight"].shape[0])
         y = self._run_groups(x, order, counts, weights, k)[mx.array(np.argsort(order))]  # back to [T*k] order
-        return y.reshape(T, k, -1).astype(mx.float32).sum(axis=1)
+        return y.reshape(T, k, -1)
 
 
 class Gate(nn.Module):

@@ -162,9 +162,12 @@ def create_app(model, tokenizer, config: ServerConfig | None = None, *, engine: 
         except ApiError as e:
             return _error(_protocol_of(request), e)
         alive = state.engine.alive
-        return JSONResponse({"status": "ok" if alive else "engine stopped", "model": config.model_name,
-                             "context": state.context, "engine": state.engine.stats(),
-                             "prefix_cache": state.pool.stats()}, status_code=200 if alive else 503)
+        body = {"status": "ok" if alive else "engine stopped", "model": config.model_name,
+                "context": state.context, "engine": state.engine.stats(), "prefix_cache": state.pool.stats()}
+        store = getattr(model, "expert_store", None)
+        if store is not None:
+            body["experts"] = store.stats()
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
