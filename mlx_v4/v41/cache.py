@@ -1,0 +1,193 @@
+"""The DeepSeek V4.1 KV cache, laid out as the model shares it.
+
+* every layer: its sliding window (the last ``sliding_window - 1`` entries; the current chunk
+  supplies the rest), FP8 e4m3 codes + one E8M0 byte per 32 (528 bytes at head_dim 512);
+* each kv source (only those): its compressed entries, FP4 e2m1 + one e4m3 byte per 16
+  (288 bytes), the open ratio-2 group (constant size), and, on index-key owners, the index
+  keys, FP4 + one E8M0 byte per 32 (68 bytes at 128 dims). Consumer layers hold a reference to
+  their source's store and no entries of their own (cross-layer KV sharing);
+* the model: the Engram history, the last ``engram_max_ngram_size - 1`` compressed token ids
+  of each sequence.
+
+Entries are stored in the form the model rounded them to (lossless); with ``fake_quant`` off the
+same stores keep unrounded values. Entry stores are append-only, so :func:`checkpoint` snapshots
+only the small state (windows, open groups, Engram history) by reference and :func:`rewind`
+truncates the stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from ..cache import EntryStore
+from .quant import dequantize_entry, dequantize_index, dequantize_window
+
+
+@dataclass
+class GroupState:
+    """Rows of a ratio-2 compressor's open group: projected kv and gate scores [B, m, d] fp32."""
+
+    kv: mx.array | None = None
+    score: mx.array | None = None
+
+    def arrays(self) -> list[mx.array]:
+        return [a for a in (self.kv, self.score) if a is not None]
+
+
+class SourceStore:
+    """What one kv source layer owns: compressed entries, its open group, maybe index keys."""
+
+    def __init__(self, packed: bool, owns_keys: bool):
+        self.packed = packed
+        self.entries = EntryStore()
+        self.index_keys = EntryStore() if owns_keys else None
+        self.group = GroupState()
+
+    def entry_values(self, dtype) -> mx.array | None:
+        if self.entries.length == 0:
+            return None
+        parts = self.entries.view()
+        return dequantize_entry(*parts, dtype) if self.packed else parts[0].astype(dtype)
+
+    def key_values(self) -> mx.array | None:
+        if self.index_keys is None or self.index_keys.length == 0:
+            return None
+        parts = self.index_keys.view()
+        return dequantize_index(*parts) if self.packed else parts[0].astype(mx.float32)
+
+    def nbytes(self) -> int:
+        n = self.entries.nbytes + sum(a.nbytes for a in self.group.arrays())
+        return n + (self.index_keys.nbytes if self.index_keys is not None else 0)
+
+
+class LayerCache:
+    """One layer's view: its own window, and (compressed layers) the source store it reads."""
+
+    def __init__(self, window: int, packed: bool, own: SourceStore | None = None):
+        self.window, self.packed = window, packed
+        self.offset = 0
+        self.window_parts: list[mx.array] | None = None
+        self.own = own  # set on kv sources
+        self.source: SourceStore | None = None  # the store this layer reads (its own on a source)
+        self.keys: SourceStore | None = None  # index sources: the store holding their index keys
+
+    def window_values(self, dtype) -> mx.array | None:
+        if self.window_parts is None:
+            return None
+        return dequantize_window(*self.window_parts, dtype) if self.packed else self.window_parts[0].astype(dtype)
+
+    def push_window(self, parts: tuple[mx.array, ...]) -> None:
+        keep = self.window - 1
+        if self.window_parts is not None:
+            parts = tuple(mx.concatenate([old, new], axis=1) for old, new in zip(self.window_parts, parts))
+        self.window_parts = [mx.contiguous(p[:, -keep:]) for p in parts] if keep > 0 else None
+
+    @property
+    def state(self) -> list[mx.array]:
+        out = list(self.window_parts or [])
+        if self.own is not None:
+            out += self.own.entries.view() if self.own.entries.length else []
+            out += self.own.index_keys.view() if self.own.index_keys is not None and self.own.index_keys.length else []
+            out += self.own.group.arrays()
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.window_parts or []) + (self.own.nbytes() if self.own is not None else 0)
+
+
+@dataclass
+class _Snapshot:
+    offset: int
+    windows: list
+    groups: list
+    lengths: list
+    history: np.ndarray | None
+
+
+class V41Cache(list):
+    """The per-layer caches (``cache[i]``, as mlx-lm's loop expects) plus the model-level state."""
+
+    def __init__(self, layers: list[LayerCache], engram_history: np.ndarray | None = None):
+        super().__init__(layers)
+        self.engram_history = engram_history
+        self._snapshots: dict[int, _Snapshot] = {}
+
+    @property
+    def offset(self) -> int:
+        return self[0].offset
+
+    def sources(self) -> list[SourceStore]:
+        return [c.own for c in self if c.own is not None]
+
+    @property
+    def nbytes(self) -> int:
+        hist = 0 if self.engram_history is None else self.engram_history.nbytes
+        return sum(c.nbytes for c in self) + hist
+
+    def checkpoint(self) -> int:
+        """Remember the current position; :meth:`rewind` can return to it (no copies)."""
+        srcs = self.sources()
+        self._snapshots[self.offset] = _Snapshot(
+            self.offset, [c.window_parts for c in self], [GroupState(s.group.kv, s.group.score) for s in srcs],
+            [(s.entries.length, None if s.index_keys is None else s.index_keys.length) for s in srcs],
+            None if self.engram_history is None else self.engram_history.copy())
+        return self.offset
+
+    def rewind(self, offset: int) -> None:
+        """Return to a position saved by :meth:`checkpoint` (later checkpoints are dropped)."""
+        if offset == self.offset:
+            return
+        snap = self._snapshots.get(offset)
+        if snap is None:
+            raise ValueError(f"cannot rewind to {offset}: checkpoints exist at {sorted(self._snapshots)}")
+        for c, w in zip(self, snap.windows):
+            c.window_parts, c.offset = w, offset
+        for s, g, (n, k) in zip(self.sources(), snap.groups, snap.lengths):
+            s.group = GroupState(g.kv, g.score)
+            s.entries.truncate(n)
+            if s.index_keys is not None:
+                s.index_keys.truncate(k)
+        self.engram_history = None if snap.history is None else snap.history.copy()
+        self._snapshots = {k: v for k, v in self._snapshots.items() if k <= offset}
+
+
+def make_cache(args, packed: bool | None = None) -> V41Cache:
+    """Caches wired for sharing: each compressed layer reads its kv source's store."""
+    packed = args.fake_quant if packed is None else packed
+    owns_keys = set(args.kv_source_layer_ids) & set(args.index_source_layer_ids)
+    layers = []
+    for i in range(args.num_hidden_layers):
+        own = SourceStore(packed, i in owns_keys) if i in args.kv_source_layer_ids else None
+        layers.append(LayerCache(args.sliding_window, packed, own))
+    for i, c in enumerate(layers):
+        src = args.kv_source(i)
+        if src is not None:
+            c.source = layers[src].own
+        if i in args.index_source_layer_ids:
+            c.keys = layers[args.key_owner(i)].own
+    return V41Cache(layers)
+
+
+@dataclass
+class SharedState:
+    """What layers hand down the stack within one forward (the reference's ``shared_attn``):
+    each index source's selection, the candidate source's block mask."""
+
+    picks: dict[int, mx.array | None] = field(default_factory=dict)
+    candidates: mx.array | None = None
+
+
+def bytes_per_token(args) -> dict[str, float]:
+    """Packed bytes each token adds at long context (windows are a constant on top)."""
+    hd, dI = args.head_dim, args.index_head_dim
+    entry = hd // 2 + hd // 16
+    key = dI // 2 + dI // 32
+    owners = set(args.kv_source_layer_ids) & set(args.index_source_layer_ids)
+    comp = sum(entry / args.compress_ratios[s] for s in args.kv_source_layer_ids)
+    keys = sum(key / args.compress_ratios[s] for s in owners)
+    return {"compressed": comp, "index_keys": keys, "total": comp + keys,
+            "window_constant": args.num_hidden_layers * (args.sliding_window - 1) * (hd + hd // 32)}
