@@ -191,3 +191,96 @@ def bytes_per_token(args) -> dict[str, float]:
     keys = sum(key / args.compress_ratios[s] for s in owners)
     return {"compressed": comp, "index_keys": keys, "total": comp + keys,
             "window_constant": args.num_hidden_layers * (args.sliding_window - 1) * (hd + hd // 32)}
+
+
+# ---- files -------------------------------------------------------------------------------------
+FORMAT = "mlx-v4/deepseek_v41-cache/1"
+
+
+def used_nbytes(cache: V41Cache) -> int:
+    """Bytes of the rows in use (entry stores grow in steps; ``nbytes`` counts their capacity)."""
+    total = 0
+    for c in cache:
+        total += sum(p.nbytes for p in c.window_parts or [])
+        if c.own is not None:
+            for store in (c.own.entries, c.own.index_keys):
+                if store is not None and store.length:
+                    total += sum(p.nbytes // p.shape[1] * store.length for p in store.parts)
+            total += sum(a.nbytes for a in c.own.group.arrays())
+    return total
+
+
+def save_v41_cache(path, cache: V41Cache, *, tokens: list[int], fingerprint: str) -> None:
+    """Write ``cache`` (and the tokens it holds) to ``path``: temp name, fsync, rename."""
+    import json
+    import os
+    from pathlib import Path
+
+    arrays: dict[str, mx.array] = {}
+    for i, c in enumerate(cache):
+        for j, p in enumerate(c.window_parts or []):
+            arrays[f"layers.{i}.window.{j}"] = p
+        if c.own is None:
+            continue
+        for kind, store in (("entries", c.own.entries), ("index_keys", c.own.index_keys)):
+            if store is not None and store.length:
+                for j, p in enumerate(store.view()):
+                    arrays[f"layers.{i}.{kind}.{j}"] = p
+        if c.own.group.kv is not None:
+            arrays[f"layers.{i}.group.kv"], arrays[f"layers.{i}.group.score"] = c.own.group.kv, c.own.group.score
+    if cache.engram_history is not None:
+        arrays["engram_history"] = mx.array(cache.engram_history.astype(np.int32))
+    meta = {"format": FORMAT, "fingerprint": fingerprint, "offset": str(cache.offset),
+            "packed": str(int(cache[0].packed)), "tokens": json.dumps([int(t) for t in tokens])}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata=meta)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def load_v41_cache(path, model) -> tuple[V41Cache, list[int]]:
+    """Read a file written by :func:`save_v41_cache` for this very model (same fingerprint)."""
+    import json
+
+    from ..cache import CacheFileError
+
+    try:
+        arrays, meta = mx.load(str(path), return_metadata=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CacheFileError(f"{path}: not a readable cache file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CacheFileError(f"{path}: not a DeepSeek V4.1 cache file (format {meta.get('format')!r})")
+    if meta.get("fingerprint") != model.fingerprint:
+        raise CacheFileError(f"{path}: saved for another model or quantization (fingerprint {meta.get('fingerprint')}, "
+                             f"this model is {model.fingerprint})")
+    cache = model.make_cache()
+    if bool(int(meta["packed"])) != cache[0].packed:
+        raise CacheFileError(f"{path}: saved with fake_quant={bool(int(meta['packed']))}, the model has the opposite")
+
+    def parts(prefix: str) -> list[mx.array]:
+        out, j = [], 0
+        while f"{prefix}.{j}" in arrays:
+            out.append(arrays[f"{prefix}.{j}"])
+            j += 1
+        return out
+
+    offset = int(meta["offset"])
+    for i, c in enumerate(cache):
+        c.offset = offset
+        c.window_parts = parts(f"layers.{i}.window") or None
+        if c.own is None:
+            continue
+        for kind, store in (("entries", c.own.entries), ("index_keys", c.own.index_keys)):
+            got = parts(f"layers.{i}.{kind}")
+            if store is not None and got:
+                store.append(tuple(got))
+        if f"layers.{i}.group.kv" in arrays:
+            c.own.group = GroupState(arrays[f"layers.{i}.group.kv"], arrays[f"layers.{i}.group.score"])
+    if "engram_history" in arrays:
+        cache.engram_history = np.array(arrays["engram_history"]).astype(np.int64)
+    return cache, json.loads(meta["tokens"])

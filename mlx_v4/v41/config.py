@@ -284,3 +284,13 @@ def preset(name: str, **overrides) -> V41Args:
     if name not in PRESETS:
         raise ConfigError(f"no preset {name!r}; choose one of {sorted(PRESETS)}")
     return V41Args.from_dict(PRESETS[name](), overrides)
+
+
+def is_v41_checkpoint(model_dir: str | Path) -> bool:
+    """Whether ``model_dir/config.json`` declares DeepSeek V4.1 (at the top or in text_config)."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    return cfg.get("model_type") in MODEL_TYPES or text.get("model_type") in MODEL_TYPES

@@ -145,5 +145,8 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
     loaded.clear()
     files = sorted((p.name, p.stat().st_size) for p in path.glob("*.safetensors"))
     model.weights_id = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+    from ..generation import load_generation_defaults
+
+    model.generation_defaults = load_generation_defaults(path)
     model.eval()
     return model, path
