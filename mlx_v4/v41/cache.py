@@ -73,6 +73,8 @@ class LayerCache:
         self.own = own  # set on kv sources
         self.source: SourceStore | None = None  # the store this layer reads (its own on a source)
         self.keys: SourceStore | None = None  # index sources: the store holding their index keys
+        self.model_cache: V41Cache | None = None  # set on layer 0, which snapshots the Engram history
+        self._snapshots: dict[int, tuple] = {}
 
     def window_values(self, dtype) -> mx.array | None:
         if self.window_parts is None:
@@ -84,6 +86,45 @@ class LayerCache:
         if self.window_parts is not None:
             parts = tuple(mx.concatenate([old, new], axis=1) for old, new in zip(self.window_parts, parts))
         self.window_parts = [mx.contiguous(p[:, -keep:]) for p in parts] if keep > 0 else None
+
+    def checkpoint(self) -> int:
+        """Remember this position (by reference: no copies); see :meth:`rewind`."""
+        own = None
+        if self.own is not None:
+            keys = self.own.index_keys
+            own = (GroupState(self.own.group.kv, self.own.group.score), self.own.entries.length,
+                   None if keys is None else keys.length)
+        history = None
+        if self.model_cache is not None and self.model_cache.engram_history is not None:
+            history = self.model_cache.engram_history.copy()
+        self._snapshots[self.offset] = (self.window_parts, own, history)
+        return self.offset
+
+    def rewind(self, offset: int) -> None:
+        """Return to a position saved by :meth:`checkpoint` (later checkpoints are dropped)."""
+        if offset == self.offset:
+            return
+        if offset not in self._snapshots:
+            raise ValueError(f"cannot rewind to {offset}: checkpoints exist at {sorted(self._snapshots)}")
+        self.window_parts, own, history = self._snapshots[offset]
+        if own is not None:
+            group, n, k = own
+            self.own.group = GroupState(group.kv, group.score)
+            self.own.entries.truncate(n)
+            if k is not None:
+                self.own.index_keys.truncate(k)
+        if self.model_cache is not None:
+            self.model_cache.engram_history = None if history is None else history.copy()
+        self.offset = offset
+        self._snapshots = {o: v for o, v in self._snapshots.items() if o <= offset}
+
+    def breakdown(self) -> dict[str, int]:
+        out = {"window": sum(p.nbytes for p in self.window_parts or [])}
+        if self.own is not None:
+            out["compressed"] = self.own.entries.nbytes
+            out["index_keys"] = 0 if self.own.index_keys is None else self.own.index_keys.nbytes
+            out["compressor"] = sum(a.nbytes for a in self.own.group.arrays())
+        return out
 
     @property
     def state(self) -> list[mx.array]:
@@ -99,22 +140,16 @@ class LayerCache:
         return sum(p.nbytes for p in self.window_parts or []) + (self.own.nbytes() if self.own is not None else 0)
 
 
-@dataclass
-class _Snapshot:
-    offset: int
-    windows: list
-    groups: list
-    lengths: list
-    history: np.ndarray | None
-
-
 class V41Cache(list):
-    """The per-layer caches (``cache[i]``, as mlx-lm's loop expects) plus the model-level state."""
+    """The per-layer caches (``cache[i]``, as mlx-lm's loop and mlx_v4.generation expect: each
+    has ``offset``, ``state``, ``checkpoint()``, ``rewind()``) plus the Engram history, which
+    layer 0's cache snapshots."""
 
     def __init__(self, layers: list[LayerCache], engram_history: np.ndarray | None = None):
         super().__init__(layers)
         self.engram_history = engram_history
-        self._snapshots: dict[int, _Snapshot] = {}
+        if layers:
+            layers[0].model_cache = self
 
     @property
     def offset(self) -> int:
@@ -129,30 +164,13 @@ class V41Cache(list):
         return sum(c.nbytes for c in self) + hist
 
     def checkpoint(self) -> int:
-        """Remember the current position; :meth:`rewind` can return to it (no copies)."""
-        srcs = self.sources()
-        self._snapshots[self.offset] = _Snapshot(
-            self.offset, [c.window_parts for c in self], [GroupState(s.group.kv, s.group.score) for s in srcs],
-            [(s.entries.length, None if s.index_keys is None else s.index_keys.length) for s in srcs],
-            None if self.engram_history is None else self.engram_history.copy())
+        for c in self:
+            c.checkpoint()
         return self.offset
 
     def rewind(self, offset: int) -> None:
-        """Return to a position saved by :meth:`checkpoint` (later checkpoints are dropped)."""
-        if offset == self.offset:
-            return
-        snap = self._snapshots.get(offset)
-        if snap is None:
-            raise ValueError(f"cannot rewind to {offset}: checkpoints exist at {sorted(self._snapshots)}")
-        for c, w in zip(self, snap.windows):
-            c.window_parts, c.offset = w, offset
-        for s, g, (n, k) in zip(self.sources(), snap.groups, snap.lengths):
-            s.group = GroupState(g.kv, g.score)
-            s.entries.truncate(n)
-            if s.index_keys is not None:
-                s.index_keys.truncate(k)
-        self.engram_history = None if snap.history is None else snap.history.copy()
-        self._snapshots = {k: v for k, v in self._snapshots.items() if k <= offset}
+        for c in self:
+            c.rewind(offset)
 
 
 def make_cache(args, packed: bool | None = None) -> V41Cache:
