@@ -142,6 +142,9 @@ class Model(nn.Module):
             cache = self.make_cache()
         B, L = inputs.shape
         ids = np.array(inputs)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.args.vocab_size):
+            raise ValueError(f"token id {int(ids.max() if ids.max() >= self.args.vocab_size else ids.min())} is "
+                             f"outside the model's vocabulary of {self.args.vocab_size}")
         if (ids == self.args.image_token_id).any():
             raise ImageInputError(f"image token {self.args.image_token_id} in the input: image inputs are not "
                                   "supported (mlx-v4 runs the DeepSeek V4.1 text model only)")

@@ -1,0 +1,47 @@
+"""Chat with a DeepSeek V4.1 model: deepseek-recipe's V4.1 encoding, and image inputs refused."""
+
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+import mlx_v4
+from mlx_v4.chat import ChatSession, model_version, render_prompt
+
+MODEL = Path(__file__).parent / "fixtures" / "tiny_v41" / "model"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return mlx_v4.load(MODEL, dtype=mx.float32)
+
+
+def test_session_renders_the_v41_encoding(loaded):
+    model, tokenizer = loaded
+    assert model_version(model) == "v41"
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    # V4.1 tags the system prompt; V4 does not
+    assert render_prompt(conversation, thinking=False, version="v41") == (
+        "<｜begin▁of▁sentence｜><｜System｜>Be brief.<｜User｜>hi<｜Assistant｜></think>")
+    assert render_prompt(conversation, thinking=False) == "<｜begin▁of▁sentence｜>Be brief.<｜User｜>hi<｜Assistant｜></think>"
+    assert render_prompt(conversation[1:], version="v41").startswith(
+        "<｜begin▁of▁sentence｜><｜System｜>Reasoning Effort: 75 (range 1-100")
+    # The fixture has no tokenizer.json, so the bundled V4 one (no <｜System｜> token) stands in;
+    # a session without a system prompt in non-thinking mode needs none.
+    session = ChatSession(model, tokenizer, thinking=False)
+    ids = session.render([{"role": "user", "content": "hi"}])
+    assert tokenizer.decode(ids) == "<｜begin▁of▁sentence｜><｜User｜>hi<｜Assistant｜></think>"
+
+
+def test_image_inputs_are_refused(loaded):
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer)
+    image = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "x.png"}}]
+    with pytest.raises(ValueError, match=r"image inputs are not supported: mlx-v4 runs the text model only"):
+        list(session.send(image))
+
+
+def test_token_outside_the_vocabulary_is_named(loaded):
+    model, _ = loaded
+    with pytest.raises(ValueError, match="token id 600 is outside the model's vocabulary of 512"):
+        model(mx.array([[1, 600]]))
