@@ -115,3 +115,14 @@ def test_mx_quantized_weights_match(reference):
                         fp8="mxfp8", fp4="mxfp4")
     assert model.layers[0].attn.wq_a.mode == "mxfp8" and model.layers[0].ffn.experts.w1.mode == "mxfp4"
     assert relative(np.array(model(reference["ids"])), np.array(reference["logits_full_exact"])) < RTOL
+
+
+def test_small_memory_budgets_change_nothing(exact_model, reference, monkeypatch):
+    """The indexer scored one query row and a few key columns at a time, picks gathered for one
+    query at a time: the long-context paths give the same logits."""
+    from mlx_v4.v41 import attention
+
+    monkeypatch.setattr(attention, "SCORE_BUDGET", 64)
+    monkeypatch.setattr(attention, "GATHER_BUDGET", 1)
+    got = run_chunks(exact_model, reference["ids"], [40, 1, 29])
+    assert relative(got, np.array(reference["logits_full_exact"])) < RTOL

@@ -33,6 +33,12 @@ from ..layers.rope import RoPE
 from .cache import GroupState, LayerCache, SharedState
 from .quant import quantize_entry, quantize_index, quantize_window
 
+#: Largest score piece (elements) the indexer builds at once: the [rows, N] scores top-k reads and
+#: the [rows, heads, cols] products, so prefill memory stays flat with context.
+SCORE_BUDGET = 1 << 22
+#: Most gathered entry elements (k rows of head_dim per query) one query block decodes at once.
+GATHER_BUDGET = 1 << 22
+
 
 class Compressor(nn.Module):
     """Ratio 1: ``norm(wkv(x))`` per token. Ratio 2: each pair pooled by a per-channel softmax of
@@ -93,30 +99,48 @@ class Indexer(nn.Module):
             return quantize_index(k)
         return k, None
 
-    def select(self, x, qr, offset: int, cos, sin, keys: mx.array, shared: SharedState) -> mx.array | None:
-        """Picks [B, L, k] (-1 = none), or None when every visible entry fits in k."""
+    def select(self, x, qr, offset: int, cos, sin, keys: list[mx.array], shared: SharedState) -> mx.array | None:
+        """Picks [B, L, k] (-1 = none), or None when every visible entry fits in k. ``keys``: the
+        owner's index keys as stored (packed FP4 parts, or [values])."""
         B, L, _ = x.shape
-        n = keys.shape[1]
+        n = keys[0].shape[1]
         if n <= self.topk:
             return None
         q = self._rope(self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim), cos[:, None], sin[:, None])
         if self.fake_quant:
             q, _ = quantize_index(q)
+        q = q.astype(mx.float32)
         w = self.weights_proj(x).astype(mx.float32) * (self.head_dim**-0.5 * self.n_heads**-0.5)
-        dots = mx.maximum(q.astype(mx.float32) @ keys.swapaxes(1, 2)[:, None], 0)  # [B, L, H, N]
-        scores = (dots * w[..., None]).sum(axis=2)  # [B, L, N]
         visible = (mx.arange(offset, offset + L) + 1) // self.ratio
-        scores = mx.where(mx.arange(n)[None, :] < visible[:, None], scores, -mx.inf)
+        rows = max(1, min(L, SCORE_BUDGET // (B * n)))
+        cols = max(1, min(n, SCORE_BUDGET // (B * rows * self.n_heads)))
+        picks, blocks = [], []
+        for s in range(0, L, rows):
+            e = min(L, s + rows)
+            qs = q[:, s:e].reshape(B, -1, self.head_dim)  # [B, rows*heads, d]
+            pieces = []
+            for c in range(0, n, cols):  # ReLU sits between the heads' products and their sum
+                dots = mx.maximum(_scores(qs, [k[:, c:c + cols] for k in keys]), 0).reshape(B, e - s, self.n_heads, -1)
+                pieces.append((dots * w[:, s:e, :, None]).sum(axis=2))
+            scores = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=-1)  # [B, rows, N]
+            scores = mx.where(mx.arange(n)[None, :] < visible[s:e, None], scores, -mx.inf)
+            if self.is_candidate_source:
+                blocks.append(self._candidate_blocks(scores, visible[s:e]))
+            elif self.uses_candidates:
+                keep = mx.repeat(shared.candidates[:, s:e], self.block_size, axis=-1)[..., :n]
+                scores = mx.where(keep, scores, -mx.inf)
+            idx = mx.argpartition(-scores, kth=self.topk - 1, axis=-1)[..., : self.topk]
+            picked = mx.take_along_axis(scores, idx, axis=-1)
+            picks.append(mx.where(picked > -mx.inf, idx.astype(mx.int32), -1))
+            if e < L:  # independent row blocks could otherwise be scored all at once
+                mx.eval(picks[-1], blocks[-1] if blocks else picks[-1])
         if self.is_candidate_source:
-            shared.candidates = self._candidate_mask(scores, visible)
-        elif self.uses_candidates:
-            scores = mx.where(shared.candidates, scores, -mx.inf)
-        idx = mx.argpartition(-scores, kth=self.topk - 1, axis=-1)[..., : self.topk]
-        picked = mx.take_along_axis(scores, idx, axis=-1)
-        return mx.where(picked > -mx.inf, idx.astype(mx.int32), -1)
+            shared.candidates = blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=1)
+        return picks[0] if len(picks) == 1 else mx.concatenate(picks, axis=1)
 
-    def _candidate_mask(self, scores: mx.array, visible: mx.array) -> mx.array:
-        """Level one: a bool mask [B, L, N] of the best ``blocks`` blocks (by their best entry)."""
+    def _candidate_blocks(self, scores: mx.array, visible: mx.array) -> mx.array:
+        """Level one: bool [B, L, blocks] marking each query's best ``candidate_topk_blocks``
+        blocks of ``candidate_block_size`` entries (a block scores its best entry)."""
         B, L, n = scores.shape
         bs = self.block_size
         nb = -(-n // bs)
@@ -127,8 +151,17 @@ class Indexer(nn.Module):
         k = min(self.blocks, nb)
         top = mx.argpartition(-block, kth=k - 1, axis=-1)[..., :k]
         keep = mx.take_along_axis(block, top, axis=-1) > -mx.inf
-        mask = mx.put_along_axis(mx.zeros((B, L, nb), dtype=mx.bool_), top, keep, axis=-1)
-        return mx.repeat(mask, bs, axis=-1)[..., :n]
+        return mx.put_along_axis(mx.zeros((B, L, nb), dtype=mx.bool_), top, keep, axis=-1)
+
+
+def _scores(q: mx.array, keys: list[mx.array]) -> mx.array:
+    """q [B, M, d] . keys [B, N, d] -> [B, M, N] float32; packed FP4 keys (E8M0 per 32, low
+    nibble first: MLX's mxfp4 layout) are read without dequantizing them."""
+    if len(keys) == 2:
+        codes, scales = keys
+        return mx.quantized_matmul(q, codes.view(mx.uint32), scales, transpose=True, group_size=32, bits=4,
+                                   mode="mxfp4")
+    return q @ keys[0].astype(mx.float32).swapaxes(1, 2)
 
 
 class Attention(nn.Module):
@@ -174,18 +207,15 @@ class Attention(nn.Module):
         kpos = mx.arange(offset + L - window.shape[1], offset + L)[None, :]
         window_mask = mx.broadcast_to((kpos <= qpos) & (kpos > qpos - self.window), (B, L, window.shape[1]))
 
-        comp, comp_mask = None, None
-        if self.ratio:
-            comp, comp_mask = self._compressed(x, qr, cache, shared, cos, sin, qpos)
-        o = attend(q, window, window_mask, self.attn_sink, self.head_dim**-0.5, comp, comp_mask)
+        store, picks = (self._compress_and_select(x, qr, cache, shared, cos, sin) if self.ratio else (None, None))
+        o = self._attend(q, window, window_mask, store, picks, qpos)
         o = self._rope(o, cos[:, None], sin[:, None], inverse=True)
         o = grouped_projection(o.reshape(B, L, self.groups, -1), self.wo_a, self.groups)
         cache.offset += L
         return self.wo_b(o)
 
-    def _compressed(self, x, qr, cache: LayerCache, shared: SharedState, cos, sin, qpos):
-        """Compress (sources), select (index sources) -> (entries [B, N, d], mask [B, L, N])."""
-        B, L, _ = x.shape
+    def _compress_and_select(self, x, qr, cache: LayerCache, shared: SharedState, cos, sin):
+        """Compress (sources) and select (index sources) -> (the store read, picks or None)."""
         store = cache.source
         if self.is_kv_source:
             latent, first, store.group = self.compressor(x, cache.offset, store.group)
@@ -199,18 +229,34 @@ class Attention(nn.Module):
                 if self.fake_quant:
                     entries, packed = quantize_entry(entries)
                 store.entries.append(packed if store.packed else (entries,))
-        n = store.entries.length
-        if n == 0:
+        if store.entries.length == 0:
             return None, None
         if self.is_index_source:
-            picks = self.indexer.select(x, qr, cache.offset, cos, sin, cache.keys.key_values(), shared)
+            picks = self.indexer.select(x, qr, cache.offset, cos, sin, cache.keys.key_parts(), shared)
             shared.picks[self.layer] = picks
         else:
             picks = shared.picks[self.index_source]
+        return store, picks
+
+    def _attend(self, q, window, window_mask, store, picks, qpos):
+        """Window plus compressed entries: every visible entry (j < (t + 1) // ratio) while they
+        fit in ``index_topk``, else each query's picks, gathered in query blocks."""
+        B, L, H, hd = q.shape
+        scale = self.head_dim**-0.5
+        if store is None:
+            return attend(q, window, window_mask, self.attn_sink, scale)
         if picks is None:
-            mask = mx.arange(n)[None, :] < (qpos + 1) // self.ratio
-            mask = mx.broadcast_to(mask, (B, L, n))
-        else:
-            slots = mx.where(picks >= 0, picks, n)  # -1 -> a spill column
-            mask = mx.put_along_axis(mx.zeros((B, L, n + 1), dtype=mx.bool_), slots, mx.array(True), axis=-1)[..., :n]
-        return store.entry_values(x.dtype), mask
+            n = store.entries.length
+            mask = mx.broadcast_to(mx.arange(n)[None, :] < (qpos + 1) // self.ratio, (B, L, n))
+            return attend(q, window, window_mask, self.attn_sink, scale, store.entry_values(q.dtype), mask)
+        k = picks.shape[-1]
+        block = max(1, min(L, GATHER_BUDGET // (B * k * hd)))
+        outs = []
+        for s in range(0, L, block):
+            e = min(L, s + block)
+            p = picks[:, s:e]
+            rows = store.gather_entries(mx.maximum(p, 0).reshape(B, -1), q.dtype).reshape(B, e - s, k, hd)
+            outs.append(attend(q[:, s:e], window, window_mask[:, s:e], self.attn_sink, scale, rows, p >= 0))
+            if e < L:
+                mx.eval(outs[-1])
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)

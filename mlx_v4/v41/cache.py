@@ -52,6 +52,16 @@ class SourceStore:
         parts = self.entries.view()
         return dequantize_entry(*parts, dtype) if self.packed else parts[0].astype(dtype)
 
+    def gather_entries(self, idx: mx.array, dtype) -> mx.array:
+        """Rows ``idx`` [B, M] (valid ids) of the entries, decoded -> [B, M, d]."""
+        parts = [mx.take_along_axis(p, idx.reshape(*idx.shape, *([1] * (p.ndim - 2))), axis=1)
+                 for p in self.entries.view()]
+        return dequantize_entry(*parts, dtype) if self.packed else parts[0].astype(dtype)
+
+    def key_parts(self) -> list[mx.array]:
+        """The index keys as stored: [packed FP4 uint8 [B, N, d/2], E8M0 [B, N, d/32]] or [values]."""
+        return self.index_keys.view() if self.index_keys is not None else []
+
     def key_values(self) -> mx.array | None:
         if self.index_keys is None or self.index_keys.length == 0:
             return None
