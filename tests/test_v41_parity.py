@@ -126,3 +126,19 @@ def test_small_memory_budgets_change_nothing(exact_model, reference, monkeypatch
     monkeypatch.setattr(attention, "GATHER_BUDGET", 1)
     got = run_chunks(exact_model, reference["ids"], [40, 1, 29])
     assert relative(got, np.array(reference["logits_full_exact"])) < RTOL
+
+
+def test_v4_query_norm_would_break_parity(exact_model, reference, monkeypatch):
+    """Negative control for the detail ik_llama.cpp #2455 found decisive: V4's per-head RMS norm
+    of the queries does not exist in V4.1; putting it back moves the logits far off."""
+    from mlx_v4.layers.norm import rms_normalize
+    from mlx_v4.v41.attention import Attention
+
+    plain = Attention._queries
+
+    def with_v4_norm(self, x, cos, sin):
+        qr, q = plain(self, x, cos, sin)
+        return qr, rms_normalize(q, 1e-6)
+
+    monkeypatch.setattr(Attention, "_queries", with_v4_norm)
+    assert relative(np.array(exact_model(reference["ids"])), np.array(reference["logits_full_exact"])) > 1e-2

@@ -193,8 +193,7 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         offset, dtype = cache.offset, x.dtype
         cos, sin = self._rope.cos_sin(mx.arange(offset, offset + L))
-        qr = self.q_norm(self.wq_a(x))
-        q = self._rope(self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim), cos[:, None], sin[:, None])
+        qr, q = self._queries(x, cos, sin)
 
         kv = self._rope(self.kv_norm(self.wkv(x)), cos, sin)
         parts = (kv,)
@@ -213,6 +212,12 @@ class Attention(nn.Module):
         o = grouped_projection(o.reshape(B, L, self.groups, -1), self.wo_a, self.groups)
         cache.offset += L
         return self.wo_b(o)
+
+    def _queries(self, x: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, mx.array]:
+        """(qr [B, L, q_lora], q [B, L, H, hd]): unlike V4, no per-head RMS norm of q."""
+        B, L, _ = x.shape
+        qr = self.q_norm(self.wq_a(x))
+        return qr, self._rope(self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim), cos[:, None], sin[:, None])
 
     def _compress_and_select(self, x, qr, cache: LayerCache, shared: SharedState, cos, sin):
         """Compress (sources) and select (index sources) -> (the store read, picks or None)."""
