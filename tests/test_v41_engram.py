@@ -112,3 +112,19 @@ def test_loaded_model_keeps_tables_as_readers():
     before = model.layers[1].engram.table.rows_read
     model(mx.array([[5, 6, 7, 5, 6, 7]]))
     assert model.layers[1].engram.table.rows_read > before
+
+
+def test_resident_only_within_budget():
+    from pathlib import Path
+
+    from mlx_v4.v41.weights import load_v41
+
+    path = Path(__file__).parent / "fixtures" / "tiny_v41" / "model"
+    lazy, _ = load_v41(path, dtype=mx.float32)
+    small = lazy.layers[1].engram.table.nbytes
+    resident, _ = load_v41(path, dtype=mx.float32, engram_budget_bytes=small)  # room for the first table only
+    assert resident.layers[1].engram.table.resident and not resident.layers[5].engram.table.resident
+    assert not lazy.layers[1].engram.table.resident
+    ids = mx.array([[5, 6, 7, 5, 6, 7, 9]])
+    np.testing.assert_array_equal(np.array(resident(ids)), np.array(lazy(ids)))
+    assert resident.layers[1].engram.table.rows_read == 0 and resident.layers[5].engram.table.rows_read > 0

@@ -6,9 +6,10 @@ turns their concatenation into one key per hyper-connection copy and one shared 
 copy adds ``gate * value`` with ``gate = sigmoid(signed_sqrt(dot))``, ``dot`` the normalised
 (per token and copy, over ``dim``) product of stream, ``q_weight * k_weight`` and key.
 
-The released tables are 384M rows x 256 FP8 (about 98 GB each), so :class:`EngramTable` never
-loads one: it reads the rows a step needs with ``os.pread`` from the safetensors file (FP8 e4m3
-codes + one E8M0 byte per 32 columns) and dequantises just those.
+The released tables are 384M rows x 256 FP8 (about 98 GB each), so :class:`EngramTable` does not
+load one: it reads the rows a step needs with ``os.pread`` from the safetensors file (FP8 e4m3
+codes + one E8M0 byte per 32 columns) and dequantises just those. A table is read into memory
+only when the loader's ``engram_budget_bytes`` allows it (default 0: never).
 """
 
 from __future__ import annotations
@@ -40,7 +41,29 @@ class EngramTable:
         self._scale_path = scale_info.file
         self._fds: dict = {}
         self._lock = threading.Lock()
-        self.rows_read = 0  # for tests and statistics
+        self.rows_read = 0  # rows read from disk, for tests and statistics
+        self._resident: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * (self.dim + self.dim // 32)
+
+    @property
+    def resident(self) -> bool:
+        return self._resident is not None
+
+    def make_resident(self) -> None:
+        """Read the whole table into memory (only where the budget allows: see load_v41)."""
+        codes = np.empty((self.rows, self.dim), np.uint8)
+        scales = np.empty((self.rows, self.dim // 32), np.uint8)
+        for arr, path, offset in ((codes, self.path, self._weight_offset), (scales, self._scale_path, self._scale_offset)):
+            view, done = memoryview(arr.reshape(-1)), 0
+            while done < arr.nbytes:
+                n = os.preadv(self._fd(path), [view[done:done + (1 << 30)]], offset + done)
+                if n <= 0:
+                    raise EngramTableError(f"{path}: truncated Engram table (read {done} of {arr.nbytes} bytes)")
+                done += n
+        self._resident = (codes, scales)
 
     def _fd(self, path) -> int:
         with self._lock:
@@ -67,13 +90,16 @@ class EngramTable:
             raise EngramTableError(f"{self.path}: Engram row {int(rows.max())} is outside the table's {self.rows} rows")
         unique, inverse = np.unique(rows.reshape(-1), return_inverse=True)
         width = self.dim // 32
-        codes = np.empty((len(unique), self.dim), dtype=np.uint8)
-        scales = np.empty((len(unique), width), dtype=np.uint8)
-        wfd, sfd = self._fd(self.path), self._fd(self._scale_path)
-        for i, r in enumerate(unique.tolist()):
-            codes[i] = np.frombuffer(os.pread(wfd, self.dim, self._weight_offset + r * self.dim), np.uint8)
-            scales[i] = np.frombuffer(os.pread(sfd, width, self._scale_offset + r * width), np.uint8)
-        self.rows_read += len(unique)
+        if self._resident is not None:
+            codes, scales = self._resident[0][unique], self._resident[1][unique]
+        else:
+            codes = np.empty((len(unique), self.dim), dtype=np.uint8)
+            scales = np.empty((len(unique), width), dtype=np.uint8)
+            wfd, sfd = self._fd(self.path), self._fd(self._scale_path)
+            for i, r in enumerate(unique.tolist()):
+                codes[i] = np.frombuffer(os.pread(wfd, self.dim, self._weight_offset + r * self.dim), np.uint8)
+                scales[i] = np.frombuffer(os.pread(sfd, width, self._scale_offset + r * width), np.uint8)
+            self.rows_read += len(unique)
         values = mx.from_fp8(mx.array(codes), dtype=mx.float32).reshape(len(unique), width, 32)
         exps = mx.array(scales).astype(mx.uint32)
         scale = mx.where(exps == 0, mx.array(2.0**-127, mx.float32), (exps << 23).view(mx.float32))

@@ -55,8 +55,9 @@ def tokenizer_file(model_dir: Path) -> Path:
 
 
 def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8: str | None = None,
-             fp4: str | None = None) -> tuple[Model, Path]:
-    """-> (model, model directory)."""
+             fp4: str | None = None, engram_budget_bytes: int = 0) -> tuple[Model, Path]:
+    """-> (model, model directory). Engram tables stay on disk, read row by row, except those
+    that fit (in layer order) within ``engram_budget_bytes``, which are read into memory."""
     path = resolve_model_path(str(path_or_repo))
     args = V41Args.from_file(path, model_config)
     dtype = dtype or platform.default_dtype()
@@ -133,7 +134,11 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
             if base + ".weight" not in infos or base + ".scale" not in infos:
                 raise WeightsError(f"{path}: the checkpoint has no Engram table '{base}.weight' with its '.scale'")
             rows = args.engram_num_embeddings[args.engram_layer_ids.index(i)]
-            layer.engram.table = EngramTable(infos[base + ".weight"], infos[base + ".scale"], rows, args.engram_head_dim)
+            table = EngramTable(infos[base + ".weight"], infos[base + ".scale"], rows, args.engram_head_dim)
+            if table.nbytes <= engram_budget_bytes:
+                table.make_resident()
+                engram_budget_bytes -= table.nbytes
+            layer.engram.table = table
             used.update((base + ".weight", base + ".scale"))
     unexpected = sorted(n for n in infos if n not in used and not SKIPPED.match(n))
     if unexpected:
