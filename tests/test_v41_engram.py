@@ -59,6 +59,15 @@ def test_rows_read_exactly(table_file):
     assert t.rows_read == 3  # each distinct row once
 
 
+def test_many_rows_read_in_parallel(table_file):
+    rows = np.concatenate([np.random.default_rng(1).integers(0, ROWS, 3000), list(KNOWN)])
+    got = np.array(table(table_file).read(rows))
+    want = np.zeros((len(rows), DIM), np.float32)
+    for i, r in enumerate(rows):
+        want[i] = 4 * KNOWN.get(int(r), 0.0)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_row_out_of_range_is_named(table_file):
     with pytest.raises(EngramTableError, match=f"row {ROWS} is outside the table's {ROWS} rows"):
         table(table_file).read(np.array([ROWS]))

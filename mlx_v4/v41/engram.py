@@ -21,7 +21,19 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-_FP8_BYTES = {"F8_E4M3": 1, "U8": 1, "I8": 1}
+#: Rows one reader thread fetches per task; more rows than this are read by READ_THREADS threads.
+READ_BATCH = 256
+READ_THREADS = 16
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="engram-read")
+    return _POOL
 
 
 class EngramTableError(ValueError):
@@ -96,9 +108,19 @@ class EngramTable:
             codes = np.empty((len(unique), self.dim), dtype=np.uint8)
             scales = np.empty((len(unique), width), dtype=np.uint8)
             wfd, sfd = self._fd(self.path), self._fd(self._scale_path)
-            for i, r in enumerate(unique.tolist()):
-                codes[i] = np.frombuffer(os.pread(wfd, self.dim, self._weight_offset + r * self.dim), np.uint8)
-                scales[i] = np.frombuffer(os.pread(sfd, width, self._scale_offset + r * width), np.uint8)
+            ids = unique.tolist()
+
+            def fetch(lo: int, hi: int) -> None:
+                for i in range(lo, hi):
+                    r = ids[i]
+                    codes[i] = np.frombuffer(os.pread(wfd, self.dim, self._weight_offset + r * self.dim), np.uint8)
+                    scales[i] = np.frombuffer(os.pread(sfd, width, self._scale_offset + r * width), np.uint8)
+
+            if len(ids) <= READ_BATCH:
+                fetch(0, len(ids))
+            else:  # pread releases the GIL: several reads in flight keep an SSD's queue busy
+                spans = [(lo, min(len(ids), lo + READ_BATCH)) for lo in range(0, len(ids), READ_BATCH)]
+                list(_pool().map(lambda span: fetch(*span), spans))
             self.rows_read += len(unique)
         values = mx.from_fp8(mx.array(codes), dtype=mx.float32).reshape(len(unique), width, 32)
         exps = mx.array(scales).astype(mx.uint32)
