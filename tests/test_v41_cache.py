@@ -59,8 +59,8 @@ def test_save_load_round_trip(model, tmp_path):
     cache = model.make_cache()
     feed(model, cache, IDS[:, :33])  # ends inside a ratio-2 group
     save_v41_cache(tmp_path / "c.safetensors", cache, tokens=[1, 2, 3], fingerprint=model.fingerprint)
-    loaded, tokens = load_v41_cache(tmp_path / "c.safetensors", model)
-    assert tokens == [1, 2, 3] and loaded.offset == 33
+    loaded, tokens, _ = load_v41_cache(tmp_path / "c.safetensors", model)
+    assert tokens == [1, 2, 3] and loaded.offset == 33 and sorted(loaded[0].checkpoints) == [33]
     np.testing.assert_array_equal(loaded.engram_history, cache.engram_history)
     for step in range(33, 40):
         np.testing.assert_array_equal(feed(model, loaded, IDS[:, step:step + 1]), feed(model, cache, IDS[:, step:step + 1]))

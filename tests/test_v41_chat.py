@@ -45,3 +45,19 @@ def test_token_outside_the_vocabulary_is_named(loaded):
     model, _ = loaded
     with pytest.raises(ValueError, match="token id 600 is outside the model's vocabulary of 512"):
         model(mx.array([[1, 600]]))
+
+
+def test_session_save_and_resume(loaded, tmp_path):
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, thinking=False, max_tokens=3, temperature=0)
+    session.cache, session._tokens = model.make_cache(), []
+    ids = session.render([{"role": "user", "content": "hi"}])
+    model(mx.array([[i % model.args.vocab_size for i in ids]]), session.cache)  # the tiny vocabulary
+    session._tokens = list(ids)
+    session.messages = [{"role": "user", "content": "hi"}]
+    session.save(tmp_path / "s.safetensors")
+    resumed = ChatSession.load(tmp_path / "s.safetensors", model, tokenizer)
+    assert resumed.tokens == list(ids) and resumed.messages == session.messages
+    assert resumed.cache.offset == len(ids)
+    step = mx.array([[7]])
+    assert (model(step, resumed.cache) == model(step, session.cache)).all()

@@ -128,6 +128,11 @@ class LayerCache:
         self.offset = offset
         self._snapshots = {o: v for o, v in self._snapshots.items() if o <= offset}
 
+    @property
+    def checkpoints(self) -> dict[int, tuple]:
+        """Positions :meth:`rewind` can return to (as V4's caches expose them)."""
+        return self._snapshots
+
     def breakdown(self) -> dict[str, int]:
         out = {"window": sum(p.nbytes for p in self.window_parts or [])}
         if self.own is not None:
@@ -238,8 +243,9 @@ def used_nbytes(cache: V41Cache) -> int:
     return total
 
 
-def save_v41_cache(path, cache: V41Cache, *, tokens: list[int], fingerprint: str) -> None:
-    """Write ``cache`` (and the tokens it holds) to ``path``: temp name, fsync, rename."""
+def save_v41_cache(path, cache: V41Cache, *, tokens: list[int], fingerprint: str, meta: dict | None = None) -> None:
+    """Write ``cache`` (and the tokens it holds) to ``path``: temp name, fsync, rename. The same
+    call shape as :func:`mlx_v4.cache.save_cache`; ``meta`` is kept as JSON."""
     import json
     import os
     from pathlib import Path
@@ -259,7 +265,8 @@ def save_v41_cache(path, cache: V41Cache, *, tokens: list[int], fingerprint: str
     if cache.engram_history is not None:
         arrays["engram_history"] = mx.array(cache.engram_history.astype(np.int32))
     meta = {"format": FORMAT, "fingerprint": fingerprint, "offset": str(cache.offset),
-            "packed": str(int(cache[0].packed)), "tokens": json.dumps([int(t) for t in tokens])}
+            "packed": str(int(cache[0].packed)), "tokens": json.dumps([int(t) for t in tokens]),
+            "meta": json.dumps(meta or {})}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.safetensors")
     mx.save_safetensors(str(tmp), arrays, metadata=meta)
@@ -271,8 +278,9 @@ def save_v41_cache(path, cache: V41Cache, *, tokens: list[int], fingerprint: str
     os.replace(tmp, path)
 
 
-def load_v41_cache(path, model) -> tuple[V41Cache, list[int]]:
-    """Read a file written by :func:`save_v41_cache` for this very model (same fingerprint)."""
+def load_v41_cache(path, model) -> tuple[V41Cache, list[int], dict]:
+    """Read a file written by :func:`save_v41_cache` for this very model (same fingerprint):
+    -> (cache checkpointed at its end, tokens, meta)."""
     import json
 
     from ..cache import CacheFileError
@@ -311,4 +319,5 @@ def load_v41_cache(path, model) -> tuple[V41Cache, list[int]]:
             c.own.group = GroupState(arrays[f"layers.{i}.group.kv"], arrays[f"layers.{i}.group.score"])
     if "engram_history" in arrays:
         cache.engram_history = np.array(arrays["engram_history"]).astype(np.int64)
-    return cache, json.loads(meta["tokens"])
+    cache.checkpoint()
+    return cache, json.loads(meta["tokens"]), json.loads(meta.get("meta", "{}"))
