@@ -350,8 +350,6 @@ class ChatSession:
         settings as JSON beside it (``path`` with suffix ``.json``); both atomically."""
         from .cache import save_cache
 
-        if model_version(self.model) == "v41":
-            from .v41.cache import save_v41_cache as save_cache
         path = Path(path)
         state = {"format": "mlx-v4-chat", "version": 1, "messages": self.messages, "settings": self.settings()}
         save_cache(path, self.cache, tokens=self._tokens, fingerprint=self.model.fingerprint,
@@ -370,8 +368,6 @@ class ChatSession:
         """Resume a session written by :meth:`save` (settings may be overridden)."""
         from .cache import load_cache
 
-        if model_version(model) == "v41":
-            from .v41.cache import load_v41_cache as load_cache
         path = Path(path)
         side = path.with_suffix(".json")
         try:

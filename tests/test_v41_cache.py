@@ -86,3 +86,34 @@ def test_rewind_round_trip(model):
     np.testing.assert_array_equal(feed(model, cache, IDS[:, 50:58]), fresh[:, 25:])
     with pytest.raises(ValueError, match="cannot rewind to 10"):
         cache.rewind(10)
+
+
+def test_clone_at_a_checkpoint_leaves_the_original(model):
+    import copy
+
+    from mlx_v4.server.prefix_cache import clone_at
+
+    cache = model.make_cache()
+    feed(model, cache, IDS[:, :25])
+    cache.checkpoint()
+    feed(model, cache, IDS[:, 25:41])
+    branch = clone_at(cache, 25)  # the server's prefix reuse
+    assert branch[3].source is branch[2].own and branch[2].own is not cache[2].own
+    fresh = feed(model, model.make_cache(), mx.concatenate([IDS[:, :25], IDS[:, 50:58]], axis=1))
+    np.testing.assert_array_equal(feed(model, branch, IDS[:, 50:58]), fresh[:, 25:])
+    whole = feed(model, model.make_cache(), IDS[:, :48])
+    np.testing.assert_array_equal(feed(model, cache, IDS[:, 41:48]), whole[:, 41:])
+    with pytest.raises(TypeError, match="clone_at"):
+        copy.deepcopy(cache)
+
+
+def test_cache_files_through_the_v4_entry_points(model, tmp_path):
+    """mlx_v4.cache.save_cache / load_cache (used by chat and the server) hand V4.1 caches on."""
+    from mlx_v4.cache import load_cache, save_cache
+
+    cache = model.make_cache()
+    feed(model, cache, IDS[:, :9])
+    save_cache(tmp_path / "c.safetensors", cache, tokens=list(range(9)), fingerprint=model.fingerprint,
+               meta={"server": True})
+    loaded, tokens, meta = load_cache(tmp_path / "c.safetensors", model)
+    assert tokens == list(range(9)) and meta == {"server": True} and loaded.offset == 9

@@ -76,6 +76,10 @@ class SourceStore:
 class LayerCache:
     """One layer's view: its own window, and (compressed layers) the source store it reads."""
 
+    def __deepcopy__(self, memo):
+        raise TypeError("a V4.1 layer cache shares its source's store: copy the whole cache with "
+                        "V41Cache.clone_at(offset)")
+
     def __init__(self, window: int, packed: bool, own: SourceStore | None = None):
         self.window, self.packed = window, packed
         self.offset = 0
@@ -182,6 +186,38 @@ class V41Cache(list):
         for c in self:
             c.checkpoint()
         return self.offset
+
+    def clone_at(self, offset: int) -> V41Cache:
+        """A new cache equal to this one rewound to checkpoint ``offset``; this one is untouched.
+        Arrays are shared (immutable); entry stores are sliced, so appends never reach the other."""
+        if offset != self.offset and offset not in self[0].checkpoints:
+            raise ValueError(f"cannot clone at position {offset}: checkpoints exist at {sorted(self[0].checkpoints)}")
+        stores: dict[int, SourceStore] = {}
+        layers = []
+        for c in self:
+            windows, own, history = c.checkpoints.get(offset, (c.window_parts, None, None))
+            n = LayerCache(c.window, c.packed)
+            n.offset, n.window_parts = offset, windows
+            n._snapshots = {k: v for k, v in c.checkpoints.items() if k <= offset}
+            if c.own is not None:
+                s = SourceStore(c.packed, c.own.index_keys is not None)
+                group, rows, keys = own if own is not None else (c.own.group, c.own.entries.length,
+                                                                 None if c.own.index_keys is None else c.own.index_keys.length)
+                s.group = GroupState(group.kv, group.score)
+                for src, dst, length in ((c.own.entries, s.entries, rows), (c.own.index_keys, s.index_keys, keys)):
+                    if src is not None and src.parts is not None:
+                        dst.parts, dst.length = [p[:, :length] for p in src.parts], length
+                n.own = stores[id(c.own)] = s
+            layers.append(n)
+        for c, n in zip(self, layers):
+            n.source = None if c.source is None else stores[id(c.source)]
+            n.keys = None if c.keys is None else stores[id(c.keys)]
+        snap = self[0].checkpoints.get(offset)
+        history = self.engram_history if snap is None else snap[2]
+        return V41Cache(layers, None if history is None else history.copy())
+
+    def __deepcopy__(self, memo):
+        raise TypeError("a V4.1 cache shares stores between layers: copy it with clone_at(offset)")
 
     def rewind(self, offset: int) -> None:
         for c in self:
