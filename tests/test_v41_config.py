@@ -42,6 +42,7 @@ def test_official_inference_names():
      "layer 2 (compress_ratio 2) has no kv source"),
     ({"index_source_layer_ids": [8, 14, 20]}, "kv source layer 2 is not in index_source_layer_ids"),
     ({"candidate_source_layer_id": 21}, "candidate_source_layer_id 21 is not an index source"),
+    ({"candidate_source_layer_id": 14}, "index source 20 picks inside the candidate blocks of layer 14"),
     ({"engram_num_embeddings": [384006168]}, "engram_num_embeddings has 1 entries"),
     ({"engram_layer_ids": [1, 1]}, "engram_layer_ids [1, 1]: must be distinct"),
     ({"kv_source_layer_ids": [2, 8, 14, 21], "index_source_layer_ids": [2, 8, 14, 21, 24],

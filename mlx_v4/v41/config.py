@@ -155,6 +155,10 @@ class V41Args:
                 raise ConfigError(f"candidate_source_layer_id {c} is not an index source")
             if self.candidate_topk_blocks < 1 or self.candidate_block_size < 1:
                 raise ConfigError("candidate_topk_blocks and candidate_block_size must be positive")
+            for layer in self.index_source_layer_ids:
+                if layer > c and self.kv_source(layer) != self.kv_source(c):
+                    raise ConfigError(f"index source {layer} picks inside the candidate blocks of layer {c}, "
+                                      "which scores a different cache")
         if len(self.engram_num_embeddings) != len(self.engram_layer_ids):
             raise ConfigError(f"engram_num_embeddings has {len(self.engram_num_embeddings)} entries for "
                               f"{len(self.engram_layer_ids)} engram_layer_ids")
