@@ -61,3 +61,29 @@ def test_session_save_and_resume(loaded, tmp_path):
     assert resumed.cache.offset == len(ids)
     step = mx.array([[7]])
     assert (model(step, resumed.cache) == model(step, session.cache)).all()
+
+
+def test_server_renders_v41_requests_with_the_v41_encoding(tmp_path):
+    """`mlx-v4 serve` with a V4.1 model converts requests for ModelVersion.DeepseekV41Flash.
+    The bundled V4 tokenizer has no <｜System｜> token, so one is added for the test."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from mlx_v4.server.protocols import PROTOCOLS, ApiError, conversion_options, prepare
+    from mlx_v4.tokenizer import Tokenizer, bundled_tokenizer_path
+
+    body = json.dumps({"model": "m", "thinking": {"type": "disabled"},
+                       "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]})
+    with pytest.raises(ApiError, match="<｜System｜>"):  # V4.1's system tag, absent from V4's tokenizer
+        prepare(PROTOCOLS["chat"], body.encode(), tokenizer=Tokenizer(bundled_tokenizer_path()),
+                options=conversion_options(["m"], 4096, "v41"), context=4096, default_max_tokens=16)
+    hf = HFTokenizer.from_file(str(bundled_tokenizer_path()))
+    hf.add_special_tokens(["<｜System｜>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer(tmp_path / "tokenizer.json")
+    for version, want in (("v41", "<｜begin▁of▁sentence｜><｜System｜>Be brief.<｜User｜>hi<｜Assistant｜></think>"),
+                          ("v4", "<｜begin▁of▁sentence｜>Be brief.<｜User｜>hi<｜Assistant｜></think>")):
+        p = prepare(PROTOCOLS["chat"], body.encode(), tokenizer=tokenizer,
+                    options=conversion_options(["m"], 4096, version), context=4096, default_max_tokens=16)
+        assert tokenizer.decode(p.ids) == want
