@@ -158,6 +158,11 @@ def _checkpoint(model: str) -> tuple[Path, float, str]:
 def plan(model: str, *, recipe: str | None, bits: float | None, context: int) -> MemoryPlan:
     from mlx_v4 import cache, config, platform
 
+    from .info_v41 import is_v41_model, plan_v41
+
+    if is_v41_model(model):  # DeepSeek V4.1 (cli/info_v41.py)
+        return plan_v41(model, recipe=recipe, bits=bits, context=context)
+
     if bits is not None:
         per_weight, label = uniform_bits(bits), f"{bits:g}-bit"
     else:
@@ -256,7 +261,7 @@ def split_plan(model: str, *, machines: int, memory: str, parallel: str, layers:
 
 @user_errors
 def info(
-    model: Annotated[str, typer.Argument(help="flash, pro, a model directory or a Hugging Face repo id.")] = "flash",
+    model: Annotated[str, typer.Argument(help="flash, pro, v41-flash, a model directory or a Hugging Face repo id.")] = "flash",
     recipe: Annotated[str | None, typer.Option(help=f"Weight format for flash/pro, as `mlx-v4 convert` writes "
                                                     f"it: {RECIPE_LIST} (default native).")] = None,
     bits: Annotated[float | None, typer.Option(help="Uniform affine bits for flash/pro (overrides --recipe).")] = None,

@@ -333,6 +333,10 @@ def save_cache(path, cache: list[WindowCache], *, tokens: list[int], fingerprint
                meta: dict | None = None) -> None:
     """Write the cache, the token ids it covers and the model fingerprint to one safetensors
     file, atomically (temp file, fsync, rename)."""
+    if hasattr(cache, "engram_history"):  # DeepSeek V4.1: its own layout (mlx_v4/v41/cache.py)
+        from .v41.cache import save_v41_cache
+
+        return save_v41_cache(path, cache, tokens=tokens, fingerprint=fingerprint, meta=meta)
     import json
     import os
     from pathlib import Path
@@ -362,6 +366,10 @@ def save_cache(path, cache: list[WindowCache], *, tokens: list[int], fingerprint
 def load_cache(path, model) -> tuple[list[WindowCache], list[int], dict]:
     """Read a file written by :func:`save_cache` for ``model``; returns (cache, tokens, meta).
     Refuses a file from another model, quantization or format version."""
+    if str(getattr(model, "model_type", "")).startswith("deepseek_v41"):  # mlx_v4/v41/cache.py
+        from .v41.cache import load_v41_cache
+
+        return load_v41_cache(path, model)
     import json
     from pathlib import Path
 

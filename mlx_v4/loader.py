@@ -78,6 +78,12 @@ def load_model(path_or_repo, *, model_config: dict | None = None, dtype=None, fp
 
     budget = parse_budget(expert_budget)  # a bad value fails before anything is read
     path = resolve_model_path(str(path_or_repo))
+    from .v41.config import is_v41_checkpoint
+
+    if is_v41_checkpoint(path):  # DeepSeek V4.1: its own model and loader (mlx_v4/v41)
+        from .v41.weights import load_v41
+
+        return load_v41(path, model_config=model_config, dtype=dtype, fp8=fp8)
     args = ModelArgs.from_file(path, model_config)
     dtype = dtype or platform.default_dtype()
     fp8 = fp8 or ("mxfp8" if platform.metal_available() else "dequantize")

@@ -65,7 +65,9 @@ class _State:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.context = int(model.args.max_position_embeddings)
         self.names = [config.model_name] + [a for a in config.aliases if a != config.model_name]
-        self.options = conversion_options(self.names, self.context)
+        from ..chat import model_version
+
+        self.options = conversion_options(self.names, self.context, model_version(model))
         self.pool = engine.pool if engine else PrefixCache(model, config.cache_budget_bytes, config.cache_dir)
         self.engine = engine or Engine(model, tokenizer, self.pool, max_active=config.max_active,
                                        prefill_step=config.prefill_step, prefill_chunk=config.prefill_chunk,

@@ -88,6 +88,8 @@ def clone_at(cache: list, offset: int) -> list:
     concatenation, so neither side's appends reach the other)."""
     from ..cache import CSACache, HCACache, WindowCache
 
+    if hasattr(cache, "clone_at"):  # DeepSeek V4.1: layers share stores (mlx_v4/v41/cache.py)
+        return cache.clone_at(offset)
     out = []
     for c in cache:
         if not isinstance(c, WindowCache):  # test doubles: a plain deep copy, then rewind

@@ -83,13 +83,14 @@ PROTOCOLS = {p.name: p for p in (Protocol("chat", "chatcmpl-"), Protocol("messag
                                  Protocol("responses", "resp_"))}
 
 
-def conversion_options(model_names: list[str], context: int):
-    """Accept ``model_names`` (all rendered with the V4 encoding) and bound max_tokens by the
-    model's context."""
+def conversion_options(model_names: list[str], context: int, version: str = "v4"):
+    """Accept ``model_names`` (all rendered with the V4 encoding, or V4.1's for ``version``
+    "v41", see :func:`mlx_v4.chat.model_version`) and bound max_tokens by the model's context."""
     r = _recipe()
-    v4 = r.ModelVersion.DeepseekV4Pro  # selects DeepseekV4Encoding; Flash and Pro share it
+    # DeepseekV4Pro selects DeepseekV4Encoding (Flash and Pro share it); DeepseekV41Flash V4.1's
+    mv = r.ModelVersion.DeepseekV41Flash if version == "v41" else r.ModelVersion.DeepseekV4Pro
     return (r.ConversionOptions()
-            .with_model_versions_by_name({n: v4 for n in model_names})
+            .with_model_versions_by_name({n: mv for n in model_names})
             .with_thinking_max_tokens_upper_bound(context)
             .with_non_thinking_max_tokens_upper_bound(context))
 
@@ -113,14 +114,16 @@ class Prepared:
 _ENCODING_LOCK = threading.Lock()
 
 
-def prompt_encoding(tokenizer):
-    """The recipe's V4 prompt encoding over ``tokenizer``, made once (``with_tokenizer`` copies
-    the whole vocabulary: ~0.1 s) and cached on the tokenizer."""
+def prompt_encoding(tokenizer, version: str = "v4"):
+    """The recipe's V4 (or, ``version`` "v41", V4.1) prompt encoding over ``tokenizer``, made once
+    (``with_tokenizer`` copies the whole vocabulary: ~0.1 s) and cached on the tokenizer."""
+    attr = "_recipe_v41_encoding" if version == "v41" else "_recipe_v4_encoding"
     with _ENCODING_LOCK:
-        enc = getattr(tokenizer, "_recipe_v4_encoding", None)
+        enc = getattr(tokenizer, attr, None)
         if enc is None:
-            enc = _recipe().DeepseekV4Encoding().with_tokenizer(recipe_tokenizer(tokenizer))
-            tokenizer._recipe_v4_encoding = enc
+            cls = _recipe().DeepseekV41Encoding if version == "v41" else _recipe().DeepseekV4Encoding
+            enc = cls().with_tokenizer(recipe_tokenizer(tokenizer))
+            setattr(tokenizer, attr, enc)
         return enc
 
 
@@ -172,7 +175,7 @@ def prepare(protocol: Protocol, body: bytes, *, tokenizer, options, context: int
     if io.logprobs:
         raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
     try:  # no lock: the encoding is immutable and lets other threads run while it works
-        enc = prompt_encoding(tokenizer)
+        enc = prompt_encoding(tokenizer, "v41" if conv.model_version == r.ModelVersion.DeepseekV41Flash else "v4")
         rendered = enc.render_conversation(conv.conversation)
         beyond = tokens_beyond(rendered.prompt, rendered.special_ranges, tokenizer, context)
         ids = enc.encode(conv.conversation) if beyond is None else None
@@ -182,6 +185,8 @@ def prepare(protocol: Protocol, body: bytes, *, tokenizer, options, context: int
         raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your messages "
                             f"hold at least {beyond} tokens. Please reduce the length of the messages.",
                        "context_length_exceeded" if protocol.name != "messages" else None)
+    if r.IMAGE_SPECIAL_TOKEN_ID in ids:
+        raise ApiError(400, "image inputs are not supported: this server runs the text model only")
     try:
         max_tokens = conv.resolve_max_tokens(len(ids), context)
     except r.ConversionError as e:
