@@ -122,18 +122,43 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache) -> mx.array:
         """x [B, L, D] at positions cache.offset .. -> [B, L, D]; appends to ``cache``."""
-        B, L, _ = x.shape
-        offset, dtype = cache.offset, x.dtype
-        cos, sin = self._rope.cos_sin(mx.arange(offset, offset + L))
+        L = x.shape[1]
+        cos, sin = self._rope.cos_sin(mx.arange(cache.offset, cache.offset + L))
+        q, kv, packed, qr = self.project(x, cos, sin)
+        return self.output(self.attend_cached(x, qr, q, kv, packed, cache, cos, sin), cos, sin)
 
+    def call_rows(self, x: mx.array, caches: list, bounds: list[tuple[int, int]], positions: mx.array) -> mx.array:
+        """Several sequences' tokens stacked along L: x [1, T, D], row r = x[:, s:e] for
+        ``bounds[r] = (s, e)`` continuing ``caches[r]``; positions [T] -> [1, T, D]. The
+        projections run over all T tokens at once; only the cache-reading part runs per row."""
+        cos, sin = self._rope.cos_sin(positions)  # [T, rope_dim / 2]
+        q, kv, packed, qr = self.project(x, cos, sin)
+        outs = []
+        for (s, e), cache in zip(bounds, caches, strict=True):
+            part = None if packed is None else tuple(p[:, s:e] for p in packed)
+            outs.append(self.attend_cached(x[:, s:e], qr[:, s:e], q[:, s:e], kv[:, s:e], part, cache,
+                                           cos[s:e], sin[s:e]))
+        o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)  # [1, T, H, hd]
+        return self.output(o, cos, sin)
+
+    def project(self, x: mx.array, cos: mx.array, sin: mx.array):
+        """Per-token projections: x [B, L, D] -> (q [B, L, H, hd] RoPE'd, kv [B, L, hd] RoPE'd
+        (rounded under fake_quant), its packed form or None, qr [B, L, q_lora])."""
+        B, L, _ = x.shape
         qr = self.q_norm(self.wq_a(x))
         q = rms_normalize(self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim), self.eps)
         q = self._rope(q, cos[:, None], sin[:, None])
-
         kv = self._rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, L, hd]
         packed = None
         if self.fake_quant:
             kv, packed = quantize_kv_entry(kv, self._rope.rope_dim)
+        return q, kv, packed, qr
+
+    def attend_cached(self, x, qr, q, kv, packed, cache, cos, sin) -> mx.array:
+        """One sequence's attention over its cache (window, compressor, indexer), appending
+        this chunk to it: -> o [B, L, H, hd] (still rotated; see :meth:`output`)."""
+        B, L, _ = x.shape
+        offset, dtype = cache.offset, x.dtype
         prev = cache.window_values(dtype)
         window = kv if prev is None else mx.concatenate([prev, kv], axis=1)  # [B, P + L, hd]
         cache.push_window(packed if cache.packed else (kv,))
@@ -145,9 +170,14 @@ class Attention(nn.Module):
         if self.ratio:
             comp, selected = self._compress(x, qr, cache, cos, sin)
         o = self._attend_blocks(q, window, window_mask, comp, selected, cache, qpos)
+        cache.offset += L
+        return o
+
+    def output(self, o: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+        """o [B, L, H, hd] -> inverse RoPE -> grouped low-rank output projection -> [B, L, D]."""
+        B, L = o.shape[:2]
         o = self._rope(o, cos[:, None], sin[:, None], inverse=True)
         o = grouped_projection(o.reshape(B, L, self.groups, -1), self.wo_a, self.groups)
-        cache.offset += L
         return self.wo_b(o)
 
     def _compress(self, x, qr, cache, cos, sin):

@@ -1,0 +1,88 @@
+"""One model step over several sequences (continuous batching).
+
+Each sequence brings its own cache and a row of token ids: one id for a decode step, a chunk
+for prefill. The rows are stacked along the length axis into one [1, T] batch, so every layer
+that acts on tokens independently (embedding, hyper-connections, norms, the attention
+projections, the MoE with tokens grouped by expert across sequences, the head) runs once over
+all T tokens: on a bandwidth-bound machine R decode rows cost little more than one. Only the
+part of attention that reads a cache (the window, the compressors, the indexer, the sparse
+attention itself) runs per sequence, since lengths, compressor states and index keys differ.
+
+A row's computation is the same function as the single-sequence ``Model.__call__``; the only
+numerical difference is that a stacked matmul may round differently from a one-row one (BLAS
+picks another kernel or blocking for another row count). tests/test_batch.py pins this down.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import mlx.core as mx
+
+from .cache import CSACache, HCACache
+
+
+def _row_bounds(lengths: list[int]) -> list[tuple[int, int]]:
+    ends = list(itertools.accumulate(lengths))
+    return [(e - n, e) for n, e in zip(lengths, ends)]
+
+
+def step_batch(model, token_rows, caches) -> mx.array:
+    """``token_rows[r]`` (a list or 1-D array of ids, length >= 1) continues ``caches[r]``
+    (one per-layer cache list per sequence). -> logits [R, vocab] float32 at each row's last
+    token. Every cache advances by its row's length."""
+    from .model import PositionError
+
+    if len(token_rows) != len(caches):
+        raise ValueError(f"{len(token_rows)} token rows for {len(caches)} caches")
+    if not token_rows:
+        raise ValueError("step_batch needs at least one row")
+    rows = [r if isinstance(r, mx.array) else mx.array(list(r), dtype=mx.int32) for r in token_rows]
+    lengths = [int(r.size) for r in rows]
+    if min(lengths) < 1:
+        raise ValueError("every token row needs at least one id")
+    if len({id(c) for c in caches}) != len(caches):
+        raise ValueError("two rows share one cache")
+    limit = model.args.max_position_embeddings
+    starts = [c[0].offset for c in caches]
+    for r, (start, n) in enumerate(zip(starts, lengths)):
+        if start + n > limit:
+            raise PositionError(f"row {r}: position {start + n} is past max_position_embeddings={limit}")
+    bounds = _row_bounds(lengths)
+    ids = mx.concatenate([r.reshape(-1).astype(mx.int32) for r in rows])[None]  # [1, T]
+    positions = mx.concatenate([mx.arange(s, s + n) for s, n in zip(starts, lengths)])  # [T]
+    T = ids.shape[1]
+    x = model.embed(ids)  # [1, T, D]
+    x = mx.broadcast_to(x[:, :, None, :], (1, T, model.args.hc_mult, x.shape[-1]))  # [1, T, hc, D]
+    for i, layer in enumerate(model.layers):
+        layer_caches = [c[i] for c in caches]
+        x = layer.forward(x, ids, lambda h, a=layer.attn, lc=layer_caches: a.call_rows(h, lc, bounds, positions))
+    last = mx.array([e - 1 for _, e in bounds])
+    x = x[:, last]  # [1, R, hc, D]: only the rows' last tokens reach the head
+    x = model.norm(model.hc_head(x))
+    return model.head(x.astype(mx.float32)).astype(mx.float32)[0]  # [R, vocab]
+
+
+# ---- undoing a failed step --------------------------------------------------------------------
+
+def snapshot_caches(caches) -> list:
+    """Per sequence, what :func:`restore_caches` needs to undo one step on its cache (references
+    only: MLX arrays are immutable, so nothing is copied)."""
+    out = []
+    for cache in caches:
+        layers = []
+        for c in cache:
+            stores = [c.entries] if isinstance(c, HCACache) else []
+            stores += [c.index_keys] if isinstance(c, CSACache) else []
+            layers.append((c.snapshot(), [(s, s.parts, s.length) for s in stores]))
+        out.append(layers)
+    return out
+
+
+def restore_caches(caches, snaps) -> None:
+    """Put each cache back as :func:`snapshot_caches` saw it (after a step that raised)."""
+    for cache, layers in zip(caches, snaps, strict=True):
+        for c, (snap, stores) in zip(cache, layers, strict=True):
+            c.restore(snap)
+            for store, parts, length in stores:
+                store.parts, store.length = parts, length
