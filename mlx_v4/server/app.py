@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .batch_engine import BatchEngine
 from .engine import Engine, Job
 from .prefix_cache import PrefixCache
 from .protocols import PROTOCOLS, ApiError, Protocol, conversion_options, prepare
@@ -36,10 +37,10 @@ class ServerConfig:
     default_max_tokens: int = 4096
     cache_budget_bytes: int = 8 << 30
     cache_dir: str | None = None
-    max_active: int = 4
+    max_active: int = 8
     max_queue: int = 256
     prefill_step: int = 512
-    prefill_chunk: int = 2048
+    prefill_chunk: int = 512  # prompt ids prefilled per engine step (all requests together)
     accept_any_model: bool = False  # answer every model name (some agents insist on their own)
 
 
@@ -50,9 +51,9 @@ class _State:
         self.names = [config.model_name] + [a for a in config.aliases if a != config.model_name]
         self.options = conversion_options(self.names, self.context)
         self.pool = engine.pool if engine else PrefixCache(model, config.cache_budget_bytes, config.cache_dir)
-        self.engine = engine or Engine(model, tokenizer, self.pool, max_active=config.max_active,
-                                       prefill_step=config.prefill_step, prefill_chunk=config.prefill_chunk,
-                                       max_queue=config.max_queue)
+        self.engine = engine or BatchEngine(model, tokenizer, self.pool, max_active=config.max_active,
+                                            prefill_step=config.prefill_step, prefill_chunk=config.prefill_chunk,
+                                            max_queue=config.max_queue)
         self.started = time.time()
 
 
