@@ -25,6 +25,8 @@ class BatchEngine(Engine):
     def __init__(self, model, tokenizer, prefix_cache, *, max_active: int = 8, prefill_step: int = 512,
                  prefill_chunk: int = 512, max_queue: int = 256):
         self.batch = BatchGenerator(model, prefill_step=prefill_step, step_tokens=max(prefill_step, prefill_chunk))
+        self.steps = 0  # batched model steps run
+        self.max_rows = 0  # most requests one step has carried
         super().__init__(model, tokenizer, prefix_cache, max_active=max_active, prefill_step=prefill_step,
                          prefill_chunk=prefill_chunk, max_queue=max_queue)
 
@@ -55,6 +57,8 @@ class BatchEngine(Engine):
                     self._drop(run, store=True)
             if not self.batch.active:
                 continue
+            self.steps += 1
+            self.max_rows = max(self.max_rows, len(self.batch.active))
             try:
                 outs = self.batch.step()
             except Exception as e:  # the step itself broke (not one request's rows): fail them all
@@ -69,6 +73,9 @@ class BatchEngine(Engine):
                 except Exception as e:  # a bug in this request's output: it fails, the others go on
                     traceback.print_exc()
                     self._fail(run, e)
+
+    def stats(self) -> dict:
+        return super().stats() | {"steps": self.steps, "max_batch": self.max_rows}
 
     def _admit(self, job: Job) -> None:
         if job.cancelled:

@@ -1,0 +1,220 @@
+"""The batching engine behind `mlx-v4 serve`: concurrent requests share model steps, and each
+request's reply is what it would be alone (greedy and seeded), with requests joining and
+leaving mid-batch, a client disconnecting mid-batch, a request failing inside a batch,
+prefix-cache hits, and logprobs checked against a direct computation."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+import mlx.core as mx  # noqa: E402
+
+from mlx_v4.server import ServerConfig, create_app  # noqa: E402
+from mlx_v4.server.background import running  # noqa: E402
+from mlx_v4.server.batch_engine import BatchEngine  # noqa: E402
+from mlx_v4.server.protocols import PROTOCOLS, prepare  # noqa: E402
+from mlx_v4.testing.tiny import random_model, tiny_args  # noqa: E402
+from mlx_v4.tokenizer import load_tokenizer  # noqa: E402
+
+NO_THINK = {"thinking": {"type": "disabled"}}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny_args(vocab_size=129280))
+
+
+def _body(text, max_tokens, **kw):
+    return {"model": "t", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+            "temperature": 0, **NO_THINK, **kw}
+
+
+def _chat(url, body):
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _stream(url, body, out: dict, key, started: threading.Event | None = None, stop_after: int | None = None):
+    """Stream ``body``; store the content (or, with ``stop_after``, leave after that many chunks)."""
+    text, n = "", 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            n += 1
+
+            for ch in json.loads(line[6:]).get("choices") or []:
+                text += (ch.get("delta") or {}).get("content") or ""
+            if n == 2 and started is not None:
+                started.set()
+            if stop_after is not None and n >= stop_after:
+                break
+    out[key] = text
+
+
+PROMPTS = ["Hello there", "Explain the KV cache " * 30, "x", "What is a sliding window? " * 8]
+
+
+def test_concurrent_greedy_replies_equal_alone_with_joins_leaves_and_a_disconnect(model, tok):
+    """Alone first (one at a time), then together: two streams start, two more join once they
+    decode, requests of different lengths leave at different steps, and one client leaves
+    mid-batch. Zero cache budget: every request prefills its whole prompt either way."""
+    limits = [24, 10, 30, 16]
+    app = create_app(model, tok, ServerConfig(model_name="t", cache_budget_bytes=0))
+    engine = app.state.server.engine
+    assert isinstance(engine, BatchEngine)
+    with running(app) as url:
+        alone = [_chat(url, _body(p, n))["choices"][0]["message"]["content"] for p, n in zip(PROMPTS, limits)]
+        got: dict = {}
+        first = threading.Event()
+        threads = [threading.Thread(target=_stream, args=(url, _body(PROMPTS[i], limits[i]), got, i, first if i == 0
+                                                          else None)) for i in range(2)]
+        threads.append(threading.Thread(target=_stream, args=(url, _body("leave early " * 5, 200), got, "gone"),
+                                        kwargs={"stop_after": 4}))
+        for t in threads:
+            t.start()
+        assert first.wait(60)
+        for i in (2, 3):  # join while the first ones decode
+            threads.append(threading.Thread(target=_stream, args=(url, _body(PROMPTS[i], limits[i]), got, i)))
+            threads[-1].start()
+        for t in threads:
+            t.join(120)
+        assert [got[i] for i in range(4)] == alone
+        stats = engine.stats()
+        assert stats["cancelled"] == 1 and stats["failed"] == 0 and stats["active"] == 0
+        assert engine.max_rows > 1  # requests really shared steps
+        # the server goes on
+        assert _chat(url, _body("again", 3))["usage"]["completion_tokens"] == 3
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(model, tok):
+    app = create_app(model, tok, ServerConfig(model_name="t", cache_budget_bytes=0))
+    seeded = _body("Tell me a story", 12, temperature=0.9, top_p=0.95, seed=1234)
+    with running(app) as url:
+        alone = _chat(url, seeded)["choices"][0]["message"]["content"]
+        got: dict = {}
+        threads = [threading.Thread(target=_stream, args=(url, b, got, k)) for k, b in
+                   (("seeded", seeded), ("greedy", _body("Another prompt", 12)),
+                    ("other seed", {**seeded, "seed": 99, "temperature": 0.5}))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got["seeded"] == alone
+
+
+def test_prefix_cache_hits_report_cached_tokens_under_concurrency(model, tok):
+    app = create_app(model, tok, ServerConfig(model_name="t"))
+    convs = [[{"role": "user", "content": f"Conversation {i}: " + "words " * (20 + 10 * i)}] for i in range(3)]
+    with running(app) as url:
+        first = [_chat(url, {**_body("", 4), "messages": c}) for c in convs]
+        results: dict = {}
+
+        def follow_up(i):
+            msgs = convs[i] + [{"role": "assistant", "content": first[i]["choices"][0]["message"]["content"]},
+                               {"role": "user", "content": "and then?"}]
+            results[i] = _chat(url, {**_body("", 4), "messages": msgs})
+
+        threads = [threading.Thread(target=follow_up, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for i in range(3):
+            cached = results[i]["usage"]["prompt_tokens_details"]["cached_tokens"]
+            assert cached >= first[i]["usage"]["prompt_tokens"] - 1, (i, cached)
+
+
+def _direct_greedy(model, ids, n):
+    """Greedy continuation of ``ids`` by the plain model call, with each step's log-probabilities."""
+    cache, out, row = model.make_cache(), [], ids
+    for _ in range(n):
+        logits = model(mx.array([row], dtype=mx.int32), cache)[0, -1]
+        lp = logits - mx.logsumexp(logits)
+        tok_id = int(mx.argmax(lp).item())
+        out.append((tok_id, lp))
+        row = [tok_id]
+    return out
+
+
+def test_logprobs_against_a_direct_computation(model, tok):
+    app = create_app(model, tok, ServerConfig(model_name="t", cache_budget_bytes=0))
+    state = app.state.server
+    body = _body("What is 2 + 2?", 5, logprobs=True, top_logprobs=3)
+
+    prep = prepare(PROTOCOLS["chat"], json.dumps(body).encode(), tokenizer=tok, options=state.options,
+                   context=state.context, default_max_tokens=8)
+    direct = _direct_greedy(model, prep.ids, 5)
+    with running(app) as url:
+        got: dict = {}
+        other = threading.Thread(target=_stream, args=(url, _body("Something else entirely " * 4, 12), got, "o"))
+        other.start()  # shares steps with the logprobs request
+        r = _chat(url, body)
+        other.join(120)
+        content = r["choices"][0]["logprobs"]["content"]
+        assert len(content) == 5
+        for entry, (tok_id, lp) in zip(content, direct):
+            assert entry["token"] == tok.decode([tok_id])
+            assert entry["logprob"] == pytest.approx(lp[tok_id].item(), abs=1e-4)
+            top = mx.argsort(-lp)[:3].tolist()
+            assert [t["token"] for t in entry["top_logprobs"]] == [tok.decode([t]) for t in top]
+            assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx([lp[t].item() for t in top], abs=1e-4)
+        # Responses: output_text logprobs
+        rbody = {"model": "t", "input": "What is 2 + 2?", "max_output_tokens": 4, "temperature": 0,
+                 "top_logprobs": 2, "reasoning": {"effort": "none"}, "include": ["message.output_text.logprobs"]}
+        rprep = prepare(PROTOCOLS["responses"], json.dumps(rbody).encode(), tokenizer=tok, options=state.options,
+                        context=state.context, default_max_tokens=8)
+        rdirect = _direct_greedy(model, rprep.ids, 4)
+        resp = httpx.post(f"{url}/v1/responses", json=rbody, timeout=120).json()
+        msg = [o for o in resp["output"] if o["type"] == "message"][0]
+        lps = [x for part in msg["content"] for x in part.get("logprobs") or []]
+        assert len(lps) == 4
+        for entry, (tok_id, lp) in zip(lps, rdirect):
+            assert entry["logprob"] == pytest.approx(lp[tok_id].item(), abs=1e-4)
+            assert len(entry["top_logprobs"]) == 2
+
+
+class _Poisoned:
+    """The tiny model, except that a step whose rows hold ``poison`` fails (after updating the caches)."""
+
+    def __init__(self, model, poison: int):
+        self._model, self._poison = model, poison
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def step_batch(self, rows, caches):
+        out = self._model.step_batch(rows, caches)
+        if any(self._poison in [int(t) for t in r] for r in rows):
+            raise RuntimeError("poisoned row")
+        return out
+
+
+def test_one_failing_request_leaves_the_batch_alone(model, tok):
+    poison = tok.encode(" zebra")[-1]
+    sick = _Poisoned(model, poison)
+    app = create_app(sick, tok, ServerConfig(model_name="t", cache_budget_bytes=0))
+    engine = app.state.server.engine
+    with running(app) as url:
+        alone = _chat(url, _body("Hello there", 12))["choices"][0]["message"]["content"]
+        got: dict = {}
+        healthy = threading.Thread(target=_stream, args=(url, _body("Hello there", 12), got, "ok"))
+        healthy.start()
+        r = httpx.post(f"{url}/v1/chat/completions", json=_body("a zebra", 5), timeout=120)
+        healthy.join(120)
+        assert r.status_code == 500 and "poisoned row" in r.json()["error"]["message"]
+        assert got["ok"] == alone
+        assert engine.stats()["failed"] == 1 and engine.stats()["active"] == 0
