@@ -18,8 +18,16 @@ from __future__ import annotations
 import itertools
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .cache import CSACache, HCACache
+from .platform import metal_available
+
+#: On the CPU backend MLX's quantized matmul dequantizes the weights again for every row, so a
+#: step of R sequences would pay the head (vocab x hidden, the largest matrix) R times. There
+#: the batched step multiplies by a float copy of a quantized head instead (one GEMM, weights
+#: read once), made on first use and kept with the head if it takes at most this many bytes.
+DENSE_HEAD_BYTES = 256 << 20
 
 
 def _row_bounds(lengths: list[int]) -> list[tuple[int, int]]:
@@ -60,7 +68,29 @@ def step_batch(model, token_rows, caches) -> mx.array:
     last = mx.array([e - 1 for _, e in bounds])
     x = x[:, last]  # [1, R, hc, D]: only the rows' last tokens reach the head
     x = model.norm(model.hc_head(x))
-    return model.head(x.astype(mx.float32)).astype(mx.float32)[0]  # [R, vocab]
+    return _apply_head(model.head, x.astype(mx.float32)).astype(mx.float32)[0]  # [R, vocab]
+
+
+def _dense_head(head: nn.Module) -> mx.array | None:
+    """The float copy of a quantized head used on the CPU backend, or None (see DENSE_HEAD_BYTES)."""
+    if not isinstance(head, nn.QuantizedLinear) or metal_available():
+        return None
+    out_dims, packed = head.weight.shape
+    if out_dims * (packed * 32 // head.bits) * 4 > DENSE_HEAD_BYTES:
+        return None
+    cached = getattr(head, "_mlx_v4_dense", None)
+    if cached is None or cached[0] is not head.weight:  # first use, or the weights were replaced
+        w = mx.dequantize(head.weight, head.scales, head.get("biases"), group_size=head.group_size, bits=head.bits,
+                          mode=head.mode).astype(mx.float32)
+        mx.eval(w)
+        cached = (head.weight, w)
+        object.__setattr__(head, "_mlx_v4_dense", cached)  # not a parameter: kept out of the weights
+    return cached[1]
+
+
+def _apply_head(head: nn.Module, x: mx.array) -> mx.array:
+    w = _dense_head(head)
+    return head(x) if w is None else x @ w.T
 
 
 # ---- undoing a failed step --------------------------------------------------------------------

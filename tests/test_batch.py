@@ -154,3 +154,29 @@ def test_rows_bit_identical_to_alone_with_the_reference_blas():
     res = subprocess.run([sys.executable, "-c", EXACT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1]) == [True] * 4
+
+
+def test_cpu_dense_head_matches_the_quantized_head():
+    """The float copy a batched CPU step uses for a quantized head computes the same product."""
+    import mlx.nn as nn
+
+    import mlx_v4
+    from mlx_v4.batch import _apply_head, _dense_head
+    from mlx_v4.platform import metal_available
+
+    model, _ = mlx_v4.load()
+    head = model.head
+    assert isinstance(head, nn.QuantizedLinear)
+    if metal_available():
+        assert _dense_head(head) is None  # Metal's quantized GEMM reads the weights once anyway
+        return
+    x = mx.random.normal((1, 5, model.args.hidden_size), key=mx.random.key(1))
+    ref = head(x)
+    out = _apply_head(head, x)
+    assert out.shape == ref.shape
+    assert mx.abs(out - ref).max().item() <= 1e-5 * mx.abs(ref).max().item()
+    first = _dense_head(head)
+    assert _dense_head(head) is first  # made once
+    assert "_mlx_v4_dense" not in dict(head.parameters())  # not a weight: the fingerprint is unchanged
+    head.weight = mx.array(head.weight)  # replaced weights: a fresh copy
+    assert _dense_head(head) is not first
