@@ -4,8 +4,9 @@ A :class:`BatchGenerator` holds the active :class:`Sequence` objects. Each :meth
 the next token of every decoding sequence plus prompt chunks of the prefilling ones, shortest
 remaining prompt first (a short request is not stuck behind a long prompt), within a token
 budget (``step_tokens``) that bounds how long one step can stall the decoding streams. The
-chunks of one prompt do not depend on what else runs (they end at ``prefill_step`` multiples
-and at checkpoint marks), so a sequence's computation is the same alone or in any batch.
+chunks of one prompt do not depend on what else runs (a chunk is ``prefill_step`` ids, or
+fewer where a checkpoint mark or the prompt ends; a chunk is never cut to fit the budget, it
+waits for the next step instead), so a sequence's computation is the same alone or in any batch.
 
 Every sequence samples with its own settings and its own random key (``seed``), reports
 log-probabilities if asked, and ends on its own EOS or ``max_tokens``. An exception in a step
@@ -22,6 +23,7 @@ but never fed; :meth:`Sequence.cache_ids` lists them.
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -182,8 +184,6 @@ class BatchGenerator:
         return results
 
     def _fail(self, seq: Sequence) -> StepOutput:
-        import sys
-
         seq.error = sys.exc_info()[1]
         seq.finish_reason = "error"
         self.remove(seq)

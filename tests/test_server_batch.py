@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -218,3 +219,30 @@ def test_one_failing_request_leaves_the_batch_alone(model, tok):
         assert r.status_code == 500 and "poisoned row" in r.json()["error"]["message"]
         assert got["ok"] == alone
         assert engine.stats()["failed"] == 1 and engine.stats()["active"] == 0
+
+
+def test_stop_sequences_differ_per_request_inside_a_batch(tok):
+    from _fake_model import ScriptedModel
+
+    model = ScriptedModel([tok.encode("It is sunny in Paris. Bye.")], on_call=lambda m: time.sleep(0.02))
+    app = create_app(model, tok, ServerConfig(model_name="t"))
+    engine = app.state.server.engine
+    stops = {"a": ["sunny"], "b": ["Paris", "zzz"], "c": None}
+    got: dict = {}
+
+    def ask(key):
+        body = {**_body("Weather?", 40), "temperature": 1.0, "seed": 3}
+        if stops[key]:
+            body["stop"] = stops[key]
+        got[key] = _chat(url, body)["choices"][0]
+
+    with running(app) as url:
+        threads = [threading.Thread(target=ask, args=(k,)) for k in stops]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert engine.max_rows >= 2
+    assert got["a"]["message"]["content"] == "It is " and got["a"]["finish_reason"] == "stop"
+    assert got["b"]["message"]["content"] == "It is sunny in " and got["b"]["finish_reason"] == "stop"
+    assert got["c"]["message"]["content"] == "It is sunny in Paris. Bye." and got["c"]["finish_reason"] == "stop"
