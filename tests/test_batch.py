@@ -180,3 +180,38 @@ def test_cpu_dense_head_matches_the_quantized_head():
     assert "_mlx_v4_dense" not in dict(head.parameters())  # not a weight: the fingerprint is unchanged
     head.weight = mx.array(head.weight)  # replaced weights: a fresh copy
     assert _dense_head(head) is not first
+
+
+@pytest.mark.parametrize("fake_quant", [True, False])
+def test_batched_window_decode_matches_rows_attending_alone(fake_quant, monkeypatch):
+    """Decode rows over full windows of a window-only layer attend as one batch; rows whose window
+    is not full yet, and prefill rows, stay on their own. Same logits and caches as every row alone."""
+    import mlx_v4.layers.attention as attention
+
+    model = random_model(tiny_args(fake_quant=fake_quant))
+    prompts = _prompts([140, 130, 160, 50, 20], seed=9)  # two windows not full (50, 20): alone
+
+    def run(batched: bool):
+        monkeypatch.setattr(attention, "BATCH_WINDOW_DECODE", batched)
+        caches = [model.make_cache() for _ in prompts]
+        model.step_batch(prompts, caches)
+        outs, rows = [], [[7], [8], [9], [10], list(range(30, 40))]
+        for _ in range(3):
+            out = model.step_batch(rows, caches)
+            outs.append(out)
+            rows = [[int(t)] for t in mx.argmax(out, axis=-1).tolist()]
+        mx.eval(outs, [c.state for cache in caches for c in cache])
+        return mx.stack(outs), caches
+
+    calls = []
+    monkeypatch.setattr(attention.Attention, "_attend_windows",
+                        lambda self, *a, f=attention.Attention._attend_windows: calls.append(len(a[0])) or f(self, *a))
+    ref, ref_caches = run(False)
+    assert calls == []
+    out, caches = run(True)
+    assert calls and max(calls) == 3  # the three rows with full windows, on the window-only layer
+    assert mx.array_equal(out, ref).item()
+    for a, b in zip(ref_caches, caches):
+        assert a[0].offset == b[0].offset
+        for la, lb in zip(a, b):
+            assert all(mx.array_equal(x, y).item() for x, y in zip(la.state, lb.state))
