@@ -1,8 +1,8 @@
 """The ASGI app: OpenAI Chat Completions and Responses, Anthropic Messages, models, health.
 
 ``create_app(model, tokenizer, ...)`` returns a Starlette app whose handlers convert requests
-(deepseek-recipe, see protocols.py), hand them to the :class:`Engine` (one worker thread that
-owns the model) and stream what it emits back as server-sent events, or as one JSON body.
+(deepseek-recipe, see protocols.py), hand them to the engine (one worker thread that
+owns the model: :class:`BatchEngine` unless one is given) and stream what it emits back as server-sent events, or as one JSON body.
 Anything a client can get wrong is answered 4xx in the protocol's own error shape.
 """
 
