@@ -287,3 +287,17 @@ def test_stop_sequences_differ_per_request_inside_a_batch(tok):
     assert got["a"]["message"]["content"] == "It is " and got["a"]["finish_reason"] == "stop"
     assert got["b"]["message"]["content"] == "It is sunny in " and got["b"]["finish_reason"] == "stop"
     assert got["c"]["message"]["content"] == "It is sunny in Paris. Bye." and got["c"]["finish_reason"] == "stop"
+
+
+def test_the_round_robin_engine_refuses_logprobs(model, tok):
+    """Distributed serving keeps the round-robin engine, which computes no logprobs: a clear 400."""
+    from mlx_v4.server.engine import Engine
+    from mlx_v4.server.prefix_cache import PrefixCache
+
+    engine = Engine(model, tok, PrefixCache(model, 0))
+    app = create_app(model, tok, ServerConfig(model_name="t"), engine=engine)
+    with running(app) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json=_body("hi", 2, logprobs=True), timeout=60)
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == "logprobs are not supported by this server's engine (distributed serving)"
+        assert _chat(url, _body("hi", 2))["usage"]["completion_tokens"] == 2

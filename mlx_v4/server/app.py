@@ -94,6 +94,9 @@ def create_app(model, tokenizer, config: ServerConfig | None = None, *, engine: 
                 default_max_tokens=config.default_max_tokens)
         except ApiError as e:
             return _error(protocol, e)
+        if prep.sampling.get("logprobs") and not getattr(state.engine, "supports_logprobs", False):
+            return _error(protocol, ApiError(400, "logprobs are not supported by this server's engine "
+                                                  "(distributed serving)", param="logprobs"))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         job = Job(prep, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))

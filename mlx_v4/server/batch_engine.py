@@ -22,6 +22,8 @@ from .engine import Engine, Job, _Run
 
 
 class BatchEngine(Engine):
+    supports_logprobs = True
+
     def __init__(self, model, tokenizer, prefix_cache, *, max_active: int = 8, prefill_step: int = 512,
                  prefill_chunk: int = 512, max_queue: int = 256):
         self.batch = BatchGenerator(model, prefill_step=prefill_step, step_tokens=max(prefill_step, prefill_chunk))
