@@ -20,7 +20,6 @@ import itertools
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import CSACache, HCACache
 from .platform import metal_available
 
 #: On the CPU backend MLX's quantized matmul dequantizes the weights again for every row, so a
@@ -96,23 +95,16 @@ def _apply_head(head: nn.Module, x: mx.array) -> mx.array:
 # ---- undoing a failed step --------------------------------------------------------------------
 
 def snapshot_caches(caches) -> list:
-    """Per sequence, what :func:`restore_caches` needs to undo one step on its cache (references
-    only: MLX arrays are immutable, so nothing is copied)."""
-    out = []
-    for cache in caches:
-        layers = []
-        for c in cache:
-            stores = [c.entries] if isinstance(c, HCACache) else []
-            stores += [c.index_keys] if isinstance(c, CSACache) else []
-            layers.append((c.snapshot(), [(s, s.parts, s.length) for s in stores]))
-        out.append(layers)
-    return out
+    """Per sequence, what :func:`restore_caches` needs to undo one step on its cache: each
+    layer's constant-size state by reference and its entry stores' lengths (the cache's own
+    snapshot). The stores' buffers are not referenced, so an append can still update them in
+    place (a held reference would make MLX copy a whole store at every append)."""
+    return [[c.snapshot() for c in cache] for cache in caches]
 
 
 def restore_caches(caches, snaps) -> None:
-    """Put each cache back as :func:`snapshot_caches` saw it (after a step that raised)."""
+    """Put each cache back as :func:`snapshot_caches` saw it (after a step that raised): rows a
+    store gained past its old length are dropped (the next append overwrites them)."""
     for cache, layers in zip(caches, snaps, strict=True):
-        for c, (snap, stores) in zip(cache, layers, strict=True):
+        for c, snap in zip(cache, layers, strict=True):
             c.restore(snap)
-            for store, parts, length in stores:
-                store.parts, store.length = parts, length

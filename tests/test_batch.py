@@ -99,17 +99,28 @@ def _close(out, ref):
 
 
 def test_restore_undoes_a_step(model):
-    prompts = _prompts([20, 150], seed=3)
+    # offsets 19 and 151: the step closes a ratio-4 window on both, so the CSA layers append an
+    # entry and an index key that the restore must drop
+    prompts = _prompts([19, 151], seed=3)
     caches = [model.make_cache() for _ in prompts]
     model.step_batch(prompts, caches)
     mx.eval([c.state for cache in caches for c in cache])
+    lengths = [[(c.entries.length, c.index_keys.length) for c in cache if c.kind == "csa"] for cache in caches]
     snaps = snapshot_caches(caches)
     first = model.step_batch([[5], [6]], caches)
-    mx.eval(first)
+    mx.eval(first, [c.state for cache in caches for c in cache])
+    assert all(c.entries.length == n + 1 for cache, ls in zip(caches, lengths)
+               for c, (n, _) in zip([c for c in cache if c.kind == "csa"], ls))
     restore_caches(caches, snaps)
-    assert [c[0].offset for c in caches] == [20, 150]
+    assert [c[0].offset for c in caches] == [19, 151]
+    assert [[(c.entries.length, c.index_keys.length) for c in cache if c.kind == "csa"] for cache in caches] == lengths
     again = model.step_batch([[5], [6]], caches)
     assert mx.array_equal(first, again).item()
+    nxt = model.step_batch([[7], [8]], caches)  # and it goes on as if the step had run once
+    fresh = [model.make_cache() for _ in prompts]
+    model.step_batch(prompts, fresh)
+    model.step_batch([[5], [6]], fresh)
+    assert mx.array_equal(nxt, model.step_batch([[7], [8]], fresh)).item()
 
 
 def test_bad_rows_are_refused(model):
