@@ -190,16 +190,30 @@ class BatchGenerator:
         return StepOutput(seq, finish="error")
 
     def _run(self, rows) -> list[StepOutput]:
+        """One model step over ``rows``. Nothing about a sequence changes until every row's
+        result is in hand, so a raise anywhere leaves the sequences as they were (the caller
+        restores the caches)."""
         seqs = [s for s, _ in rows]
         logits = self.model.step_batch([ids for _, ids in rows], [s.cache for s in seqs])  # [R, vocab]
         sampling = [r for r, (s, ids) in enumerate(rows) if not s.prefilling or s.pos + len(ids) == len(s.ids)]
-        tokens, lp = None, None
+        tokens, lp, keys = None, None, {}
         if sampling:
             logits = logits[mx.array(sampling)] if len(sampling) < len(rows) else logits
-            tokens, lp = self._sample(logits, [seqs[r] for r in sampling])
+            tokens, lp, keys = self._sample(logits, [seqs[r] for r in sampling])
         extras = [lp] if lp is not None else []
         mx.eval(*([tokens] if tokens is not None else []), *extras, [c.state for s in seqs for c in s.cache])
         picked = dict(zip(sampling, tokens.tolist() if tokens is not None else []))
+        outputs = {}
+        for k, r in enumerate(sampling):
+            s, tok = seqs[r], picked[r]
+            o = outputs[r] = StepOutput(s, tok)
+            if s.sampling.logprobs:
+                row = lp[k]
+                o.logprob = row[tok].item()
+                if s.sampling.top_logprobs:
+                    top = mx.argpartition(-row, kth=s.sampling.top_logprobs - 1)[:s.sampling.top_logprobs]
+                    o.top_logprobs = sorted(zip(top.tolist(), row[top].tolist()), key=lambda kv: -kv[1])
+        # commit: bookkeeping only from here on
         out = []
         for r, (s, ids) in enumerate(rows):
             if s.prefilling:
@@ -208,20 +222,13 @@ class BatchGenerator:
                     checkpoint(s.cache)
             else:
                 s.fed += 1
-            if r not in picked:
+            o = outputs.get(r)
+            if o is None:
                 out.append(StepOutput(s))
                 continue
-            tok = picked[r]
-            s.generated.append(tok)
-            o = StepOutput(s, tok)
-            if s.sampling.logprobs:
-                row = lp[sampling.index(r)]
-                o.logprob = row[tok].item()
-                if s.sampling.top_logprobs:
-                    top = mx.argpartition(-row, kth=s.sampling.top_logprobs - 1)[:s.sampling.top_logprobs]
-                    vals = row[top].tolist()
-                    o.top_logprobs = sorted(zip(top.tolist(), vals), key=lambda kv: -kv[1])
-            if tok in s.eos:
+            s._key = keys.get(id(s), s._key)
+            s.generated.append(o.token)
+            if o.token in s.eos:
                 o.finish = "stop"
             elif len(s.generated) >= s.max_tokens:
                 o.finish = "length"
@@ -231,21 +238,22 @@ class BatchGenerator:
             out.append(o)
         return out
 
-    def _sample(self, logits: mx.array, seqs: list[Sequence]) -> tuple[mx.array, mx.array | None]:
-        """logits [R, vocab] -> (token ids [R], log-probabilities [R, vocab] if any row reports them).
-        Greedy rows share one argmax; the others sample with their own filters and key."""
+    def _sample(self, logits: mx.array, seqs: list[Sequence]) -> tuple[mx.array, mx.array | None, dict]:
+        """logits [R, vocab] -> (token ids [R], log-probabilities [R, vocab] if any row reports
+        them, {id(seq): its next random key}). Greedy rows share one argmax; the others sample
+        with their own filters and key."""
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         greedy = mx.argmax(logprobs, axis=-1)
-        picks = []
+        picks, keys = [], {}
         for r, s in enumerate(seqs):
             p = s.sampling
             if p.temperature == 0:
                 picks.append(greedy[r])
                 continue
-            s._key, sub = mx.random.split(s._key)
+            keys[id(s)], sub = mx.random.split(s._key)
             picks.append(_sample_row(logprobs[r:r + 1], p, sub)[0])
         tokens = greedy if all(s.sampling.temperature == 0 for s in seqs) else mx.stack(picks)
-        return tokens.astype(mx.int32), (logprobs if any(s.sampling.logprobs for s in seqs) else None)
+        return tokens.astype(mx.int32), (logprobs if any(s.sampling.logprobs for s in seqs) else None), keys
 
 
 def _sample_row(logprobs: mx.array, p: SamplingParams, key: mx.array) -> mx.array:

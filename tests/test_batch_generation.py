@@ -210,3 +210,32 @@ def test_refusals(tiny):
 
 def test_exported():
     assert mlx_v4.batch_generate is batch_generate
+
+
+def test_a_failure_after_sampling_leaves_the_others_random_streams_alone(tiny, monkeypatch):
+    """A row that fails while the step samples: the other rows are re-run alone from the state
+    before the step, their random keys included, so a seeded sequence draws what it draws alone."""
+    import mlx_v4.batch_generation as bg
+
+    real = bg._sample_row
+
+    def flaky(logprobs, p, key):
+        if p.temperature == 0.125:
+            raise ValueError("bad sampler")
+        return real(logprobs, p, key)
+
+    monkeypatch.setattr(bg, "_sample_row", flaky)
+    seeded = SamplingParams(temperature=0.8, seed=5)
+
+    def run(with_bad: bool):
+        gen = BatchGenerator(tiny)
+        s = gen.add(Sequence([5, 6, 7], tiny.make_cache(), max_tokens=6, sampling=seeded))
+        bad = gen.add(Sequence([8, 9], tiny.make_cache(), max_tokens=6,
+                               sampling=SamplingParams(temperature=0.125))) if with_bad else None
+        while gen.active:
+            gen.step()
+        return s, bad
+
+    s, bad = run(True)
+    assert bad.finish_reason == "error" and str(bad.error) == "bad sampler"
+    assert s.generated == run(False)[0].generated and len(s.generated) == 6
