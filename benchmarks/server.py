@@ -1,16 +1,26 @@
-"""Time to first token per turn of a growing agent conversation, with and without prefix reuse.
+"""`mlx-v4 serve` benchmarks on loopback: prefix reuse (``reuse``) and concurrent streams (``batch``).
 
-Replays a coding-agent conversation through `mlx-v4 serve`'s app on loopback (OpenAI Chat
-Completions, streamed, with tools): a system prompt, then turns that each add a tool result of
-``--turn-tokens`` tokens (file contents) and a short question, so the context grows to roughly
-``turns * turn_tokens``. The same replay runs against two servers: one with the prefix cache
-(each turn reuses the previous turn's KV cache and feeds only the new suffix) and one with a
-zero byte budget (every turn prefills the whole context). TTFT is the time from sending the
-request to the first streamed chunk that carries generated text.
+``reuse``: time to first token per turn of a growing agent conversation, with and without prefix
+reuse. Replays a coding-agent conversation (OpenAI Chat Completions, streamed, with tools): a
+system prompt, then turns that each add a tool result of ``--turn-tokens`` tokens (file
+contents) and a short question, so the context grows to roughly ``turns * turn_tokens``. The
+same replay runs against two servers: one with the prefix cache (each turn reuses the previous
+turn's KV cache and feeds only the new suffix) and one with a zero byte budget (every turn
+prefills the whole context). TTFT is the time from sending the request to the first streamed
+chunk that carries generated text.
 
-    python benchmarks/server.py                       # tiny random model, real vocabulary
-    python benchmarks/server.py --turns 12 --turn-tokens 2000
-    python benchmarks/server.py --model deepseek-ai/DeepSeek-V4-Flash --turn-tokens 8000
+``batch``: the batching engine against the round-robin one it replaced, each server in its own
+process (this process only sends requests): aggregate decode tok/s at 1, 2, 4 and 8 concurrent
+streams (tokens that arrive while every stream is decoding, over that window), the time to
+first token of a short request while a ~4K-token prompt prefills, and each server's peak RSS
+(VmHWM). Measurements alternate between the servers, round after round, and the medians are
+reported, so load from elsewhere on the machine hits both alike.
+
+    python benchmarks/server.py                       # reuse: tiny random model, real vocabulary
+    python benchmarks/server.py reuse --turns 12 --turn-tokens 2000
+    python benchmarks/server.py reuse --model deepseek-ai/DeepSeek-V4-Flash --turn-tokens 8000
+    python benchmarks/server.py batch                 # the demo and the bench config
+    python benchmarks/server.py batch --configs demo --rounds 5 --tokens 64
 """
 
 from __future__ import annotations
@@ -89,15 +99,7 @@ class Replay:
         return row
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model dir or repo id (default: tiny random model, real vocab)")
-    ap.add_argument("--turns", type=int, default=8)
-    ap.add_argument("--turn-tokens", type=int, default=1500, help="tokens of tool output added per turn")
-    ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-
+def reuse(args):
     from mlx_v4.server import ServerConfig, create_app
     from mlx_v4.server.background import running
     from mlx_v4.tokenizer import load_tokenizer
@@ -139,6 +141,41 @@ def main():
     ta = sum(r["ttft"] for r in results["reuse"])
     tb = sum(r["ttft"] for r in results["no reuse"])
     print(f"total TTFT: {ta:.2f}s with reuse, {tb:.2f}s without ({tb / max(ta, 1e-9):.1f}x)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="mode")
+    r = sub.add_parser("reuse", help="TTFT per turn with and without prefix reuse")
+    r.add_argument("--model", default=None, help="model dir or repo id (default: tiny random model, real vocab)")
+    r.add_argument("--turns", type=int, default=8)
+    r.add_argument("--turn-tokens", type=int, default=1500, help="tokens of tool output added per turn")
+    r.add_argument("--max-tokens", type=int, default=8)
+    r.add_argument("--seed", type=int, default=0)
+    b = sub.add_parser("batch", help="concurrent streams: batching engine vs round-robin")
+    b.add_argument("--configs", default="demo,bench", help="comma list of: demo, bench")
+    b.add_argument("--streams", default="1,2,4,8")
+    b.add_argument("--tokens", type=int, default=48, help="max_tokens per stream")
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--long-prompt", type=int, default=4000, help="tokens of the prompt prefilled during the TTFT test")
+    b.add_argument("--engines", default="batched,round-robin")
+    w = sub.add_parser("serve-worker", help=argparse.SUPPRESS)
+    w.add_argument("--config", required=True)
+    w.add_argument("--engine", required=True)
+    w.add_argument("--port", type=int, required=True)
+    argv = __import__("sys").argv[1:]
+    args = ap.parse_args(argv if argv and argv[0] in ("reuse", "batch", "serve-worker", "-h", "--help")
+                         else ["reuse", *argv])
+    if args.mode == "reuse":
+        reuse(args)
+    elif args.mode == "batch":
+        from server_batch import run_batch  # benchmarks/server_batch.py
+
+        run_batch(args)
+    else:
+        from server_batch import serve_worker
+
+        serve_worker(args)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def load(path_or_repo: str | Path | None = None, *, model_config: dict | None = 
 
 
 _LAZY = {"generate": ".generation", "stream_generate": ".generation", "ChatSession": ".chat",
+         "batch_generate": ".batch_generation", "BatchGenerator": ".batch_generation",
          "make_sampler": "mlx_lm.sample_utils"}
 
 
@@ -62,4 +63,5 @@ def __getattr__(name):
     return value
 
 
-__all__ = ["load", "generate", "stream_generate", "ChatSession", "make_sampler", "DEMO_MODEL_PATH"]
+__all__ = ["load", "generate", "stream_generate", "batch_generate", "BatchGenerator", "ChatSession", "make_sampler",
+           "DEMO_MODEL_PATH"]

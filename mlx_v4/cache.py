@@ -126,8 +126,15 @@ class WindowCache:
         return dict(compressor=None, index_compressor=None, n_entries=0, n_index=0)
 
     def checkpoint(self) -> int:
-        self.checkpoints[self.offset] = _Snapshot(self.offset, list(self.window_parts), **self._extra_snapshot())
+        self.checkpoints[self.offset] = self.snapshot()
         return self.offset
+
+    def snapshot(self) -> _Snapshot:
+        """The constant-size state (by reference, no copy); :meth:`restore` undoes any step since."""
+        return _Snapshot(self.offset, list(self.window_parts), **self._extra_snapshot())
+
+    def restore(self, snap: _Snapshot) -> None:
+        self._restore(snap)
 
     def rewind(self, offset: int) -> None:
         if offset == self.offset:

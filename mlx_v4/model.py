@@ -35,8 +35,13 @@ class DecoderLayer(nn.Module):
         self.ffn = MoE(args, layer, grouped_dense=cpu)
 
     def __call__(self, x: mx.array, token_ids: mx.array, cache) -> mx.array:
+        return self.forward(x, token_ids, lambda h: self.attn(h, cache))
+
+    def forward(self, x: mx.array, token_ids: mx.array, attend) -> mx.array:
+        """x [B, L, hc, D] -> [B, L, hc, D]; ``attend`` maps the normed attention input
+        [B, L, D] to the attention output (one cache, or several sequences' rows)."""
         h, post, comb = self.hc_attn.collapse(x)
-        x = HyperConnection.expand(self.attn(self.attn_norm(h), cache), x, post, comb)
+        x = HyperConnection.expand(attend(self.attn_norm(h)), x, post, comb)
         h, post, comb = self.hc_ffn.collapse(x)
         return HyperConnection.expand(self.ffn(self.ffn_norm(h), token_ids), x, post, comb)
 
@@ -82,6 +87,14 @@ class Model(nn.Module):
             x = x[:, -1:]
         x = self.norm(self.hc_head(x))
         return self.head(x.astype(mx.float32)).astype(mx.float32)
+
+    def step_batch(self, token_rows, caches) -> mx.array:
+        """One model step over several sequences: ``token_rows[r]`` (ids, length >= 1) continue
+        ``caches[r]``. -> logits [R, vocab] float32 at each row's last token. Everything but
+        the cache-reading part of attention runs over all rows' tokens at once (mlx_v4/batch.py)."""
+        from .batch import step_batch
+
+        return step_batch(self, token_rows, caches)
 
     #: Identity of the loaded weights (set by mlx_v4.load from the checkpoint files).
     weights_id: str = ""

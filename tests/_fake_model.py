@@ -5,6 +5,7 @@ mode token, ``<think>`` or ``</think>``, that follows it), it puts a huge logit 
 of ``replies[turn]`` (turn = how many ``<｜User｜>`` ids the context holds, minus one), then
 EOS once the reply is used up. With no ``<｜Assistant｜>`` in the context it emits EOS.
 It counts every id it is fed (``fed``) and can raise KeyboardInterrupt at a given call.
+``step_batch`` serves the batching engine (one call per step, each row as ``__call__``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ class FakeCache:
         self.checkpoints[self.offset] = self.offset
         return self.offset
 
+    def snapshot(self):
+        return list(self.tokens), self.arr
+
+    def restore(self, snap) -> None:
+        self.tokens, self.arr = list(snap[0]), snap[1]
+
     def rewind(self, offset: int) -> None:
         if offset == self.offset:
             return
@@ -94,8 +101,9 @@ class ScriptedModel:
             raise KeyboardInterrupt
         if self.on_call is not None:
             self.on_call(self)
-        new = ids[0].tolist()
-        cache = self.make_cache() if cache is None else cache
+        return self._feed(ids[0].tolist(), self.make_cache() if cache is None else cache)
+
+    def _feed(self, new: list[int], cache) -> mx.array:
         context = list(cache[0].tokens)
         targets = []
         for t in new:
@@ -107,3 +115,10 @@ class ScriptedModel:
         self.fed_log.append(new)
         hot = mx.arange(VOCAB)[None, None, :] == mx.array(targets)[None, :, None]
         return mx.where(hot, 1e4, 0.0).astype(mx.float32)
+
+    def step_batch(self, token_rows, caches):
+        """The batched step (Model.step_batch): one call, logits [R, vocab] at each row's end."""
+        self.calls += 1
+        if self.on_call is not None:
+            self.on_call(self)
+        return mx.stack([self._feed([int(t) for t in r], c)[0, -1] for r, c in zip(token_rows, caches)])

@@ -39,6 +39,9 @@ DEQUANT_BUDGET = 1 << 20
 GATHER_BUDGET = 1 << 22
 #: Tests force one way of reading CSA picks ("gather" or "mask"); None chooses by cost.
 PICKS_PATH: str | None = None
+#: In a batched step, decode rows of window-only layers whose window is full attend together
+#: (one stacked attention); False runs every row on its own (the reference, for tests).
+BATCH_WINDOW_DECODE = True
 
 
 def attend(q: mx.array, window: mx.array, window_mask: mx.array, sinks: mx.array, scale: float,
@@ -123,20 +126,76 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache) -> mx.array:
         """x [B, L, D] at positions cache.offset .. -> [B, L, D]; appends to ``cache``."""
-        B, L, _ = x.shape
-        offset, dtype = cache.offset, x.dtype
-        cos, sin = self._rope.cos_sin(mx.arange(offset, offset + L))
+        L = x.shape[1]
+        cos, sin = self._rope.cos_sin(mx.arange(cache.offset, cache.offset + L))
+        q, kv, packed, qr = self.project(x, cos, sin)
+        return self.output(self.attend_cached(x, qr, q, kv, packed, cache, cos, sin), cos, sin)
 
+    def call_rows(self, x: mx.array, caches: list, bounds: list[tuple[int, int]], positions: mx.array) -> mx.array:
+        """Several sequences' tokens stacked along L: x [1, T, D], row r = x[:, s:e] for
+        ``bounds[r] = (s, e)`` continuing ``caches[r]``; positions [T] -> [1, T, D]. The
+        projections run over all T tokens at once; only the cache-reading part runs per row."""
+        cos, sin = self._rope.cos_sin(positions)  # [T, rope_dim / 2]
+        q, kv, packed, qr = self.project(x, cos, sin)
+        outs = [None] * len(bounds)
+        together = self._full_window_decode_rows(caches, bounds)
+        if together:
+            o = self._attend_windows([caches[r] for r in together], [bounds[r][0] for r in together], q, kv, packed)
+            for i, r in enumerate(together):
+                outs[r] = o[i:i + 1]
+        for r, ((s, e), cache) in enumerate(zip(bounds, caches, strict=True)):
+            if outs[r] is None:
+                part = None if packed is None else tuple(p[:, s:e] for p in packed)
+                outs[r] = self.attend_cached(x[:, s:e], qr[:, s:e], q[:, s:e], kv[:, s:e], part, cache,
+                                             cos[s:e], sin[s:e])
+        o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)  # [1, T, H, hd]
+        return self.output(o, cos, sin)
+
+    def _full_window_decode_rows(self, caches, bounds) -> list[int]:
+        """Rows that can attend as one batch: on a window-only layer, one query each, over a
+        full window (so every kept entry is visible and all windows have the same length)."""
+        if not BATCH_WINDOW_DECODE or self.ratio:
+            return []
+        keep = self.window - 1
+        rows = [r for r, ((s, e), c) in enumerate(zip(bounds, caches))
+                if e - s == 1 and c.window_parts and c.window_parts[0].shape[1] == keep]
+        return rows if len(rows) > 1 else []
+
+    def _attend_windows(self, caches, starts, q, kv, packed) -> mx.array:
+        """Decode rows over full windows in one attention: -> o [R, 1, H, hd]. Same function as
+        :meth:`attend_cached` for each row (window-only layer, every kept entry visible)."""
+        idx = mx.array(starts)
+        prev = caches[0]._decode_entries([mx.concatenate(parts, axis=0) for parts in
+                                          zip(*(c.window_parts for c in caches))], q.dtype)  # [R, P, hd]
+        window = mx.concatenate([prev, kv[0, idx][:, None]], axis=1)  # [R, P + 1, hd]
+        R, W = window.shape[:2]
+        o = attend(q[0, idx][:, None], window, mx.ones((R, 1, W), dtype=mx.bool_), self.attn_sink,
+                   self.head_dim**-0.5)
+        for c, s in zip(caches, starts):
+            c.push_window(tuple(p[:, s:s + 1] for p in packed) if c.packed else (kv[:, s:s + 1],))
+            c.offset += 1
+        return o
+
+    def project(self, x: mx.array, cos: mx.array, sin: mx.array):
+        """Per-token projections: x [B, L, D] -> (q [B, L, H, hd] RoPE'd, kv [B, L, hd] RoPE'd
+        (rounded under fake_quant), its packed form or None, qr [B, L, q_lora])."""
+        B, L, _ = x.shape
         xq = gemm_input(x, self.act_quant)  # wq_a and wkv share one rounded x
         qr = self.q_norm(self.wq_a(xq))
         q = rms_normalize(self.wq_b(gemm_input(qr, self.act_quant)).reshape(B, L, self.n_heads, self.head_dim),
                           self.eps)
         q = self._rope(q, cos[:, None], sin[:, None])
-
         kv = self._rope(self.kv_norm(self.wkv(xq)), cos, sin)  # [B, L, hd]
         packed = None
         if self.fake_quant:
             kv, packed = quantize_kv_entry(kv, self._rope.rope_dim)
+        return q, kv, packed, qr
+
+    def attend_cached(self, x, qr, q, kv, packed, cache, cos, sin) -> mx.array:
+        """One sequence's attention over its cache (window, compressor, indexer), appending
+        this chunk to it: -> o [B, L, H, hd] (still rotated; see :meth:`output`)."""
+        B, L, _ = x.shape
+        offset, dtype = cache.offset, x.dtype
         prev = cache.window_values(dtype)
         window = kv if prev is None else mx.concatenate([prev, kv], axis=1)  # [B, P + L, hd]
         cache.push_window(packed if cache.packed else (kv,))
@@ -148,10 +207,15 @@ class Attention(nn.Module):
         if self.ratio:
             comp, selected = self._compress(x, qr, cache, cos, sin)
         o = self._attend_blocks(q, window, window_mask, comp, selected, cache, qpos)
+        cache.offset += L
+        return o
+
+    def output(self, o: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+        """o [B, L, H, hd] -> inverse RoPE -> grouped low-rank output projection -> [B, L, D]."""
+        B, L = o.shape[:2]
         o = self._rope(o, cos[:, None], sin[:, None], inverse=True)
         # wo_a is a plain bf16 einsum in the official code (its input is not rounded)
         o = grouped_projection(o.reshape(B, L, self.groups, -1), self.wo_a, self.groups)
-        cache.offset += L
         return self.wo_b(gemm_input(o, self.act_quant))
 
     def _compress(self, x, qr, cache, cos, sin):

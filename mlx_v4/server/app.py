@@ -1,8 +1,8 @@
 """The ASGI app: OpenAI Chat Completions and Responses, Anthropic Messages, models, health.
 
 ``create_app(model, tokenizer, ...)`` returns a Starlette app whose handlers convert requests
-(deepseek-recipe, see protocols.py), hand them to the :class:`Engine` (one worker thread that
-owns the model) and stream what it emits back as server-sent events, or as one JSON body.
+(deepseek-recipe, see protocols.py), hand them to the engine (one worker thread that
+owns the model: :class:`BatchEngine` unless one is given) and stream what it emits back as server-sent events, or as one JSON body.
 Anything a client can get wrong is answered 4xx in the protocol's own error shape.
 """
 
@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .batch_engine import BatchEngine
 from .engine import Engine, Job
 from .guards import (
     MAX_JSON_DEPTH,
@@ -43,10 +44,10 @@ class ServerConfig:
     default_max_tokens: int = 4096
     cache_budget_bytes: int = 8 << 30
     cache_dir: str | None = None
-    max_active: int = 4
+    max_active: int = 8
     max_queue: int = 256
     prefill_step: int = 512
-    prefill_chunk: int = 2048
+    prefill_chunk: int = 512  # prompt ids prefilled per engine step (all requests together)
     accept_any_model: bool = False  # answer every model name (some agents insist on their own)
     max_body_bytes: int = MAX_BODY  # request bodies beyond this get 413, chunked or not
     # Without api_key the server answers only requests whose Host (and Origin, when sent) is
@@ -69,9 +70,9 @@ class _State:
 
         self.options = conversion_options(self.names, self.context, model_version(model))
         self.pool = engine.pool if engine else PrefixCache(model, config.cache_budget_bytes, config.cache_dir)
-        self.engine = engine or Engine(model, tokenizer, self.pool, max_active=config.max_active,
-                                       prefill_step=config.prefill_step, prefill_chunk=config.prefill_chunk,
-                                       max_queue=config.max_queue)
+        self.engine = engine or BatchEngine(model, tokenizer, self.pool, max_active=config.max_active,
+                                            prefill_step=config.prefill_step, prefill_chunk=config.prefill_chunk,
+                                            max_queue=config.max_queue)
         self.started = time.time()
 
 
@@ -124,6 +125,9 @@ def create_app(model, tokenizer, config: ServerConfig | None = None, *, engine: 
             prep = await asyncio.to_thread(parse, protocol, body)
         except ApiError as e:
             return _error(protocol, e)
+        if prep.sampling.get("logprobs") and not getattr(state.engine, "supports_logprobs", False):
+            return _error(protocol, ApiError(400, "logprobs are not supported by this server's engine "
+                                                  "(distributed serving)", param="logprobs"))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         job = Job(prep, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))

@@ -172,8 +172,6 @@ def prepare(protocol: Protocol, body: bytes, *, tokenizer, options, context: int
     except (ValueError, TypeError, OverflowError) as e:  # the recipe's own parse errors
         raise ApiError(400, str(e) or "invalid request body") from None
     io = conv.inference_options
-    if io.logprobs:
-        raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
     try:  # no lock: the encoding is immutable and lets other threads run while it works
         enc = prompt_encoding(tokenizer, "v41" if conv.model_version == r.ModelVersion.DeepseekV41Flash else "v4")
         rendered = enc.render_conversation(conv.conversation)
@@ -195,7 +193,8 @@ def prepare(protocol: Protocol, body: bytes, *, tokenizer, options, context: int
         raise err from None
     if io.max_tokens is None:
         max_tokens = min(max_tokens, default_max_tokens)
-    sampling.update(temperature=io.temperature, top_p=io.top_p, seed=io.seed)
+    sampling.update(temperature=io.temperature, top_p=io.top_p, seed=io.seed, logprobs=bool(io.logprobs),
+                    top_logprobs=int(io.top_logprobs or 0))
     tags = [i + 1 for i, t in enumerate(ids) if t in (USER_ID, ASSISTANT_ID)]
     turn_mark = max([t for t in tags if ids[t - 1] == ASSISTANT_ID] or [0])
     marks = sorted(set(tags[-max_marks:]) | {len(ids)})
@@ -238,11 +237,13 @@ class Sink:
         usage = r.PromptUsage(prompt_tokens=prompt_tokens, prompt_cache_hit_tokens=cached_tokens)
         return self._out(self.sp.push(r.InferenceChunk.ready(prompt_usage=usage)))
 
-    def token(self, token_id: int) -> list[str]:
+    def token(self, token_id: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> list[str]:
+        """``logprob``: (the token's log-probability, [(alternative id, log-probability), ...])."""
         if self.sp.finished:
             return []
         self.completion_tokens += 1
-        return self._out(self.sp.push(_recipe().InferenceChunk.tokens([token_id])))
+        chunk = _recipe().InferenceChunk.tokens([token_id], logprobs=None if logprob is None else [logprob])
+        return self._out(self.sp.push(chunk))
 
     def finish(self, length: bool) -> list[str]:
         r = _recipe()
