@@ -30,6 +30,10 @@ def load_model(path_or_repo, *, model_config: dict | None = None, dtype=None, fp
     fp8 = fp8 or ("mxfp8" if platform.metal_available() else "dequantize")
     weights, quantization = load_weights(path, args, fp8=fp8, dtype=dtype)
     model = Model(args)
+    if any(k.startswith("mtp.") for k in weights):
+        from .draft.mtp import attach_mtp
+
+        attach_mtp(model)  # the release's drafter (mtp.0.*), for speculative decoding
     apply_quantization(model, quantization)
     # Every parameter must come from the checkpoint, in the dtype weights.py chose for it.
     validate_weights(weights, dict(tree_flatten(model.parameters())))
