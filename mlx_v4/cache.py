@@ -165,6 +165,11 @@ class WindowCache:
         self._spec = _Speculation(self._snapshot())
         return self.offset
 
+    def abandon(self) -> None:
+        """Drop everything fed since :meth:`speculate` (no-op when not speculating)."""
+        if self._spec is not None:
+            self.accept(self._spec.start.offset)
+
     def record_rows(self, name: str, state: CompressorState) -> None:
         """Called by attention after a compressor ran on a recorded chunk (``name`` is the
         attribute holding that compressor's state)."""
