@@ -457,17 +457,19 @@ def _speculative_decode(spec: Speculator, y: int, max_tokens: int, generated: li
             spec.abandon()
             reason = "interrupted"
             break
-        emitted = 0
-        for tok in batch:
-            yield from emit(tok)
-            emitted += 1
-            reason = stop_reason(tok)
-            if reason is not None:
-                break
-        if room > 1:
-            keep = emitted - (1 if reason == "length" else 0)
-            with guard:
-                y = spec.commit(keep, more=reason is None)
+        before = len(generated)
+        try:
+            for tok in batch:
+                yield from emit(tok)
+                reason = stop_reason(tok)
+                if reason is not None:
+                    break
+        finally:  # also when the caller closes the generator mid-step: keep what was handed out
+            if room > 1:
+                emitted = len(generated) - before
+                keep = emitted - (1 if reason == "length" else 0)
+                with guard:
+                    y = spec.commit(keep, more=reason is None and emitted == len(batch))
     detok.finalize()
     yield from router.push(detok.last_segment)
     yield from router.flush()

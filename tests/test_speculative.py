@@ -183,3 +183,23 @@ def test_greedy_verify_keeps_the_matching_prefix():
     assert verify(rows, [1, 2], Sampling(0.0)) == (1, 0)
     assert verify(rows, [0, 0], Sampling(0.0)) == (0, 1)
     assert verify(rows[:1], [], Sampling(0.0)) == (0, 1)
+
+
+def test_closing_the_generator_mid_step_keeps_what_was_handed_out(model, tok, monkeypatch):
+    """A server closes the generator after a stop sequence: the cache then holds exactly the
+    tokens the caller saw (here: closed after the 2nd token of an accepted run of 4)."""
+    ids = _ids(12, seed=9)
+    plain, _, _, _ = _run(model, tok, ids, max_tokens=10)
+    _oracle(monkeypatch, ids + plain)
+    cache = model.make_cache()
+    gen = stream_generate(model, tok, ids, cache=cache, max_tokens=10, temperature=0.0, eos_token_ids={-1},
+                          draft="mtp", draft_tokens=3)
+    seen = []
+    for ev in gen:
+        if isinstance(ev, Token):
+            seen.append(ev.id)
+            if len(seen) == 2:
+                break
+    gen.close()
+    assert seen == plain[:2]
+    assert cache[0].offset == len(ids) + 2 and not cache[0].speculating
