@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from .common import MODEL_HELP, UserError, consume, generation_kwargs, load_model, user_errors
+from .common import (
+    DRAFT_HELP,
+    DRAFT_TOKENS_HELP,
+    MODEL_HELP,
+    UserError,
+    consume,
+    draft_kwargs,
+    generation_kwargs,
+    load_model,
+    user_errors,
+)
 from .distributed import LayersOpt, ParallelOpt, TimeoutOpt, peer_errors
 
 
@@ -24,6 +34,8 @@ def generate(
     temp: Annotated[float | None, typer.Option(help="Sampling temperature, 0 = greedy (default: the model's generation_config).")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
+    draft: Annotated[str, typer.Option(help=DRAFT_HELP)] = "auto",
+    draft_tokens: Annotated[int, typer.Option(help=DRAFT_TOKENS_HELP)] = 1,
     parallel: ParallelOpt = "pipeline",
     layers: LayersOpt = None,
     dist_timeout: TimeoutOpt = 300.0,
@@ -31,13 +43,14 @@ def generate(
     from .distributed import group_if_launched
 
     group = group_if_launched(parallel, layers, dist_timeout)
+    drafting = draft_kwargs(draft, draft_tokens, distributed=group is not None)
     if group is not None:
         return _generate_distributed(group, prompt, prompt_file, model, system, think, effort, max_tokens, temp,
                                      top_p, seed, parallel, layers, dist_timeout)
     text = _read_prompt(prompt, prompt_file)
     if effort not in (None, "high", "max"):
         raise UserError(f"unknown effort {effort!r}", "use --effort high or --effort max")
-    gen = generation_kwargs(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
+    gen = generation_kwargs(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed) | drafting
     from .ui import UI
 
     ui = UI()

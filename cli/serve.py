@@ -11,7 +11,17 @@ from typing import Annotated
 
 import typer
 
-from .common import MODEL_HELP, UserError, is_demo, load_model, resolve_model, user_errors
+from .common import (
+    DRAFT_HELP,
+    DRAFT_TOKENS_HELP,
+    MODEL_HELP,
+    UserError,
+    draft_kwargs,
+    is_demo,
+    load_model,
+    resolve_model,
+    user_errors,
+)
 from .distributed import LayersOpt, ParallelOpt, TimeoutOpt, peer_errors
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
@@ -54,6 +64,8 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests waiting beyond that before 503s.")] = 256,
     prefill_chunk: Annotated[int, typer.Option(help="Prompt ids fed per scheduling step.")] = 2048,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    draft: Annotated[str, typer.Option(help=DRAFT_HELP)] = "auto",
+    draft_tokens: Annotated[int, typer.Option(help=DRAFT_TOKENS_HELP)] = 1,
     parallel: ParallelOpt = "pipeline",
     layers: LayersOpt = None,
     dist_timeout: TimeoutOpt = 300.0,
@@ -69,6 +81,7 @@ def serve(
     from .distributed import group_if_launched
 
     group = group_if_launched(parallel, layers, dist_timeout)
+    drafting = draft_kwargs(draft, draft_tokens, distributed=group is not None)
     try:
         import uvicorn
 
@@ -98,7 +111,7 @@ def serve(
     config = ServerConfig(model_name=name, api_key=api_key, default_max_tokens=max_tokens,
                           cache_budget_bytes=budget, cache_dir=str(cache_dir) if cache_dir else None,
                           max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                          accept_any_model=any_model)
+                          accept_any_model=any_model, **drafting)
     app = create_app(m, tok, config, engine=engine)
     ui.notice(f"serving {path} as '{name}' on http://{host}:{port}  (OpenAI: /v1/chat/completions, "
               f"/v1/responses; Anthropic: /v1/messages)")

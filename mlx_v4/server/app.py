@@ -41,6 +41,8 @@ class ServerConfig:
     prefill_step: int = 512
     prefill_chunk: int = 2048
     accept_any_model: bool = False  # answer every model name (some agents insist on their own)
+    draft: str | None = None  # speculative decoding: "auto", "mtp" or None (see stream_generate)
+    draft_tokens: int = 1
 
 
 class _State:
@@ -52,7 +54,8 @@ class _State:
         self.pool = engine.pool if engine else PrefixCache(model, config.cache_budget_bytes, config.cache_dir)
         self.engine = engine or Engine(model, tokenizer, self.pool, max_active=config.max_active,
                                        prefill_step=config.prefill_step, prefill_chunk=config.prefill_chunk,
-                                       max_queue=config.max_queue)
+                                       max_queue=config.max_queue, draft=config.draft,
+                                       draft_tokens=config.draft_tokens)
         self.started = time.time()
 
 
