@@ -126,7 +126,10 @@ def bench(
         with ui.status(f"context {n:,}"):
             rows.append(measure(m, tok, n, gen, **drafting))
     ui.bench_table(path, rows)
-    if drafting["draft"] is not None:
+    if drafting["draft"] is not None and tok.vocab_size > m.args.vocab_size:
+        ui.notice(f"no drafting table: the tokenizer's {tok.vocab_size} ids do not fit this model's "
+                  f"vocabulary of {m.args.vocab_size} (a test model?)")
+    elif drafting["draft"] is not None:
         with ui.status("drafting on chat prompts"):
             chat_rows = measure_drafting(m, tok, max(gen, 64), drafting["draft"], draft_tokens)
         ui.draft_table(path, chat_rows, draft_tokens)

@@ -7,8 +7,8 @@ it to ``mlx_v4/demo/model.safetensors``.
 
 The target is the demo exactly as users run it (quantized weights, fake_quant on). At position
 i the block reads the target's last streams h_i and the token at i+1; it learns the target's own
-prediction for i+2 (distillation: cross-entropy to the target's softmax over the ids that occur
-in the data), which is what verification accepts. The block trains in float32 with fake_quant
+greedy prediction for i+2 (self-distillation on the training text), which is what greedy
+verification accepts. The block trains in float32 with fake_quant
 off (rounding is not differentiable), is saved quantized like the rest of the demo, and the
 script measures the acceptance of greedy speculative decoding on chat prompts.
 """
@@ -71,37 +71,63 @@ def dense_head(target) -> mx.array:
     return head.weight.astype(mx.float32)
 
 
+def teacher_batches(target, rows: np.ndarray, seconds: float, batch: int, rng) -> list[tuple]:
+    """Run the frozen target over random rows for ``seconds``: per batch (its last streams h
+    [B, L-1, hc, D] at positions i, the tokens at i+1 [B, L-1], and the target's own greedy
+    prediction for i+2 [B, L-1], over the ids that occur in the data)."""
+    used = mx.array(np.unique(rows).astype(np.int32))
+    w_used = dense_head(target)[used]
+    out, t0 = [], time.time()
+    order = rng.permutation(len(rows))
+    while time.time() - t0 < seconds and len(out) * batch < len(rows):
+        x = mx.array(rows[order[len(out) * batch:(len(out) + 1) * batch], :-1])
+        h = target.streams(x)  # [B, L, hc, D]
+        logits = target.norm(target.hc_head(h[:, 1:])).astype(mx.float32) @ w_used.T
+        label = used[mx.argmax(logits, axis=-1)]  # the target's prediction after i+1
+        item = (h[:, :-1].astype(mx.float16), x[:, 1:], label)
+        mx.eval(item)
+        out.append(item)
+    print(f"mtp: target ran over {len(out)} batches ({len(out) * batch} rows) in {time.time() - t0:.0f}s", flush=True)
+    return out
+
+
 def train_block(target, rows: np.ndarray, minutes: float, batch: int, lr: float, seed: int) -> MTPBlock:
+    """About 40% of the budget runs the target (teacher_batches); the rest trains the block for
+    as many epochs over them as fit. Loss: cross-entropy to the target's greedy prediction over
+    the ids it predicts, plus the full-vocabulary cross-entropy at 32 positions per step (so no
+    other id wins the block's argmax)."""
     from train_demo import patch_selections_for_training
 
     patch_selections_for_training()
+    rng = np.random.default_rng(seed)
+    data = teacher_batches(target, rows, 0.4 * minutes * 60, batch, rng)
     args = ModelArgs.from_dict(target.args.to_dict(), {"fake_quant": False})
     block = init_block(args, seed)
-    used_np = np.unique(rows)
-    used = mx.array(used_np.astype(np.int32))
-    w_used = dense_head(target)[used]  # [U, D]: the frozen shared head over the ids in the data
+    head = dense_head(target)
+    cand_np = np.unique(np.concatenate([np.array(d[2]).reshape(-1) for d in data]))
+    cand = mx.array(cand_np.astype(np.int32))
+    w_cand = head[cand]
+    print(f"mtp: {len(cand_np)} distinct predicted ids", flush=True)
 
-    def loss_fn(block, h, nxt, p):
+    def loss_fn(block, h, nxt, y_cand, full_pos, y_full):
         out = block(h, nxt, block.make_cache(), target.embed)
-        x = block.norm(block.hc_head(out)).astype(mx.float32)
-        logq = nn.log_softmax(x @ w_used.T, axis=-1)
-        return -(p * logq).sum(-1).mean()
+        x = block.norm(block.hc_head(out)).astype(mx.float32)  # [B, L, D]
+        part = nn.losses.cross_entropy(x @ w_cand.T, y_cand, reduction="mean")
+        xf = x.reshape(-1, x.shape[-1])[full_pos]
+        return part + 0.5 * nn.losses.cross_entropy(xf @ head.T, y_full, reduction="mean")
 
     step_fn = nn.value_and_grad(block, loss_fn)
     opt = optim.AdamW(learning_rate=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    rng = np.random.default_rng(seed)
     t0, step, ema = time.time(), 0, None
-    budget = minutes * 60
+    budget = 0.6 * minutes * 60
     while time.time() - t0 < budget:
         frac = (time.time() - t0) / budget
         opt.learning_rate = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        x = mx.array(rows[rng.choice(len(rows), batch, replace=False), :-1])  # [B, L]
-        h = target.streams(x)  # the frozen target's last streams [B, L, hc, D]
-        # its prediction for i+2 (at i+1), over the ids in the data: the head restricted to them
-        # (the 4-bit full-vocab head is ~10x slower on CPU and the rest have ~no mass)
-        p = mx.softmax(target.norm(target.hc_head(h[:, 1:])).astype(mx.float32) @ w_used.T, axis=-1)
-        h, p = mx.stop_gradient(h[:, :-1]), mx.stop_gradient(p)
-        loss, grads = step_fn(block, h, x[:, 1:], p)
+        h, nxt, label = data[step % len(data)]
+        lab = np.array(label)
+        full_pos = rng.choice(lab.size, 32, replace=False)
+        loss, grads = step_fn(block, h.astype(mx.float32), nxt, mx.array(np.searchsorted(cand_np, lab).astype(np.int32)),
+                              mx.array(full_pos.astype(np.int32)), mx.array(lab.reshape(-1)[full_pos]))
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(block, grads)
         mx.eval(loss, block.parameters(), opt.state)
@@ -109,7 +135,8 @@ def train_block(target, rows: np.ndarray, minutes: float, batch: int, lr: float,
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if step % 10 == 0 or step == 1:
             print(f"mtp step {step:5d}  {time.time() - t0:6.0f}s  loss {loss.item():.3f}  ema {ema:.3f}", flush=True)
-    print(f"mtp: trained {step} steps in {(time.time() - t0) / 60:.1f} min", flush=True)
+    print(f"mtp: trained {step} steps ({step / max(len(data), 1):.1f} epochs) in {(time.time() - t0) / 60:.1f} min",
+          flush=True)
     block.steps = step
     return block
 

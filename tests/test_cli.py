@@ -4,6 +4,7 @@ slash commands, sessions, errors as one line); demo-model tests run every comman
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -239,6 +240,36 @@ def test_bench_tiny_checkpoint(tiny_dir):
     r = run("bench", "--model", tiny_dir, "--contexts", "64,300", "--gen", 3)
     assert r.exit_code == 0, r.output
     assert "prefill tok/s" in r.stdout and "300" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_mtp_dir(tmp_path_factory):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_v4.testing.tiny import TINY_CONFIG, random_model, tiny_args
+
+    d = tmp_path_factory.mktemp("tiny_mtp")
+    model = random_model(tiny_args(), mtp=True)
+    mx.save_safetensors(str(d / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (d / "config.json").write_text(json.dumps(TINY_CONFIG))
+    return d
+
+
+def test_bench_with_drafts_reports_acceptance(tiny_mtp_dir):
+    r = run("bench", "--model", tiny_mtp_dir, "--contexts", "64", "--gen", 4, "--draft", "mtp", "--draft-tokens", 2)
+    assert r.exit_code == 0, r.output
+    # 4 tokens: verifying steps draft 2, 2, then 1 (room for 2 tokens); the last token is never fed
+    assert "drafts" in r.stdout and re.search(r"│\s+\d/5 │", r.stdout), r.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (("--draft", "eagle"), ["unknown --draft 'eagle'"]),
+    (("--draft-tokens", "0"), ["--draft-tokens must be >= 1, got 0"]),
+    (("--draft", "mtp"), ["no MTP block"]),
+])
+def test_bench_bad_draft_is_one_line(tiny_dir, args, words):
+    one_line_error(run("bench", "--model", tiny_dir, "--contexts", "64", "--gen", 2, *args), *words)
 
 
 def test_bench_past_context_is_one_line(tiny_dir):
