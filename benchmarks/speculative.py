@@ -1,0 +1,161 @@
+"""Speculative decoding with the MTP drafter: tok/s and target forwards per generated token with
+and without drafts, acceptance on several kinds of text. Each run is its own process (the parent
+only collects JSON), plain and drafted runs of the same prompt back to back.
+
+    python benchmarks/speculative.py demo     # the bundled demo (its trained MTP block)
+    python benchmarks/speculative.py bench    # the bench config (hidden 1024, vocab 32000), random
+                                              # weights: random drafts, and drafts forced right
+
+Greedy throughout; each drafted run also checks that its tokens equal the plain run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+KINDS = {
+    "python docs (the demo's domain)": ["What is the global statement?", "Explain the while statement.",
+                                        "What are generators?"],
+    "code request": ["Write a Python function that merges two sorted lists.",
+                     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\""],
+    "unrelated prose": ["Tell me a story about a dragon who learns to cook.", "What is the capital of France?"],
+}
+
+
+def bench_config(vocab: int = 32000) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from vs_transformers import config
+
+    return config(vocab) | {"compress_ratios": [0, 4, 128, 4, 0], "num_nextn_predict_layers": 1}
+
+
+def child(spec: dict) -> dict:
+    import mlx.core as mx
+
+    import mlx_v4
+    from mlx_v4.chat import ChatSession
+    from mlx_v4.draft.speculative import MTPDrafter
+    from mlx_v4.generation import Stats, Token, stream_generate
+
+    model, tok = mlx_v4.load(spec["model"], **({"model_config": {"fake_quant": False}, "dtype": mx.float32}
+                                               if spec.get("float32") else {}))
+
+    def run(prompt, draft):
+        if isinstance(prompt, list):  # token ids
+            events = stream_generate(model, tok, prompt, max_tokens=spec["tokens"], temperature=0.0,
+                                     eos_token_ids={-1}, draft=draft, draft_tokens=spec["k"])
+        else:
+            events = ChatSession(model, tok, thinking=False).send(prompt, max_tokens=spec["tokens"], temperature=0.0,
+                                                                    draft=draft, draft_tokens=spec["k"])
+        ids, stats, t0 = [], None, time.perf_counter()
+        for ev in events:
+            if isinstance(ev, Token):
+                ids.append(ev.id)
+            elif isinstance(ev, Stats):
+                stats = ev
+        return ids, stats, time.perf_counter() - t0
+
+    prompt = spec["prompt"]
+    if spec["draft"] == "oracle":  # drafts forced right: the plain run's own tokens
+        plain, _, _ = run(prompt, None)
+        base = len(prompt) if isinstance(prompt, list) else None
+
+        def draft(self, n):
+            start = self.cache.offset + 1 - (base if base is not None else 0)
+            return [plain[i] if 0 <= i < len(plain) else 0 for i in range(start, start + n)]
+
+        assert base is not None, "oracle drafts need a token-id prompt"
+        MTPDrafter.draft = draft
+    run(prompt, None if spec["draft"] is None else "mtp")  # warm-up (compiles, page-ins)
+    ids, stats, seconds = run(prompt, None if spec["draft"] is None else "mtp")
+    return dict(ids=ids, tokens=len(ids), tps=stats.generation_tps, seconds=seconds,
+                forwards=stats.target_forwards if spec["draft"] else max(len(ids) - 1, 0),
+                draft_tokens=stats.draft_tokens, accepted=stats.accepted_tokens)
+
+
+def spawn(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                         cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(label: str, model: str, prompts: list, tokens: int, k: int, draft: str = "mtp", **extra) -> dict:
+    tot = dict(tokens=0, plain_s=0.0, draft_s=0.0, forwards_plain=0, forwards_draft=0, drafted=0, accepted=0,
+               same=True)
+    for p in prompts:
+        base = dict(model=model, prompt=p, tokens=tokens, k=k, **extra)
+        plain = spawn(base | {"draft": None})
+        drafted = spawn(base | {"draft": draft})
+        tot["same"] &= plain["ids"] == drafted["ids"]
+        tot["tokens"] += drafted["tokens"]
+        tot["plain_s"] += plain["seconds"]
+        tot["draft_s"] += drafted["seconds"]
+        tot["forwards_plain"] += plain["forwards"]
+        tot["forwards_draft"] += drafted["forwards"]
+        tot["drafted"] += drafted["draft_tokens"]
+        tot["accepted"] += drafted["accepted"]
+    n = max(tot["tokens"], 1)
+    row = (f"| {label} | {k} | {tot['tokens']} | {tot['tokens'] / tot['plain_s']:.1f} | {tot['tokens'] / tot['draft_s']:.1f} "
+           f"| {tot['plain_s'] / tot['draft_s']:.2f}x | {tot['forwards_plain'] / n:.2f} | {tot['forwards_draft'] / n:.2f} "
+           f"| {tot['accepted'] / max(tot['drafted'], 1):.2f} | {'yes' if tot['same'] else 'NO'} |")
+    print(row, flush=True)
+    return tot
+
+
+HEADER = ("| text | k | tokens | plain tok/s | drafted tok/s | speed-up | forwards/token plain | forwards/token drafted "
+          "| acceptance | same output |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", nargs="?", choices=["demo", "bench"], default="demo")
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--k", type=int, nargs="+", default=[1])
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return
+    print(HEADER, flush=True)
+    if a.which == "demo":
+        demo = str(ROOT / "mlx_v4" / "demo")
+        for k in a.k:
+            for label, prompts in KINDS.items():
+                compare(label, demo, prompts, a.tokens, k)
+            import numpy as np
+
+            ids = [np.random.default_rng(0).integers(2, 120000, 64).tolist()]
+            compare("random token ids", demo, ids, a.tokens, k)
+        return
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_v4.config import ModelArgs
+    from mlx_v4.testing.tiny import random_model
+
+    cfg = bench_config()
+    with tempfile.TemporaryDirectory() as d:
+        model = random_model(ModelArgs.from_dict(cfg), seed=0, mtp=True)
+        mx.save_safetensors(str(Path(d) / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        (Path(d) / "config.json").write_text(json.dumps(cfg))
+        del model
+        import numpy as np
+
+        ids = [np.random.default_rng(0).integers(2, 32000, 256).tolist()]
+        for k in a.k:
+            compare("random weights (drafts rejected)", d, ids, a.tokens, k, float32=True)
+            compare("drafts forced right", d, ids, a.tokens, k, draft="oracle", float32=True)
+
+
+if __name__ == "__main__":
+    main()
