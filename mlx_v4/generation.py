@@ -300,7 +300,8 @@ def stream_generate(model, tokenizer, prompt: str | list[int], *, cache=None, ma
     check_context(model, start, len(ids), max_tokens)
     if seed is not None:
         mx.random.seed(seed)
-    drafter = make_drafter(model, draft, draft_tokens, custom_sampler=sampler is not None)
+    drafter = make_drafter(model, draft, draft_tokens, custom_sampler=sampler is not None,
+                           distributed=getattr(type(model), "distributed", False))
     settings = sampling_settings(model, temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
     sampler = sampler or build_sampler(model, temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
     eos = set(getattr(tokenizer, "eos_token_ids", {tokenizer.eos_id})) | {int(model.args.eos_token_id)}

@@ -203,3 +203,26 @@ def test_closing_the_generator_mid_step_keeps_what_was_handed_out(model, tok, mo
     gen.close()
     assert seen == plain[:2]
     assert cache[0].offset == len(ids) + 2 and not cache[0].speculating
+
+
+def test_distributed_models_refuse_drafts(model, tok):
+    class Distributed:  # what mlx_v4.distributed.DistributedModel declares
+        distributed = True
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.__dict__["inner"], name)
+
+        def __call__(self, *a, **k):
+            return self.inner(*a, **k)
+
+    wrapped = Distributed(model)
+    with pytest.raises(DraftError, match="does not run across several machines"):
+        _run(wrapped, tok, _ids(5), max_tokens=3, draft="mtp")
+    _, stats, _, _ = _run(wrapped, tok, _ids(5), max_tokens=3, draft="auto")
+    assert stats.draft_tokens == 0
+    from mlx_v4.distributed import DistributedModel
+
+    assert DistributedModel.distributed is True

@@ -138,7 +138,7 @@ class MTPDrafter:
         return out
 
 
-def make_drafter(model, draft: str | None, tokens: int, *, custom_sampler: bool, pipeline: bool = False):
+def make_drafter(model, draft: str | None, tokens: int, *, custom_sampler: bool, distributed: bool = False):
     """The drafter for ``draft`` ("auto", "mtp", "dspark" or None) or None (plain decoding).
     "auto" quietly falls back to plain decoding where drafting cannot run."""
     if draft is None:
@@ -148,11 +148,11 @@ def make_drafter(model, draft: str | None, tokens: int, *, custom_sampler: bool,
     if tokens < 1:
         raise DraftError(f"draft_tokens must be >= 1, got {tokens}")
     auto = draft == "auto"
-    if pipeline:
+    if distributed:
         if auto:
             return None
-        raise DraftError("speculative decoding does not run under distributed pipeline parallelism; "
-                         "drop --draft (or use --draft auto, which turns it off there)")
+        raise DraftError("speculative decoding does not run across several machines (pipeline or tensor "
+                         "parallel) yet; use draft=None or 'auto', which turns it off there")
     if custom_sampler:
         if auto:
             return None
