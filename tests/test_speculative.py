@@ -226,3 +226,22 @@ def test_distributed_models_refuse_drafts(model, tok):
     from mlx_v4.distributed import DistributedModel
 
     assert DistributedModel.distributed is True
+
+
+def test_chat_turns_with_drafts_match_plain(tok):
+    """Two chat turns (prefill with turn checkpoints, rewinds between turns): the same replies
+    and the same cache with drafts as without."""
+    from mlx_v4.chat import ChatSession
+
+    model = random_model(tiny_args(vocab_size=129280), seed=4, mtp=True)
+    sessions = []
+    for draft in (None, "mtp"):
+        s = ChatSession(model, tok, thinking=False, temperature=0.0, max_tokens=6, prefill_step_size=16)
+        for q in ("first question", "second one"):
+            list(s.send(q, draft=draft, draft_tokens=2))
+        sessions.append(s)
+    plain, drafted = sessions
+    assert drafted.tokens == plain.tokens and drafted.conversation() == plain.conversation()
+    probe = mx.array([[42]])
+    np.testing.assert_allclose(np.array(model(probe, cache=drafted.cache)), np.array(model(probe, cache=plain.cache)),
+                               atol=1e-4, rtol=0)
