@@ -260,7 +260,7 @@ def test_bench_with_drafts_reports_acceptance(tiny_mtp_dir):
     r = run("bench", "--model", tiny_mtp_dir, "--contexts", "64", "--gen", 4, "--draft", "mtp", "--draft-tokens", 2)
     assert r.exit_code == 0, r.output
     # 4 tokens: verifying steps draft 2, 2, then 1 (room for 2 tokens); the last token is never fed
-    assert "drafts" in r.stdout and re.search(r"│\s+\d/5 │", r.stdout), r.stdout
+    assert "accepted on these random ids: " in r.stdout and re.search(r"\b\d/5 \(context 64\)", r.stdout), r.stdout
 
 
 @pytest.mark.parametrize("args,words", [
@@ -309,6 +309,7 @@ def test_demo_chat_two_turns_save_resume(tmp_path, monkeypatch):
             input="What is a dict?\nAnd a set?\n/stats\n/save t\n/exit\n")
     assert r.exit_code == 0, r.output
     assert r.stderr.count("tok/s") >= 2 and "KV cache" in r.stderr
+    assert "drafts" in r.stderr and "accepted" in r.stderr  # the demo's MTP block drafts by default
     r = run("chat", "--resume", "t", "--max-tokens", 8, "--temp", 0, input="/stats\n/exit\n")
     assert r.exit_code == 0, r.output
     assert "What is a dict?" in r.stderr
@@ -320,6 +321,7 @@ def test_demo_info_and_bench():
     r = run("bench", "--contexts", "64,200", "--gen", 4)
     assert r.exit_code == 0, r.output
     assert "prefill tok/s" in r.stdout and "200" in r.stdout
+    assert "Speculative decoding" in r.stdout and "accept" in r.stdout and "│   NO │" not in r.stdout
 
 
 # ---- convert (the real quantize package on a tiny official checkpoint) -------------------------
