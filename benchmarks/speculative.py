@@ -5,6 +5,7 @@ only collects JSON), plain and drafted runs of the same prompt back to back.
     python benchmarks/speculative.py demo     # the bundled demo (its trained MTP block)
     python benchmarks/speculative.py bench    # the bench config (hidden 1024, vocab 32000), random
                                               # weights: random drafts, and drafts forced right
+    python benchmarks/speculative.py projection   # V4-Flash on a Mac: arithmetic, not a measurement
 
 Greedy throughout; each drafted run also checks that its tokens equal the plain run's.
 """
@@ -34,7 +35,8 @@ def bench_config(vocab: int = 32000) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from vs_transformers import config
 
-    return config(vocab) | {"compress_ratios": [0, 4, 128, 4, 0], "num_nextn_predict_layers": 1}
+    return config(vocab) | {"model_type": "deepseek_v4", "compress_ratios": [0, 4, 128, 4, 0],
+                            "num_nextn_predict_layers": 1}
 
 
 def child(spec: dict) -> dict:
@@ -112,13 +114,52 @@ def compare(label: str, model: str, prompts: list, tokens: int, k: int, draft: s
     return tot
 
 
+def projection(bandwidth_gbs: float = 819.0) -> None:
+    """Bytes of weights one decode step reads for V4-Flash as mlx-v4 loads it on a Mac (FP8 ->
+    mxfp8 8.25 bits, FP4 experts -> mxfp4 4.25 bits, wo_a bf16, compressors fp32, head bf16),
+    plain vs speculative with one MTP draft, as a function of the acceptance rate. A
+    projection (arithmetic on the config), not a measurement; KV reads (small at short context)
+    and compute are left out."""
+    from mlx_v4.config import preset
+
+    a = preset("flash")
+    D, H, hd, G, R, ql, inter = (a.hidden_size, a.num_attention_heads, a.head_dim, a.o_groups, a.o_lora_rank,
+                             a.q_lora_rank, a.moe_intermediate_size)
+    fp8, fp4, bf16, f32 = 8.25 / 8, 4.25 / 8, 2, 4
+    attn = (D * ql + ql * H * hd + D * hd + G * R * D) * fp8 + (G * R) * (H * hd // G) * bf16
+    comp = {0: 0, 128: 2 * hd * D * f32,
+            4: 2 * 2 * hd * D * f32 + ql * a.index_n_heads * a.index_head_dim * fp8 + D * a.index_n_heads * bf16
+            + 2 * 2 * a.index_head_dim * D * f32}
+    expert, shared, gate = 3 * D * inter * fp4, 3 * D * inter * fp8, a.n_routed_experts * D * bf16
+    head = a.vocab_size * D * bf16
+    k = a.num_experts_per_tok
+    # distinct experts two tokens route to, if independent (adjacent tokens share more: an upper bound)
+    union2 = a.n_routed_experts * (1 - (1 - k / a.n_routed_experts) ** 2)
+
+    def step(n_experts):
+        return sum(attn + comp[r] + n_experts * expert + shared + gate for r in a.compress_ratios) + head
+
+    plain, verify2 = step(k), step(union2)
+    mtp = attn + k * expert + shared + gate + 2 * D * D * fp8 + head  # window-only block + e/h_proj + head
+    print(f"V4-Flash, one decode step reads: plain {plain / 1e9:.2f} GB; verifying 2 positions {verify2 / 1e9:.2f} GB "
+          f"(routed experts of both tokens: {union2:.1f} distinct of {a.n_routed_experts} if independent); "
+          f"one MTP draft {mtp / 1e9:.2f} GB (of which the shared head {head / 1e9:.2f} GB)")
+    print(f"at {bandwidth_gbs:.0f} GB/s (M3 Ultra peak), the bandwidth bound is {bandwidth_gbs / (plain / 1e9):.0f} tok/s plain")
+    print("| acceptance | tokens per target forward | bytes per token vs plain | projected speed-up |")
+    print("|---:|---:|---:|---:|")
+    for alpha in (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9):
+        per_token = (verify2 + mtp) / (1 + alpha)
+        print(f"| {alpha:.2f} | {1 + alpha:.2f} | {per_token / plain:.2f} | {plain / per_token:.2f}x |")
+    print(f"break-even acceptance: {(verify2 + mtp) / plain - 1:.2f}")
+
+
 HEADER = ("| text | k | tokens | plain tok/s | drafted tok/s | speed-up | forwards/token plain | forwards/token drafted "
           "| acceptance | same output |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", nargs="?", choices=["demo", "bench"], default="demo")
+    ap.add_argument("which", nargs="?", choices=["demo", "bench", "projection"], default="demo")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--k", type=int, nargs="+", default=[1])
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -126,6 +167,8 @@ def main():
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return
+    if a.which == "projection":
+        return projection()
     print(HEADER, flush=True)
     if a.which == "demo":
         demo = str(ROOT / "mlx_v4" / "demo")

@@ -7,7 +7,7 @@ it to ``mlx_v4/demo/model.safetensors``.
 
 The target is the demo exactly as users run it (quantized weights, fake_quant on). At position
 i the block reads the target's last streams h_i and the token at i+1; it learns the target's own
-greedy prediction for i+2 (self-distillation on the training text), which is what greedy
+greedy prediction for i+2 (self-distillation on the demo's chat turns), which is what greedy
 verification accepts. The block trains in float32 with fake_quant
 off (rounding is not differentiable), is saved quantized like the rest of the demo, and the
 script measures the acceptance of greedy speculative decoding on chat prompts.
@@ -215,11 +215,29 @@ decoding token for token: {'yes' if r['same'] else 'NO'}.
     path.write_text(text)
 
 
+def chat_rows(chats: list[list[int]], seq_len: int, seed: int) -> np.ndarray:
+    """Rows of ``seq_len + 1`` ids made of whole chat turns (the demo's domain, where its drafts
+    are used), each row starting at a turn."""
+    import random
+
+    rng = random.Random(seed)
+    order = list(chats)
+    rng.shuffle(order)
+    rows, row = [], []
+    for turn in order * 2:
+        row += turn
+        if len(row) >= seq_len + 1:
+            rows.append(row[: seq_len + 1])
+            row = []
+    return np.array(rows, dtype=np.int32)
+
+
 def run(out: Path, minutes: float, batch: int, lr: float, seed: int, seq_len: int) -> dict:
     from train_demo import build_data, load_tokenizer
 
     tok, _ = load_tokenizer()
-    rows, _, _, _ = build_data(tok, seq_len, seed)
+    _, chats, _, _ = build_data(tok, seq_len, seed)
+    rows = chat_rows(chats, seq_len, seed)
     target, _ = mlx_v4.load(out)
     target.freeze()
     if getattr(target, "mtp", None):
