@@ -43,6 +43,10 @@ EVAL_QUESTIONS = ["What is the assert statement?", "Explain the for statement.",
                   "Tell me about classes.", "What is a list comprehension?", "How are exceptions raised?"]
 
 
+#: Share of the time budget spent running the target over the data (the rest trains).
+TEACHER_SHARE = 0.5
+
+
 def init_block(args: ModelArgs, seed: int) -> MTPBlock:
     """Small healthy initial weights; e_proj/h_proj near identity-like scale, routing bias frozen."""
     block = MTPBlock(args)
@@ -92,7 +96,7 @@ def teacher_batches(target, rows: np.ndarray, seconds: float, batch: int, rng) -
 
 
 def train_block(target, rows: np.ndarray, minutes: float, batch: int, lr: float, seed: int) -> MTPBlock:
-    """About 40% of the budget runs the target (teacher_batches); the rest trains the block for
+    """TEACHER_SHARE of the budget runs the target (teacher_batches); the rest trains the block for
     as many epochs over them as fit. Loss: cross-entropy to the target's greedy prediction over
     the ids it predicts, plus the full-vocabulary cross-entropy at 32 positions per step (so no
     other id wins the block's argmax)."""
@@ -100,7 +104,7 @@ def train_block(target, rows: np.ndarray, minutes: float, batch: int, lr: float,
 
     patch_selections_for_training()
     rng = np.random.default_rng(seed)
-    data = teacher_batches(target, rows, 0.4 * minutes * 60, batch, rng)
+    data = teacher_batches(target, rows, TEACHER_SHARE * minutes * 60, batch, rng)
     args = ModelArgs.from_dict(target.args.to_dict(), {"fake_quant": False})
     block = init_block(args, seed)
     head = dense_head(target)
@@ -119,7 +123,7 @@ def train_block(target, rows: np.ndarray, minutes: float, batch: int, lr: float,
     step_fn = nn.value_and_grad(block, loss_fn)
     opt = optim.AdamW(learning_rate=lr, betas=(0.9, 0.95), weight_decay=0.01)
     t0, step, ema = time.time(), 0, None
-    budget = 0.6 * minutes * 60
+    budget = (1 - TEACHER_SHARE) * minutes * 60
     while time.time() - t0 < budget:
         frac = (time.time() - t0) / budget
         opt.learning_rate = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
