@@ -78,7 +78,9 @@ def child(spec: dict) -> dict:
         MTPDrafter.draft = draft
     run(prompt, None if spec["draft"] is None else "mtp")  # warm-up (compiles, page-ins)
     ids, stats, seconds = run(prompt, None if spec["draft"] is None else "mtp")
-    return dict(ids=ids, tokens=len(ids), tps=stats.generation_tps, seconds=seconds,
+    # decode seconds (after the first token), as Stats.generation_tps counts them
+    decode = (len(ids) - 1) / stats.generation_tps if stats.generation_tps else seconds
+    return dict(ids=ids, tokens=len(ids), tps=stats.generation_tps, seconds=decode,
                 forwards=stats.target_forwards if spec["draft"] else max(len(ids) - 1, 0),
                 draft_tokens=stats.draft_tokens, accepted=stats.accepted_tokens)
 
@@ -107,7 +109,8 @@ def compare(label: str, model: str, prompts: list, tokens: int, k: int, draft: s
         tot["drafted"] += drafted["draft_tokens"]
         tot["accepted"] += drafted["accepted"]
     n = max(tot["tokens"], 1)
-    row = (f"| {label} | {k} | {tot['tokens']} | {tot['tokens'] / tot['plain_s']:.1f} | {tot['tokens'] / tot['draft_s']:.1f} "
+    decoded = tot["tokens"] - len(prompts)  # decode steps after each first token
+    row = (f"| {label} | {k} | {tot['tokens']} | {decoded / tot['plain_s']:.2f} | {decoded / tot['draft_s']:.2f} "
            f"| {tot['plain_s'] / tot['draft_s']:.2f}x | {tot['forwards_plain'] / n:.2f} | {tot['forwards_draft'] / n:.2f} "
            f"| {tot['accepted'] / max(tot['drafted'], 1):.2f} | {'yes' if tot['same'] else 'NO'} |")
     print(row, flush=True)
