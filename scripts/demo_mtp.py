@@ -209,7 +209,8 @@ def write_readme_section(out: Path, r: dict) -> None:
 `mtp.0.*` is the V4 multi-token-prediction block (window-only attention, its own scored MoE,
 `e_proj`/`h_proj`, its own `hc_head`; embed and head shared), trained by `scripts/demo_mtp.py`
 (also the last stage of `scripts/train_demo.py`) on the frozen model above for {r['minutes']:.0f} min
-({r['steps']} steps): it learns the model's own greedy prediction of the token after next. Saved like the
+({r['steps']} steps; `python scripts/demo_mtp.py --minutes {r['minutes']:.0f} --seed {r.get('seed', 0)}`, CPU shared with
+other jobs, so the step count varies): it learns the model's own greedy prediction of the token after next. Saved like the
 rest (experts 4-bit, other large matrices 8-bit). `mlx-v4 chat` drafts with it by default.
 
 Greedy speculative decoding on {len(EVAL_QUESTIONS)} chat prompts (60 tokens each, one draft per step):
@@ -250,7 +251,7 @@ def run(out: Path, minutes: float, batch: int, lr: float, seed: int, seq_len: in
     steps = block.steps
     save_block(block, out)
     result = measure_acceptance(out)
-    result.update(steps=steps, minutes=minutes)
+    result.update(steps=steps, minutes=minutes, seed=seed)
     write_readme_section(out, result)
     print(f"mtp acceptance on {len(EVAL_QUESTIONS)} chat prompts (greedy, k=1): {result['acceptance']:.2f}, "
           f"{result['mean_accepted']:.2f} tokens per target forward; output equals plain decoding: {result['same']}",

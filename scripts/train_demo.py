@@ -375,7 +375,7 @@ def main():
     ap.add_argument("--head-bits", type=int, default=VOCAB_Q["bits"])
     ap.add_argument("--skip-training", action="store_true", help="only quantize/save/check --trained")
     ap.add_argument("--init", type=Path, help="continue training from these float32 weights")
-    ap.add_argument("--mtp-minutes", type=float, default=16.0,
+    ap.add_argument("--mtp-minutes", type=float, default=14.0,
                     help="then train the MTP drafter on the saved model for this long (0: skip)")
     ap.add_argument("--mtp-only", action="store_true", help="only the MTP stage, on the model already in --out")
     a = ap.parse_args()
