@@ -6,6 +6,7 @@ only collects JSON), plain and drafted runs of the same prompt back to back.
     python benchmarks/speculative.py bench    # the bench config (hidden 1024, vocab 32000), random
                                               # weights: random drafts, and drafts forced right
     python benchmarks/speculative.py projection   # V4-Flash on a Mac: arithmetic, not a measurement
+    python benchmarks/speculative.py parts        # one step of each part on the demo, in one process
 
 Greedy throughout; each drafted run also checks that its tokens equal the plain run's.
 """
@@ -156,13 +157,57 @@ def projection(bandwidth_gbs: float = 819.0) -> None:
     print(f"break-even acceptance: {(verify2 + mtp) / plain - 1:.2f}")
 
 
+def parts(model_dir: str, context: int = 100, n: int = 20) -> None:
+    """Milliseconds of one target step (1 and 2 positions; layers and head apart) and one MTP
+    step on ``model_dir``, each averaged over ``n`` runs after a warm-up, in this process."""
+    import mlx.core as mx
+
+    import mlx_v4
+    from mlx_v4.cache import accept, speculate
+
+    model, _ = mlx_v4.load(model_dir)
+    cache = model.make_cache()
+    model(mx.array([list(range(1000, 1000 + context))]), cache)
+    mx.eval([c.state for c in cache])
+
+    def timed(f):
+        f()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()
+        return (time.perf_counter() - t0) / n * 1000
+
+    def target(ids, fn):
+        def run():
+            speculate(cache)  # fed, measured, then dropped: every run sees the same cache
+            mx.eval(fn(mx.array([ids]), cache))
+            accept(cache, context)
+        return run
+
+    h = model.streams(mx.array([[5]]), model.make_cache())
+    block = model.mtp[0]
+
+    def mtp():
+        c = block.make_cache()
+        c.offset = context
+        mx.eval(block.logits(block(h, mx.array([[7]]), c, model.embed), model.head))
+
+    print("| one decode step, CPU | ms |\n|---|---:|")
+    for name, f in [("target, 1 position (plain decode)", target([5], model)),
+                    ("target, 2 positions (verifying one draft)", target([5, 6], model)),
+                    ("target layers only, 1 position", target([5], model.streams)),
+                    ("the head, 1 position", lambda: mx.eval(model.logits(h))),
+                    ("one MTP step (its layer and the shared head)", mtp)]:
+        print(f"| {name} | {timed(f):.1f} |")
+
+
 HEADER = ("| text | k | tokens | plain tok/s | drafted tok/s | speed-up | forwards/token plain | forwards/token drafted "
           "| acceptance | same output |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", nargs="?", choices=["demo", "bench", "projection"], default="demo")
+    ap.add_argument("which", nargs="?", choices=["demo", "bench", "projection", "parts"], default="demo")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--k", type=int, nargs="+", default=[1])
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -172,6 +217,8 @@ def main():
         return
     if a.which == "projection":
         return projection()
+    if a.which == "parts":
+        return parts(str(ROOT / "mlx_v4" / "demo"))
     print(HEADER, flush=True)
     if a.which == "demo":
         demo = str(ROOT / "mlx_v4" / "demo")
