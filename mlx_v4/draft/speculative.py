@@ -104,7 +104,7 @@ class MTPDrafter:
         self.model, self.block, self.tokens = model, model.mtp[0], tokens
         self.cache = self.block.make_cache()
         self._out: mx.array | None = None  # block streams at the last fed position [1, 1, hc, D]
-        self._logits: mx.array | None = None  # its logits [V]
+        self.logits: mx.array | None = None  # its logits [V]: the next draft is their argmax
 
     #: Positions of history the block can see (window-only attention).
     @property
@@ -122,12 +122,12 @@ class MTPDrafter:
         ids = mx.array([next_ids], dtype=mx.int32)
         out = self.block(streams, ids, self.cache, self.model.embed)
         self._out = out[:, -1:]
-        self._logits = self.block.logits(self._out, self.model.head)[0, 0]
+        self.logits = self.block.logits(self._out, self.model.head)[0, 0]
 
     def draft(self, n: int) -> list[int]:
         """Up to ``n`` guesses for the positions after the pending token: the block's argmax,
         chained on its own streams (those cache entries are dropped by the next observe)."""
-        first = int(mx.argmax(self._logits).item())
+        first = int(mx.argmax(self.logits).item())
         out = [first]
         if n > 1:
             self.cache.speculate()
@@ -226,7 +226,7 @@ class Speculator:
         def start(token: int) -> None:
             nxt = (list(prompt) + [token])[-n:]
             self.drafter.observe(tail, nxt, end - n)
-            mx.eval(self.drafter._logits)
+            mx.eval(self.drafter.logits)
 
         return logits, start
 
@@ -258,7 +258,7 @@ class Speculator:
         if not more:
             return None
         self.drafter.observe(streams[:, :keep], (emitted[1:] + [nxt])[:keep], start)
-        mx.eval(self.drafter._logits, [c.state for c in self.cache])
+        mx.eval(self.drafter.logits, [c.state for c in self.cache])
         return nxt
 
     def abandon(self) -> None:
