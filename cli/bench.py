@@ -2,7 +2,9 @@
 
 Random token ids (the speed of a forward pass does not depend on the text) through
 mlx_v4.generation.stream_generate into a fresh cache; its Stats give each row, rendered by
-ui.bench_table.
+ui.bench_table. With a drafter (--draft, default auto), a second table compares plain and
+speculative decoding on a few chat prompts (drafts are only accepted on text the model
+predicts, not on random ids): tok/s side by side, acceptance rate, tokens per target forward.
 """
 
 from __future__ import annotations
@@ -11,7 +13,20 @@ from typing import Annotated
 
 import typer
 
-from .common import EXPERT_BUDGET_HELP, MODEL_HELP, UserError, load_model, user_errors
+from .common import (
+    DRAFT_HELP,
+    DRAFT_TOKENS_HELP,
+    EXPERT_BUDGET_HELP,
+    MODEL_HELP,
+    UserError,
+    draft_kwargs,
+    load_model,
+    user_errors,
+)
+
+#: Chat prompts for the drafting table (the bundled demo knows Python's reference manual).
+DRAFT_PROMPTS = ["What is the assert statement?", "Explain the for statement.", "What are lambdas?",
+                 "How do I use the with statement?"]
 
 
 def parse_contexts(text: str) -> list[int]:
@@ -25,7 +40,8 @@ def parse_contexts(text: str) -> list[int]:
     return out
 
 
-def measure(model, tokenizer, context: int, gen: int, seed: int = 0) -> dict:
+def measure(model, tokenizer, context: int, gen: int, seed: int = 0, draft: str | None = None,
+            draft_tokens: int = 1) -> dict:
     """One row: stream_generate over ``context`` random ids, greedy, EOS masked so every row
     decodes the same number of tokens."""
     import mlx.core as mx
@@ -42,12 +58,42 @@ def measure(model, tokenizer, context: int, gen: int, seed: int = 0) -> dict:
     mx.reset_peak_memory()
     stats = None
     for ev in stream_generate(model, tokenizer, ids, max_tokens=max(gen, 1), temperature=0.0,
-                              logits_processors=[no_eos]):
+                              logits_processors=[no_eos], draft=draft, draft_tokens=draft_tokens):
         if type(ev).__name__ == "Stats":
             stats = ev
     return dict(context=context, prefill_tps=stats.prompt_tps, decode_tps=stats.generation_tps,
                 generated=stats.generation_tokens, cache_bytes=stats.cache_bytes,
-                peak_memory_bytes=stats.peak_memory_bytes)
+                peak_memory_bytes=stats.peak_memory_bytes, draft_tokens=stats.draft_tokens,
+                accepted_tokens=stats.accepted_tokens, target_forwards=stats.target_forwards)
+
+
+def measure_drafting(model, tokenizer, gen: int, draft: str, draft_tokens: int, prompts=DRAFT_PROMPTS) -> list[dict]:
+    """Plain then speculative greedy decoding of each chat prompt (``gen`` tokens at most, both
+    runs in this process, back to back): tok/s of each, acceptance, and whether the two outputs
+    are the same tokens."""
+    from mlx_v4.chat import ChatSession
+    from mlx_v4.generation import Stats, Token
+
+    rows = []
+    for prompt in prompts:
+        row = dict(prompt=prompt)
+        outs = []
+        for name, d in (("plain", None), ("draft", draft)):
+            session = ChatSession(model, tokenizer, thinking=False)
+            ids, stats = [], None
+            for ev in session.send(prompt, max_tokens=gen, temperature=0.0, draft=d, draft_tokens=draft_tokens):
+                if isinstance(ev, Token):
+                    ids.append(ev.id)
+                elif isinstance(ev, Stats):
+                    stats = ev
+            # decode time (after the first token), as Stats.generation_tps counts it
+            row[f"{name}_seconds"] = (len(ids) - 1) / stats.generation_tps if stats.generation_tps else 0.0
+            row[f"{name}_tps"] = stats.generation_tps
+            outs.append(ids)
+        row.update(tokens=len(outs[1]), same=outs[0] == outs[1], draft_tokens=stats.draft_tokens,
+                   accepted_tokens=stats.accepted_tokens, target_forwards=stats.target_forwards)
+        rows.append(row)
+    return rows
 
 
 @user_errors
@@ -56,10 +102,13 @@ def bench(
     contexts: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "256,1024",
     gen: Annotated[int, typer.Option(help="Tokens to decode after each prefill.")] = 32,
     expert_budget: Annotated[str | None, typer.Option("--expert-budget", help=EXPERT_BUDGET_HELP)] = None,
+    draft: Annotated[str, typer.Option(help=DRAFT_HELP)] = "auto",
+    draft_tokens: Annotated[int, typer.Option(help=DRAFT_TOKENS_HELP)] = 1,
 ):
     from .ui import UI
 
     lengths = parse_contexts(contexts)
+    drafting = draft_kwargs(draft, draft_tokens)
     if gen < 1:
         raise UserError("--gen must be >= 1", "e.g. --gen 32")
     ui = UI()
@@ -68,11 +117,22 @@ def bench(
     if max(lengths) + gen > limit:
         raise UserError(f"context {max(lengths)} + {gen} generated is past this model's maximum {limit}",
                         "choose smaller --contexts")
+    from mlx_v4.draft.speculative import make_drafter
+
+    if drafting["draft"] is not None and make_drafter(m, drafting["draft"], draft_tokens, custom_sampler=False) is None:
+        drafting["draft"] = None  # auto, and this checkpoint has no drafter
     rows = []
     for n in lengths:
         with ui.status(f"context {n:,}"):
-            rows.append(measure(m, tok, n, gen))
+            rows.append(measure(m, tok, n, gen, **drafting))
     ui.bench_table(path, rows)
     store = getattr(m, "expert_store", None)
     if store is not None:
         ui.expert_stats(store.stats(), tokens=sum(r["context"] + r["generated"] for r in rows))
+    if drafting["draft"] is not None and tok.vocab_size > m.args.vocab_size:
+        ui.notice(f"no drafting table: the tokenizer's {tok.vocab_size} ids do not fit this model's "
+                  f"vocabulary of {m.args.vocab_size} (a test model?)")
+    elif drafting["draft"] is not None:
+        with ui.status("drafting on chat prompts"):
+            chat_rows = measure_drafting(m, tok, max(gen, 64), drafting["draft"], draft_tokens)
+        ui.draft_table(path, chat_rows, draft_tokens)

@@ -9,10 +9,13 @@ from typing import Annotated
 import typer
 
 from .common import (
+    DRAFT_HELP,
+    DRAFT_TOKENS_HELP,
     EXPERT_BUDGET_HELP,
     MODEL_HELP,
     UserError,
     consume,
+    draft_kwargs,
     generation_kwargs,
     is_demo,
     load_model,
@@ -252,6 +255,8 @@ def chat(
     top_k: Annotated[int | None, typer.Option(help="Keep only the k most likely tokens (0 = all).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 2048,
     seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
+    draft: Annotated[str, typer.Option(help=DRAFT_HELP)] = "auto",
+    draft_tokens: Annotated[int, typer.Option(help=DRAFT_TOKENS_HELP)] = 1,
     resume: Annotated[str | None, typer.Option(help="Resume the session saved with /save NAME.")] = None,
     expert_budget: Annotated[str | None, typer.Option("--expert-budget", help=EXPERT_BUDGET_HELP)] = None,
     parallel: ParallelOpt = "pipeline",
@@ -266,6 +271,7 @@ def chat(
     gen = generation_kwargs(max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, top_k=top_k, seed=seed)
     group = group_if_launched(parallel, layers, dist_timeout)
     no_distributed_budget(group, expert_budget)
+    gen |= draft_kwargs(draft, draft_tokens, distributed=group is not None)
     if group is not None and resume:
         raise UserError("--resume is not available in a distributed chat", "run the chat on one machine")
     saved = session_path(resume) if resume else None

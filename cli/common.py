@@ -30,7 +30,26 @@ _FIXES = {
     "LocalEntryNotFoundError": "the files are not in the Hugging Face cache and the network is unreachable",
     "ExpertBudgetError": "pass a larger --expert-budget (e.g. 32GB), or 'auto'",
     "ExpertReadError": "the model files changed while in use; put them back (or re-download) and retry",
+    "DraftError": "use --draft auto (the checkpoint's drafter when it can run) or --draft none",
 }
+
+DRAFT_HELP = ("Speculative decoding drafter: auto (the checkpoint's MTP block when it has one), mtp, or none. "
+              "Greedy output is unchanged; sampled output keeps its distribution.")
+DRAFT_TOKENS_HELP = "Draft tokens verified per target forward (more chains the MTP block on its own guesses)."
+
+
+def draft_kwargs(draft: str, draft_tokens: int, distributed: bool = False) -> dict:
+    """--draft / --draft-tokens -> stream_generate's draft=, draft_tokens=."""
+    choice = draft.strip().lower()
+    if choice not in ("auto", "mtp", "dspark", "none", "off"):
+        raise UserError(f"unknown --draft {draft!r}", "use --draft auto, mtp or none")
+    if draft_tokens < 1:
+        raise UserError(f"--draft-tokens must be >= 1, got {draft_tokens}", "pass e.g. --draft-tokens 1")
+    if distributed and choice not in ("auto", "none", "off"):
+        raise UserError(f"--draft {choice} does not run across several machines (speculative decoding is "
+                        "single-machine for now)", "drop --draft (auto turns it off there) or run on one machine")
+    off = choice in ("none", "off") or distributed
+    return dict(draft=None if off else choice, draft_tokens=draft_tokens)
 
 
 class UserError(Exception):

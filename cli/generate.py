@@ -8,10 +8,13 @@ from typing import Annotated
 import typer
 
 from .common import (
+    DRAFT_HELP,
+    DRAFT_TOKENS_HELP,
     EXPERT_BUDGET_HELP,
     MODEL_HELP,
     UserError,
     consume,
+    draft_kwargs,
     generation_kwargs,
     load_model,
     no_distributed_budget,
@@ -34,6 +37,8 @@ def generate(
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
     expert_budget: Annotated[str | None, typer.Option("--expert-budget", help=EXPERT_BUDGET_HELP)] = None,
+    draft: Annotated[str, typer.Option(help=DRAFT_HELP)] = "auto",
+    draft_tokens: Annotated[int, typer.Option(help=DRAFT_TOKENS_HELP)] = 1,
     parallel: ParallelOpt = "pipeline",
     layers: LayersOpt = None,
     dist_timeout: TimeoutOpt = 300.0,
@@ -42,13 +47,14 @@ def generate(
 
     group = group_if_launched(parallel, layers, dist_timeout)
     no_distributed_budget(group, expert_budget)
+    drafting = draft_kwargs(draft, draft_tokens, distributed=group is not None)
     if group is not None:
         return _generate_distributed(group, prompt, prompt_file, model, system, think, effort, max_tokens, temp,
                                      top_p, seed, parallel, layers, dist_timeout)
     text = _read_prompt(prompt, prompt_file)
     if effort not in (None, "high", "max"):
         raise UserError(f"unknown effort {effort!r}", "use --effort high or --effort max")
-    gen = generation_kwargs(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
+    gen = generation_kwargs(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed) | drafting
     from .ui import UI
 
     ui = UI()

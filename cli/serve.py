@@ -12,9 +12,11 @@ from typing import Annotated
 import typer
 
 from .common import (
+    DRAFT_TOKENS_HELP,
     EXPERT_BUDGET_HELP,
     MODEL_HELP,
     UserError,
+    draft_kwargs,
     is_demo,
     load_model,
     no_distributed_budget,
@@ -22,6 +24,10 @@ from .common import (
     user_errors,
 )
 from .distributed import LayersOpt, ParallelOpt, TimeoutOpt, peer_errors
+
+SERVE_DRAFT_HELP = ("Speculative decoding: none (default: the batching engine runs every request's next "
+                    "token in one model step), auto or mtp (each request drafts with the checkpoint's MTP "
+                    "block and requests take turns: faster for one client, slower for many).")
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
           "t": 1 << 40, "tb": 1 << 40}
@@ -67,6 +73,8 @@ def serve(
     prefill_chunk: Annotated[int, typer.Option(help="Prompt ids prefilled per engine step, all requests together (bounds how long a step stalls the decoding streams).")] = 512,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     expert_budget: Annotated[str | None, typer.Option("--expert-budget", help=EXPERT_BUDGET_HELP)] = None,
+    draft: Annotated[str, typer.Option(help=SERVE_DRAFT_HELP)] = "none",
+    draft_tokens: Annotated[int, typer.Option(help=DRAFT_TOKENS_HELP)] = 1,
     parallel: ParallelOpt = "pipeline",
     layers: LayersOpt = None,
     dist_timeout: TimeoutOpt = 300.0,
@@ -85,6 +93,7 @@ def serve(
 
     group = group_if_launched(parallel, layers, dist_timeout)
     no_distributed_budget(group, expert_budget)
+    drafting = draft_kwargs(draft, draft_tokens, distributed=group is not None)
     try:
         import uvicorn
 
@@ -114,7 +123,7 @@ def serve(
     config = ServerConfig(model_name=name, api_key=api_key, default_max_tokens=max_tokens,
                           cache_budget_bytes=budget, cache_dir=str(cache_dir) if cache_dir else None,
                           max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                          accept_any_model=any_model, allowed_hosts=hosts)
+                          accept_any_model=any_model, allowed_hosts=hosts, **drafting)
     app = create_app(m, tok, config, engine=engine)
     ui.notice(f"serving {path} as '{name}' on http://{host}:{port}  (OpenAI: /v1/chat/completions, "
               f"/v1/responses; Anthropic: /v1/messages)")

@@ -143,6 +143,14 @@ class UI:
     def interrupted(self) -> None:
         self.err.print(Text("[stopped; the session keeps what was said so far]", style="yellow"))
 
+    @staticmethod
+    def draft_summary(stats) -> str | None:
+        """'drafts 12/20 accepted (0.60), 1.60 tok/forward' or None without drafts."""
+        if not getattr(stats, "draft_tokens", 0):
+            return None
+        return (f"drafts {stats.accepted_tokens}/{stats.draft_tokens} accepted ({stats.acceptance_rate:.2f}), "
+                f"{stats.mean_accepted:.2f} tok/forward")
+
     def stats_line(self, stats) -> None:
         """prompt tok/s, generation tok/s, context used of max, KV cache size, peak memory."""
         if stats is None:
@@ -154,6 +162,8 @@ class UI:
             f"KV cache {human_bytes(stats.cache_bytes)}",
             f"peak mem {human_bytes(stats.peak_memory_bytes)}",
         ]
+        if (drafts := self.draft_summary(stats)) is not None:
+            parts.append(drafts)
         self.err.print(Text(" | ".join(parts), style="dim cyan"), soft_wrap=True)
 
     # ---- chat -------------------------------------------------------------------------------
@@ -213,6 +223,8 @@ class UI:
             table.add_row("last generation", f"{stats.generation_tokens} tok @ {stats.generation_tps:.1f} tok/s")
             table.add_row("KV cache", human_bytes(stats.cache_bytes))
             table.add_row("peak memory", human_bytes(stats.peak_memory_bytes))
+            if (drafts := self.draft_summary(stats)) is not None:
+                table.add_row("last drafting", drafts)
         for kind, n in (breakdown or {}).items():
             table.add_row(f"  cache: {kind}", human_bytes(n))
         if experts is not None:
@@ -324,4 +336,31 @@ class UI:
         for r in rows:
             table.add_row(f"{r['context']:,}", f"{r['prefill_tps']:.1f}", f"{r['decode_tps']:.1f}",
                           str(r["generated"]), human_bytes(r["cache_bytes"]), human_bytes(r["peak_memory_bytes"]))
+        if any(r.get("draft_tokens") for r in rows):
+            table.caption = "decoded with drafts; accepted on these random ids: " + ", ".join(
+                f"{r['accepted_tokens']}/{r['draft_tokens']} (context {r['context']:,})" for r in rows)
         self.out.print(table)
+
+    def draft_table(self, model_name: str, rows: list[dict], draft_tokens: int) -> None:
+        """Plain vs speculative decoding per chat prompt, and the totals."""
+        table = Table(title=f"Speculative decoding (greedy, {draft_tokens} draft token(s) per step): {model_name}")
+        table.add_column("prompt", no_wrap=True, max_width=24, overflow="ellipsis")
+        for col in ("tokens", "plain tok/s", "draft tok/s", "speed-up", "accept", "tok/fwd", "same"):
+            table.add_column(col, justify="right")
+        for r in rows + [_draft_totals(rows)]:
+            table.add_row(r["prompt"], str(r["tokens"]), f"{r['plain_tps']:.1f}", f"{r['draft_tps']:.1f}",
+                          f"{r['draft_tps'] / max(r['plain_tps'], 1e-9):.2f}x",
+                          f"{r['accepted_tokens'] / max(r['draft_tokens'], 1):.2f}",
+                          f"{(r['accepted_tokens'] + r['target_forwards']) / max(r['target_forwards'], 1):.2f}",
+                          "yes" if r["same"] else "NO")
+        self.out.print(table)
+
+
+def _draft_totals(rows: list[dict]) -> dict:
+    total = dict(prompt="all", same=all(r["same"] for r in rows))
+    for k in ("tokens", "plain_seconds", "draft_seconds", "draft_tokens", "accepted_tokens", "target_forwards"):
+        total[k] = sum(r[k] for r in rows)
+    decoded = sum(max(r["tokens"] - 1, 0) for r in rows)  # decode steps after each first token
+    total["plain_tps"] = decoded / max(total["plain_seconds"], 1e-9)
+    total["draft_tps"] = decoded / max(total["draft_seconds"], 1e-9)
+    return total

@@ -14,6 +14,11 @@ packed FP4 e2m1 with one E8M0 byte per 32 (68 bytes for 128 dims). With ``fake_q
 Compressed entries and index keys are append-only, so rewinding only needs the small
 constant state (window + open compressor windows), which :meth:`checkpoint` snapshots by
 reference (MLX arrays are immutable, so a snapshot costs no copy).
+
+Speculative decoding feeds several guessed tokens at once and keeps only a prefix of them:
+:meth:`~WindowCache.speculate` snapshots the state and records what the next chunks add (their
+window rows and projected compressor rows), and :meth:`~WindowCache.accept` keeps any prefix of
+them, rebuilding the window and compressor state at that position exactly, without a forward.
 """
 
 from __future__ import annotations
@@ -90,6 +95,18 @@ class _Snapshot:
     n_index: int
 
 
+@dataclass
+class _Speculation:
+    """What the chunks fed since :meth:`WindowCache.speculate` added, to keep any prefix."""
+    start: _Snapshot
+    window: list[mx.array] | None = None  # window rows of the fed positions [B, n, ...] per part
+    rows: dict[str, tuple[mx.array, mx.array]] | None = None  # compressor name -> (kv, score) rows
+
+
+def _cat(old: mx.array | None, new: mx.array) -> mx.array:
+    return new if old is None else mx.concatenate([old, new], axis=1)
+
+
 def _state_nbytes(state: CompressorState | None) -> int:
     return 0 if state is None else sum(a.nbytes for a in state.arrays())
 
@@ -104,6 +121,7 @@ class WindowCache:
         self.offset = 0
         self.window_parts: list[mx.array] = []  # [B, <= window-1, ...] per part
         self.checkpoints: dict[int, _Snapshot] = {}
+        self._spec: _Speculation | None = None
 
     # ---- views for attention -------------------------------------------------------------
     def _decode_entries(self, parts: list[mx.array], dtype) -> mx.array:
@@ -115,6 +133,9 @@ class WindowCache:
 
     def push_window(self, parts: tuple[mx.array, ...]) -> None:
         """Append this chunk's entries and keep the last window - 1 (all a later query needs)."""
+        if self._spec is not None:
+            w = self._spec.window
+            self._spec.window = list(parts) if w is None else [_cat(o, p) for o, p in zip(w, parts)]
         keep = self.window - 1
         if self.window_parts:
             parts = [mx.concatenate([old, new], axis=1) for old, new in zip(self.window_parts, parts)]
@@ -135,6 +156,57 @@ class WindowCache:
 
     def restore(self, snap: _Snapshot) -> None:
         self._restore(snap)
+
+    # ---- speculation: feed guesses, keep a prefix ------------------------------------------
+    @property
+    def speculating(self) -> bool:
+        return self._spec is not None
+
+    def speculate(self) -> int:
+        """Start recording: the positions fed from here on can be dropped by :meth:`accept`."""
+        if self._spec is not None:
+            raise RuntimeError("speculate() called twice without accept()")
+        self._spec = _Speculation(self.snapshot())
+        return self.offset
+
+    def abandon(self) -> None:
+        """Drop everything fed since :meth:`speculate` (no-op when not speculating)."""
+        if self._spec is not None:
+            self.accept(self._spec.start.offset)
+
+    def record_rows(self, name: str, state: CompressorState) -> None:
+        """Called by attention after a compressor ran on a recorded chunk (``name`` is the
+        attribute holding that compressor's state)."""
+        if self._spec is None or state.rows is None:
+            return
+        rows = self._spec.rows = self._spec.rows or {}
+        old = rows.get(name)
+        kv, score = state.rows
+        rows[name] = (kv, score) if old is None else (_cat(old[0], kv), _cat(old[1], score))
+        state.rows = None
+
+    def accept(self, offset: int) -> None:
+        """Stop recording and keep the fed positions before ``offset`` (between the position
+        where :meth:`speculate` was called and the current one): afterwards the cache equals one
+        that was only ever fed those positions."""
+        spec, self._spec = self._spec, None
+        if spec is None:
+            raise RuntimeError("accept() without speculate()")
+        start = spec.start.offset
+        if not start <= offset <= self.offset:
+            raise ValueError(f"cannot keep positions up to {offset}: speculation fed {start}..{self.offset}")
+        if offset == self.offset:
+            return
+        keep = offset - start
+        self._restore(spec.start)
+        if keep and spec.window is not None:
+            self.push_window(tuple(p[:, :keep] for p in spec.window))
+        self._replay(spec, keep)
+        self.offset = offset
+        self.checkpoints = {k: v for k, v in self.checkpoints.items() if k <= offset}
+
+    def _replay(self, spec: _Speculation, keep: int) -> None:
+        """Rebuild the compressor states for ``keep`` recorded positions (none here)."""
 
     def rewind(self, offset: int) -> None:
         if offset == self.offset:
@@ -167,6 +239,7 @@ class HCACache(WindowCache):
     """Window plus compressed entries (ratio 128; base of the ratio-4 cache)."""
 
     kind = "hca"
+    ratio = 128
 
     def __init__(self, window: int, rope_dim: int, packed: bool):
         super().__init__(window, rope_dim, packed)
@@ -194,6 +267,20 @@ class HCACache(WindowCache):
         self.compressor = snap.compressor
         self.entries.truncate(snap.n_entries)
 
+    #: compressor-state attribute -> the store its closed windows append to
+    _COMPRESSORS = {"compressor": "entries"}
+
+    def _replay(self, spec: _Speculation, keep: int) -> None:
+        if not keep or not spec.rows:
+            return
+        for name, store in self._COMPRESSORS.items():
+            kv, score = spec.rows[name]
+            half = kv.shape[-1] // 2 if self.ratio == 4 else None
+            new, closed = getattr(self, name).advance(kv[:, :keep], score[:, :keep], self.ratio, half)
+            setattr(self, name, new)
+            # the kept windows' entries are still in the store's rows, written when they closed
+            getattr(self, store).length += closed
+
     @property
     def state(self) -> list[mx.array]:
         return super().state + self.entries.view() + self.compressor.arrays()
@@ -211,6 +298,8 @@ class CSACache(HCACache):
     """Window, compressed entries, and the lightning indexer's keys (ratio 4)."""
 
     kind = "csa"
+    ratio = 4
+    _COMPRESSORS = {"compressor": "entries", "index_compressor": "index_keys"}
 
     def __init__(self, window: int, rope_dim: int, packed: bool):
         super().__init__(window, rope_dim, packed)
@@ -285,6 +374,19 @@ def checkpoint(cache: list[WindowCache]) -> int:
 def rewind(cache: list[WindowCache], offset: int) -> None:
     for c in cache:
         c.rewind(offset)
+
+
+def speculate(cache: list[WindowCache]) -> int:
+    """Every layer starts recording (see :meth:`WindowCache.speculate`); returns the offset."""
+    for c in cache:
+        c.speculate()
+    return cache_offset(cache)
+
+
+def accept(cache: list[WindowCache], offset: int) -> None:
+    """Every layer keeps the recorded positions before ``offset`` and stops recording."""
+    for c in cache:
+        c.accept(offset)
 
 
 def cache_nbytes(cache: list[WindowCache]) -> int:

@@ -436,6 +436,9 @@ class DistributedModel:
     (a :class:`PipelineStage` or a tensor-sharded :class:`~mlx_v4.model.Model`). Each call
     arms the watchdog; call :meth:`idle` when a generation is over."""
 
+    #: Speculative decoding (mlx_v4.draft) runs on one machine only; generation checks this.
+    distributed = True
+
     def __init__(self, inner, group, split: Split, watchdog: Watchdog | None = None,
                  traffic: Traffic | None = None):
         self.inner, self.group, self.split = inner, group, split

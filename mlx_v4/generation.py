@@ -25,6 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .cache import cache_nbytes, cache_offset, checkpoint
+from .draft.speculative import Sampling, Speculator, make_drafter
 
 #: V4's generation_config.json (temperature 1.0, top_p 1.0), used when a model has none.
 V4_GENERATION_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}
@@ -77,6 +78,18 @@ class Stats:
     context_tokens: int  # positions in the cache at the end
     max_context: int
     cache_bytes: int
+    draft_tokens: int = 0  # draft tokens verified (speculative decoding)
+    accepted_tokens: int = 0  # of those, accepted
+    target_forwards: int = 0  # target forwards in the decode phase (0 without drafts)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens emitted per verifying forward (accepted drafts + the target's own token)."""
+        return (self.accepted_tokens + self.target_forwards) / self.target_forwards if self.target_forwards else 0.0
 
 
 @dataclass
@@ -115,18 +128,23 @@ def load_generation_defaults(model_dir: str | Path | None) -> dict:
     return out
 
 
-def build_sampler(model=None, *, temperature=None, top_p=None, min_p=None, top_k=None) -> Callable:
-    """An mlx-lm sampler; unset values come from ``model.generation_defaults`` (a dict, set by
+def sampling_settings(model=None, *, temperature=None, top_p=None, min_p=None, top_k=None) -> Sampling:
+    """Resolved settings; unset values come from ``model.generation_defaults`` (a dict, set by
     the loader from generation_config.json) or V4's defaults."""
-    from mlx_lm.sample_utils import make_sampler
-
     d = dict(getattr(model, "generation_defaults", None) or V4_GENERATION_DEFAULTS)
     temp = d.get("temperature", 1.0) if temperature is None else temperature
     top_p = d.get("top_p", 1.0) if top_p is None else top_p
     min_p = d.get("min_p", 0.0) if min_p is None else min_p
     top_k = d.get("top_k", 0) if top_k is None else top_k
-    return make_sampler(temp=float(temp), top_p=float(top_p) if top_p < 1.0 else 0.0,
-                        min_p=float(min_p), top_k=int(top_k or 0))
+    return Sampling(float(temp), float(top_p), float(min_p), int(top_k or 0))
+
+
+def build_sampler(model=None, *, temperature=None, top_p=None, min_p=None, top_k=None) -> Callable:
+    """An mlx-lm sampler for :func:`sampling_settings`."""
+    from mlx_lm.sample_utils import make_sampler
+
+    s = sampling_settings(model, temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+    return make_sampler(temp=s.temperature, top_p=s.top_p if s.top_p < 1.0 else 0.0, min_p=s.min_p, top_k=s.top_k)
 
 
 # ---- Ctrl-C deferral ---------------------------------------------------------------------------
@@ -257,7 +275,8 @@ def stream_generate(model, tokenizer, prompt: str | list[int], *, cache=None, ma
                     top_p: float | None = None, min_p: float | None = None, top_k: int | None = None,
                     seed: int | None = None, logits_processors: list[Callable] | None = None,
                     stop: str | list[str] | None = None, prefill_step_size: int = 512,
-                    thinking: bool | None = None, eos_token_ids=None, checkpoints=()) -> Iterator[Event]:
+                    thinking: bool | None = None, eos_token_ids=None, checkpoints=(),
+                    draft: str | None = None, draft_tokens: int = 1) -> Iterator[Event]:
     """Generate from ``prompt`` (text, encoded without BOS, or ids), continuing ``cache``.
 
     ``thinking``: whether the output starts in reasoning (ends at ``</think>``); None decides
@@ -265,6 +284,11 @@ def stream_generate(model, tokenizer, prompt: str | list[int], *, cache=None, ma
     (excluded from the text). Raises :class:`ContextLengthError` before any work when the
     cache + prompt + ``max_tokens`` exceed ``max_position_embeddings``. ``checkpoints``:
     positions within the prompt (0..len) at which the cache takes a checkpoint to rewind to.
+
+    ``draft``: speculative decoding with the checkpoint's drafter ("mtp"; "auto" uses it when
+    the checkpoint has one and the settings allow it; None: plain decoding). ``draft_tokens``:
+    guesses verified per target forward. Greedy output is the plain output token for token;
+    sampled output follows the same distribution (see mlx_v4/draft/speculative.py).
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     if not ids:
@@ -276,6 +300,9 @@ def stream_generate(model, tokenizer, prompt: str | list[int], *, cache=None, ma
     check_context(model, start, len(ids), max_tokens)
     if seed is not None:
         mx.random.seed(seed)
+    drafter = make_drafter(model, draft, draft_tokens, custom_sampler=sampler is not None,
+                           distributed=getattr(type(model), "distributed", False))
+    settings = sampling_settings(model, temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
     sampler = sampler or build_sampler(model, temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
     eos = set(getattr(tokenizer, "eos_token_ids", {tokenizer.eos_id})) | {int(model.args.eos_token_id)}
     eos |= set(eos_token_ids or ())
@@ -287,24 +314,40 @@ def stream_generate(model, tokenizer, prompt: str | list[int], *, cache=None, ma
     generated: list[int] = []
     guard = _DeferInterrupt()
 
-    def step(token: mx.array) -> mx.array:
-        logits = model(token.reshape(1, -1), cache=cache)[:, -1, :]
+    def process(logits: mx.array, before: list[int] = ()) -> mx.array:
+        """The logits processors, seeing the prompt and the tokens generated before this row."""
         if logits_processors:
-            hist = mx.concatenate([history, mx.array(generated, dtype=mx.int32)]) if generated else history
+            done = generated + list(before)
+            hist = mx.concatenate([history, mx.array(done, dtype=mx.int32)]) if done else history
             for proc in logits_processors:
                 logits = proc(hist, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs).reshape(-1)
+        return logits
+
+    def sample(logits: mx.array) -> mx.array:
+        logits = process(logits)
+        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).reshape(-1)
+
+    def step(token: mx.array) -> mx.array:
+        return sample(model(token.reshape(1, -1), cache=cache)[:, -1, :])
+
+    spec = None
+    if drafter is not None:
+        rows_processed = (lambda rows, fed: mx.concatenate([process(rows[i:i + 1], fed[:i]) for i in range(len(fed))])
+                          ) if logits_processors else None
+        spec = Speculator(model, cache, drafter, settings, rows_processed)
 
     def finish(reason: str, prompt_fed: int) -> Iterator[Event]:
         _eval_cache(cache)
         t_end = time.perf_counter()
         n = len(generated)
         gen_time = max(t_end - t_first, 1e-9) if t_first is not None else 0.0
+        counts = spec.counts if spec is not None else None
         yield Stats(prompt_tokens=prompt_fed, prompt_tps=prompt_fed / max(t_prefill, 1e-9),
                     generation_tokens=n, generation_tps=(n - 1) / gen_time if n > 1 else 0.0,
                     peak_memory_bytes=int(mx.get_peak_memory()), context_tokens=cache_offset(cache),
-                    max_context=int(model.args.max_position_embeddings), cache_bytes=int(cache_nbytes(cache)))
+                    max_context=int(model.args.max_position_embeddings), cache_bytes=int(cache_nbytes(cache)),
+                    draft_tokens=counts.drafted if counts else 0, accepted_tokens=counts.accepted if counts else 0,
+                    target_forwards=counts.steps if counts else 0)
         yield Finish(reason, prompt_tokens=prompt_fed, generation_tokens=n, cache_offset=cache_offset(cache),
                      generated=list(generated), stop_string=router.matched)
 
@@ -314,15 +357,24 @@ def stream_generate(model, tokenizer, prompt: str | list[int], *, cache=None, ma
     # -- prefill all but the last prompt token, then the last one gives the first logits
     try:
         with guard:
-            fed = prefill(model, ids[:-1], cache, step_size=prefill_step_size, guard=guard,
-                          checkpoints=[p for p in checkpoints if p < len(ids)])
+            marks = [p for p in checkpoints if p < len(ids)]
+            if spec is None:
+                fed = prefill(model, ids[:-1], cache, step_size=prefill_step_size, guard=guard, checkpoints=marks)
+            else:
+                fed, tail = spec.prefill(ids[:-1], step_size=prefill_step_size, guard=guard, checkpoints=marks)
             y = None
             if not guard.hit:
-                y = step(mx.array(ids[-1:], dtype=mx.int32))
+                if spec is None:
+                    y = step(mx.array(ids[-1:], dtype=mx.int32))
+                else:
+                    logits, prime = spec.first(ids[-1], tail, ids)
+                    y = sample(logits[None, -1])
                 mx.eval(y, [c.state for c in cache])  # the first token ends the prefill timing
                 fed += 1
                 if len(ids) in checkpoints:
                     checkpoint(cache)
+                if spec is not None and max_tokens > 1:
+                    prime(int(y.item()))
     except KeyboardInterrupt:
         guard.hit, y = True, None
         fed = cache_offset(cache) - start
@@ -331,6 +383,35 @@ def stream_generate(model, tokenizer, prompt: str | list[int], *, cache=None, ma
         yield from finish("interrupted", fed)
         return
     t_first = time.perf_counter()
+
+    def emit(tok: int) -> list[Event]:
+        generated.append(tok)
+        events: list[Event] = []
+        if tok in control:
+            detok.finalize()
+            events += router.push(detok.last_segment)
+            text = tokenizer.decode([tok])
+            if tok == tokenizer.end_think_id and router.reasoning:
+                events += router.end_reasoning()
+        else:
+            detok.add_token(tok)
+            text = detok.last_segment
+            events += router.push(text)
+        return [Token(tok, text)] + events
+
+    def stop_reason(tok: int) -> str | None:
+        if tok in eos or router.matched is not None:
+            return "stop"
+        if guard.hit:
+            return "interrupted"
+        if len(generated) >= max_tokens:
+            return "length"
+        return None
+
+    if spec is not None:
+        yield from _speculative_decode(spec, int(y.item()), max_tokens, generated, guard, emit, stop_reason,
+                                       detok, router, finish, len(ids), cache, start)
+        return
 
     # -- decode, one step ahead: token n+1 is computed while token n is handed out
     reason = None
@@ -349,28 +430,8 @@ def stream_generate(model, tokenizer, prompt: str | list[int], *, cache=None, ma
                 generated.append(int(y.item()))
             reason = "interrupted"
             break
-        generated.append(tok)
-        events: list[Event] = []
-        if tok in control:
-            detok.finalize()
-            events += router.push(detok.last_segment)
-            text = tokenizer.decode([tok])
-            if tok == tokenizer.end_think_id and router.reasoning:
-                events += router.end_reasoning()
-        else:
-            detok.add_token(tok)
-            text = detok.last_segment
-            events += router.push(text)
-        yield Token(tok, text)
-        yield from events
-        if tok in eos:
-            reason = "stop"
-        elif router.matched is not None:
-            reason = "stop"
-        elif guard.hit:
-            reason = "interrupted"
-        elif len(generated) >= max_tokens:
-            reason = "length"
+        yield from emit(tok)
+        reason = stop_reason(tok)
         if reason is not None:
             break
         y = nxt
@@ -378,6 +439,42 @@ def stream_generate(model, tokenizer, prompt: str | list[int], *, cache=None, ma
     yield from router.push(detok.last_segment)
     yield from router.flush()
     yield from finish(reason, len(ids))
+
+
+def _speculative_decode(spec: Speculator, y: int, max_tokens: int, generated: list[int], guard, emit, stop_reason,
+                        detok, router, finish, n_prompt: int, cache, start: int) -> Iterator[Event]:
+    """The decode loop with drafts: each step emits the pending token and the accepted drafts.
+    The cache keeps what plain decoding would hold: every emitted token, except the last one
+    when the run ends on max_tokens."""
+    reason = None
+    while reason is None:
+        room = max_tokens - len(generated)
+        batch = [y]
+        try:
+            with guard:
+                if room > 1:
+                    batch = spec.step(y, room)
+        except KeyboardInterrupt:
+            spec.abandon()
+            reason = "interrupted"
+            break
+        before = len(generated)
+        try:
+            for tok in batch:
+                yield from emit(tok)
+                reason = stop_reason(tok)
+                if reason is not None:
+                    break
+        finally:  # also when the caller closes the generator mid-step: keep what was handed out
+            if room > 1:
+                emitted = len(generated) - before
+                keep = emitted - (1 if reason == "length" else 0)
+                with guard:
+                    y = spec.commit(keep, more=reason is None and emitted == len(batch))
+    detok.finalize()
+    yield from router.push(detok.last_segment)
+    yield from router.flush()
+    yield from finish(reason, n_prompt)
 
 
 def generate(model, tokenizer, prompt: str | list[int], **kwargs) -> str:

@@ -92,6 +92,10 @@ def load_model(path_or_repo, *, model_config: dict | None = None, dtype=None, fp
     if budget is not None:
         store = _expert_store(path, args, weights, quantization, budget, fp8=fp8, dtype=dtype, policy=expert_policy)
     model = Model(args)
+    if any(k.startswith("mtp.") for k in weights):
+        from .draft.mtp import attach_mtp
+
+        attach_mtp(model)  # the release's drafter (mtp.0.*), for speculative decoding
     apply_quantization(model, quantization)
     if store is not None:
         attach(model, store)

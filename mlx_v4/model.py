@@ -65,6 +65,14 @@ class Model(nn.Module):
     def __call__(self, inputs: mx.array, cache=None, last_only: bool = False) -> mx.array:
         """inputs [B, L] token ids -> logits [B, L, vocab] float32 (or [B, 1, vocab] with
         ``last_only``). With ``cache`` the tokens continue what the cache holds."""
+        x = self.streams(inputs, cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.logits(x)
+
+    def streams(self, inputs: mx.array, cache=None) -> mx.array:
+        """inputs [B, L] -> the last layer's hyper-connection streams [B, L, hc_mult, D] (what
+        ``hc_head`` collapses; the MTP drafter reads them too)."""
         if cache is None:
             cache = self.make_cache()
         B, L = inputs.shape
@@ -83,8 +91,10 @@ class Model(nn.Module):
             with StepGuard(cache):
                 for layer, c in zip(self.layers, cache):
                     x = layer(x, inputs, c)
-        if last_only:
-            x = x[:, -1:]
+        return x
+
+    def logits(self, x: mx.array) -> mx.array:
+        """streams [B, L, hc_mult, D] -> logits [B, L, vocab] float32."""
         x = self.norm(self.hc_head(x))
         return self.head(x.astype(mx.float32)).astype(mx.float32)
 

@@ -53,6 +53,7 @@ RENAMES: list[tuple[str, str]] = [
     # official -> ours: only the hyper-connection tensors differ (experts are stacked apart)
     (r"hc_head_(fn|base|scale)", r"hc_head.\1"),
     (r"layers\.(\d+)\.hc_(attn|ffn)_(fn|base|scale)", r"layers.\1.hc_\2.\3"),
+    (r"mtp\.(\d+)\.hc_(attn|ffn|head)_(fn|base|scale)", r"mtp.\1.hc_\2.\3"),
     # transformers as saved on disk by save_pretrained (v5 maps its modules back to official
     # names under "model.", except that attention's kv_norm comes out as "attn.norm")
     (_L + r"hc_(attn|ffn)_(fn|base|scale)", r"layers.\1.hc_\2.\3"),
@@ -94,19 +95,23 @@ RENAMES: list[tuple[str, str]] = [
 _RENAMES = [(re.compile(p + r"(?=\.|$)"), t) for p, t in RENAMES]
 
 # The structural steps: per-expert tensors to stack, the fused gate/up to split.
-_OFFICIAL_EXPERT = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
+_OFFICIAL_EXPERT = re.compile(r"((?:layers|mtp)\.\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
 _HF_GATE_UP = re.compile(_L + r"mlp\.experts\.gate_up_proj(?:\.weight)?")
-_MTP = re.compile(r"(model\.)?mtp\.|(model\.)?layers\.(\d+)\.")
+#: Drafter tensors we do not load: V3-style MTP layers (layers.N, N >= num_hidden_layers) and
+#: any MTP block past the first (V4 has one); all of them when the config asks for none.
+_MTP = re.compile(r"(model\.)?mtp\.(\d+)\.|(model\.)?layers\.(\d+)\.")
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 _Q = r"\.(weight|scales|biases)"
 #: Every name of our parameter tree (after renames); anything else is an unknown tensor.
-OUR_NAMES = re.compile(
-    rf"(embed|head){_Q}|norm\.weight|hc_head\.(fn|base|scale)|layers\.\d+\.("
+_BLOCK = (
     r"hc_(attn|ffn)\.(fn|base|scale)|(attn|ffn)_norm\.weight|attn\.(q_norm|kv_norm)\.weight|attn\.attn_sink"
     rf"|attn\.(wq_a|wq_b|wkv|wo_a|wo_b){_Q}|attn\.indexer\.(wq_b|weights_proj){_Q}"
     rf"|attn\.(indexer\.)?compressor\.((wkv|wgate){_Q}|ape|norm\.weight)"
-    rf"|ffn\.gate\.(weight|bias|tid2eid)|ffn\.(experts|shared_experts)\.w[123]{_Q})")
+    rf"|ffn\.gate\.(weight|bias|tid2eid)|ffn\.(experts|shared_experts)\.w[123]{_Q}")
+OUR_NAMES = re.compile(
+    rf"(embed|head){_Q}|norm\.weight|hc_head\.(fn|base|scale)|layers\.\d+\.({_BLOCK})"
+    rf"|mtp\.0\.({_BLOCK}|(e_proj|h_proj){_Q}|(enorm|hnorm|norm)\.weight|hc_head\.(fn|base|scale))")
 #: Kept float32 whatever the checkpoint or dtype (the official code runs them in fp32).
 _KEEP_F32 = re.compile(r"(^|\.)hc_(head|attn|ffn)\.|\.attn_sink$|\.ape$|\.gate\.bias$|compressor\.(wkv|wgate)\.weight$")
 #: Always dense: wo_a is applied per group (einsum); compressors run in fp32.
@@ -308,11 +313,12 @@ def _plan(infos: dict[str, TensorInfo], args: ModelArgs) -> tuple[dict[str, _Ent
         if name in attached:
             continue
         m = _MTP.match(name)
-        if m and (m.group(3) is None or n_layers <= int(m.group(3)) < n_layers + n_mtp):
+        if m and (int(m.group(2)) >= min(n_mtp, 1) if m.group(2) is not None
+                  else n_layers <= int(m.group(4)) < n_layers + n_mtp):
             skipped.append(name)
             continue
         if m := _OFFICIAL_EXPERT.fullmatch(rename(name)):
-            experts.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = part(name)
+            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = part(name)
             continue
         if m := _HF_GATE_UP.fullmatch(name):
             for half, w in ((0, "w1"), (1, "w3")):
@@ -323,15 +329,15 @@ def _plan(infos: dict[str, TensorInfo], args: ModelArgs) -> tuple[dict[str, _Ent
         if not OUR_NAMES.fullmatch(ours):
             raise WeightsError(f"{info.file}: unknown tensor '{name}'" + (f" (renamed '{ours}')" if ours != name else ""))
         put(ours, _Entry([part(name)] if name.endswith(".weight") else [_Part(info)]), name)
-    for (layer, w), by_index in sorted(experts.items()):
+    for (block, w), by_index in sorted(experts.items()):
         missing = sorted(set(range(args.n_routed_experts)) - set(by_index))
         extra = sorted(set(by_index) - set(range(args.n_routed_experts)))
         first = next(iter(by_index.values())).w
         if missing or extra:
-            raise WeightsError(f"{first.file}: layer {layer} {w}: experts {missing[:8] or extra[:8]} "
+            raise WeightsError(f"{first.file}: {block} {w}: experts {missing[:8] or extra[:8]} "
                                f"{'missing' if missing else 'beyond n_routed_experts'} "
                                f"(config n_routed_experts={args.n_routed_experts})")
-        put(f"layers.{layer}.ffn.experts.{w}.weight", _Entry([by_index[e] for e in sorted(by_index)]), first.name)
+        put(f"{block}.ffn.experts.{w}.weight", _Entry([by_index[e] for e in sorted(by_index)]), first.name)
     return entries, skipped
 
 
@@ -501,7 +507,7 @@ def _build(infos, args, get, *, fp8, fp4, dtype, own) -> tuple[Weights, dict[str
         if quant is not None:
             quantization[ours.rsplit(".", 1)[0]] = dict(quant)
     if skipped:
-        log.info("dropping %d MTP tensors (speculative decoding not implemented)", len(skipped))
+        log.info("dropping %d drafter tensors this mlx-v4 does not run (%s, ...)", len(skipped), skipped[0])
     return out, quantization
 
 

@@ -174,7 +174,7 @@ def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_byte
     src = open_source(source_dir)
     jobs, skipped = plan_jobs(src, rec, override)
     if skipped:
-        log.info("dropping %d MTP tensors (speculative decoding is not implemented)", len(skipped))
+        log.info("dropping %d drafter tensors this mlx-v4 does not run (%s, ...)", len(skipped), skipped[0])
     shards = layout(jobs, max_shard_bytes)
     phash = plan_hash(src, shards, request)
 

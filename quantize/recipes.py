@@ -55,10 +55,11 @@ _CLASSES = [
     (r".*\.ffn\.gate\.tid2eid", "tid2eid"),
     (r".*\.attn\.wo_a\.weight", "attention_wo_a"),
     (r".*\.attn\.(wq_a|wq_b|wkv|wo_b)\.weight", "attention"),
+    (r"mtp\.\d+\.(e_proj|h_proj)\.weight", "attention"),  # the MTP block's input projections
     (r".*\.attn\.indexer\.(wq_b|weights_proj)\.weight", "indexer"),
     (r".*\.ffn\.shared_experts\.w[123]\.weight", "shared_expert"),
     (r".*\.ffn\.experts\.w[123]\.weight", "experts"),
-    (r"(.*\.)?(norm|attn_norm|ffn_norm|q_norm|kv_norm)\.weight", "norm"),
+    (r"(.*\.)?(norm|attn_norm|ffn_norm|q_norm|kv_norm|enorm|hnorm)\.weight", "norm"),
 ]
 _CLASS_RX = [(re.compile(p), c) for p, c in _CLASSES]
 #: Classes the model can run quantized (Linear, Embedding, SwitchLinear modules).

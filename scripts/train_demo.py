@@ -10,6 +10,9 @@ hyper-connections. The vocabulary and tokenizer are the real V4 ones (129280 ids
     python scripts/train_demo.py --minutes 18          # train, save to mlx_v4/demo/
     python scripts/train_demo.py --minutes 1 --out /tmp/demo_check   # quick check
 
+Then the MTP stage (scripts/demo_mtp.py, ``--mtp-minutes``, 0 skips it) trains the drafter
+block ``mtp.0`` on the frozen saved model and adds it to the same files.
+
 Training runs with ``fake_quant`` off (the FP8/FP4 activation rounding is not
 differentiable); the saved model runs with it on, and the script reports the loss of the
 saved (weight-quantized, fake-quant on) model next to the training model's. Saved format:
@@ -372,7 +375,12 @@ def main():
     ap.add_argument("--head-bits", type=int, default=VOCAB_Q["bits"])
     ap.add_argument("--skip-training", action="store_true", help="only quantize/save/check --trained")
     ap.add_argument("--init", type=Path, help="continue training from these float32 weights")
+    ap.add_argument("--mtp-minutes", type=float, default=14.0,
+                    help="then train the MTP drafter on the saved model for this long (0: skip)")
+    ap.add_argument("--mtp-only", action="store_true", help="only the MTP stage, on the model already in --out")
     a = ap.parse_args()
+    if a.mtp_only:
+        return _mtp_stage(a)
 
     tok, tok_dir = load_tokenizer()
     rows, chats, sections, n_tokens = build_data(tok, a.seq_len, a.seed)
@@ -486,6 +494,15 @@ def main():
                              wsize=wsize, embed_bits=a.embed_bits, head_bits=a.head_bits, n_topics=len(sections), n_chats=len(chats)))
     size = sum(p.stat().st_size for p in a.out.iterdir() if p.is_file())
     print(f"\nsaved to {a.out}: model.safetensors {wsize / 1e6:.2f} MB, directory {size / 1e6:.2f} MB", flush=True)
+    if a.mtp_minutes > 0:
+        _mtp_stage(a)
+
+
+def _mtp_stage(a) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from demo_mtp import run
+
+    run(a.out, a.mtp_minutes, 8, 1e-2, a.seed, 128)
 
 
 def write_readme(out: Path, r: dict) -> None:
@@ -501,8 +518,8 @@ for trying the software, not for answers.
 ## Architecture ({r['params'] / 1e6:.1f}M parameters, {r['params'] / 1e6 - 2 * 129280 * c['hidden_size'] / 1e6:.2f}M outside embed/head)
 
 - {c['num_hidden_layers']} layers, hidden size {c['hidden_size']}, `compress_ratios` {c['compress_ratios']}
-  (window-only, CSA with lightning indexer, HCA, CSA; trailing entry for the MTP block, which is not
-  instantiated), sliding window {c['sliding_window']}, max positions {c['max_position_embeddings']}
+  (window-only, CSA with lightning indexer, HCA, CSA; trailing entry for the MTP block, the
+  speculative-decoding drafter, see below), sliding window {c['sliding_window']}, max positions {c['max_position_embeddings']}
 - attention: {c['num_attention_heads']} heads x head_dim {c['head_dim']} (RoPE {c['qk_rope_head_dim']}), one shared KV head,
   q_lora {c['q_lora_rank']}, grouped output ({c['o_groups']} groups, o_lora {c['o_lora_rank']}), attention sinks;
   YaRN on the compressed layers as in the released config

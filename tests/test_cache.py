@@ -6,6 +6,7 @@ import pytest
 
 from mlx_v4.cache import (
     CacheFileError,
+    accept,
     cache_breakdown,
     cache_nbytes,
     cache_offset,
@@ -17,6 +18,7 @@ from mlx_v4.cache import (
     reserve,
     rewind,
     save_cache,
+    speculate,
 )
 from mlx_v4.config import preset
 from mlx_v4.testing.tiny import random_model, tiny_args
@@ -121,6 +123,57 @@ def test_rewind_and_regenerate_is_exact(model):
     np.testing.assert_array_equal(np.array(first), np.array(again))
     with pytest.raises(ValueError, match="cannot rewind to position 150"):
         rewind(cache, 150)
+
+
+def _layer_state(c) -> list[np.ndarray]:
+    """Every array that defines a layer cache's future: window, compressor states, filled rows."""
+    arrays = list(c.window_parts)
+    for name in ("compressor", "index_compressor"):
+        state = getattr(c, name, None)
+        arrays += state.arrays() if state is not None else []
+    for store in ("entries", "index_keys"):
+        if hasattr(c, store) and getattr(c, store).length:  # (an empty store may hold spare rows)
+            arrays += getattr(c, store).view()
+    return [np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a) for a in arrays]
+
+
+@pytest.mark.parametrize("start,fed,keep", [
+    (2, 5, 0), (2, 5, 1), (2, 5, 2), (2, 5, 3), (2, 5, 5),  # across the ratio-4 windows at 4 and 8
+    (125, 6, 1), (125, 6, 2), (125, 6, 3), (125, 6, 4), (125, 6, 6),  # across the 128 window
+    (130, 3, 2),  # two speculations' worth of history, window full
+])
+def test_speculate_accept_keeps_exactly_a_prefix(model, start, fed, keep):
+    """Feeding guesses and keeping a prefix leaves the cache of a run fed only that prefix:
+    window, compressor states (ratio 4, 128 and the indexer's), entries and index keys."""
+    ids = _ids(start + fed + 140, seed=11)
+    spec, ref = make_cache(model.args), make_cache(model.args)
+    model(ids[:, :start], spec)
+    model(ids[:, :start], ref)
+    assert speculate(spec) == start
+    model(ids[:, start:start + fed], spec)
+    accept(spec, start + keep)
+    if keep:
+        model(ids[:, start:start + keep], ref)
+    assert cache_offset(spec) == cache_offset(ref) == start + keep
+    for a, b in zip(spec, ref):
+        sa, sb = _layer_state(a), _layer_state(b)
+        assert [x.shape for x in sa] == [x.shape for x in sb]
+        for x, y in zip(sa, sb):
+            np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), atol=1e-5, rtol=0)
+    # and both continue identically, past the next 4- and 128-position boundaries
+    rest = ids[:, start + keep:]
+    np.testing.assert_allclose(np.array(model(rest, spec)), np.array(model(rest, ref)), atol=1e-4, rtol=0)
+
+
+def test_accept_refuses_positions_outside_the_speculation(model):
+    cache = make_cache(model.args)
+    model(_ids(10), cache)
+    with pytest.raises(RuntimeError, match="accept\\(\\) without speculate"):
+        accept(cache, 10)
+    speculate(cache)
+    model(_ids(3, seed=1), cache)
+    with pytest.raises(ValueError, match="cannot keep positions up to 14: speculation fed 10..13"):
+        accept(cache, 14)
 
 
 def test_nbytes_breakdown_sums(model):

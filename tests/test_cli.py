@@ -4,6 +4,7 @@ slash commands, sessions, errors as one line); demo-model tests run every comman
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -257,6 +258,36 @@ def test_bench_tiny_checkpoint(tiny_dir):
     assert "prefill tok/s" in r.stdout and "300" in r.stdout
 
 
+@pytest.fixture(scope="module")
+def tiny_mtp_dir(tmp_path_factory):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_v4.testing.tiny import TINY_CONFIG, random_model, tiny_args
+
+    d = tmp_path_factory.mktemp("tiny_mtp")
+    model = random_model(tiny_args(), mtp=True)
+    mx.save_safetensors(str(d / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (d / "config.json").write_text(json.dumps(TINY_CONFIG))
+    return d
+
+
+def test_bench_with_drafts_reports_acceptance(tiny_mtp_dir):
+    r = run("bench", "--model", tiny_mtp_dir, "--contexts", "64", "--gen", 4, "--draft", "mtp", "--draft-tokens", 2)
+    assert r.exit_code == 0, r.output
+    # 4 tokens: verifying steps draft 2, 2, then 1 (room for 2 tokens); the last token is never fed
+    assert "accepted on these random ids: " in r.stdout and re.search(r"\b\d/5 \(context 64\)", r.stdout), r.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (("--draft", "eagle"), ["unknown --draft 'eagle'"]),
+    (("--draft-tokens", "0"), ["--draft-tokens must be >= 1, got 0"]),
+    (("--draft", "mtp"), ["no MTP block"]),
+])
+def test_bench_bad_draft_is_one_line(tiny_dir, args, words):
+    one_line_error(run("bench", "--model", tiny_dir, "--contexts", "64", "--gen", 2, *args), *words)
+
+
 def test_bench_past_context_is_one_line(tiny_dir):
     one_line_error(run("bench", "--model", tiny_dir, "--contexts", "70000"), "70000")
 
@@ -294,6 +325,7 @@ def test_demo_chat_two_turns_save_resume(tmp_path, monkeypatch):
             input="What is a dict?\nAnd a set?\n/stats\n/save t\n/exit\n")
     assert r.exit_code == 0, r.output
     assert r.stderr.count("tok/s") >= 2 and "KV cache" in r.stderr
+    assert "drafts" in r.stderr and "accepted" in r.stderr  # the demo's MTP block drafts by default
     r = run("chat", "--resume", "t", "--max-tokens", 8, "--temp", 0, input="/stats\n/exit\n")
     assert r.exit_code == 0, r.output
     assert "What is a dict?" in r.stderr
@@ -305,6 +337,7 @@ def test_demo_info_and_bench():
     r = run("bench", "--contexts", "64,200", "--gen", 4)
     assert r.exit_code == 0, r.output
     assert "prefill tok/s" in r.stdout and "200" in r.stdout
+    assert "Speculative decoding" in r.stdout and "accept" in r.stdout and "│   NO │" not in r.stdout
 
 
 # ---- convert (the real quantize package on a tiny official checkpoint) -------------------------

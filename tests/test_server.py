@@ -241,3 +241,27 @@ def test_cli_serve_flags():
     assert parse_bytes("8G") == 8 << 30 and parse_bytes("512mb") == 512 << 20 and parse_bytes("100") == 100
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
+
+
+def test_drafting_keeps_the_reply_and_reports_usage(tokenizer):
+    """With the MTP drafter the server's greedy reply is the same, and the non-streamed usage
+    and /health carry the drafting counts."""
+    from mlx_v4.testing.tiny import random_model, tiny_args
+
+    model = random_model(tiny_args(vocab_size=129280), mtp=True)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 8,
+            **NO_THINK}  # greedy (thinking mode samples whatever the request says)
+    replies, health = [], None
+    for draft in (None, "mtp"):
+        app = create_app(model, tokenizer, ServerConfig(model_name="tiny", default_max_tokens=8, draft=draft))
+        with running(app) as url:
+            replies.append(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json())
+            health = httpx.get(f"{url}/health").json()
+    plain, drafted = replies
+    assert drafted["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert "drafting" not in plain["usage"]
+    d = drafted["usage"]["drafting"]
+    assert d["draft_tokens"] > 0 and d["target_forwards"] > 0
+    assert d["acceptance_rate"] == round(d["accepted_tokens"] / d["draft_tokens"], 4)
+    assert d["mean_accepted_length"] == round((d["accepted_tokens"] + d["target_forwards"]) / d["target_forwards"], 4)
+    assert health["engine"]["drafting"] == d

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from mlx_v4.draft.mtp import attach_mtp
 from mlx_v4.model import Model
 from mlx_v4.testing.tiny import TINY_CONFIG, tiny_args
 from mlx_v4.weights import (
@@ -25,8 +26,10 @@ from mlx_v4.weights import (
 # ---- helpers -----------------------------------------------------------------------------------
 
 
-def expected_shapes(args, quantization=None):
+def expected_shapes(args, quantization=None, mtp=False):
     model = Model(args)
+    if mtp:
+        attach_mtp(model)
     apply_quantization(model, quantization or {})
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
@@ -259,13 +262,21 @@ def test_wrong_shape_and_missing(tmp_path):
 
 def test_unknown_tensor_and_mtp(tmp_path, caplog):
     args = tiny_args()
-    t = {"norm.weight": mx.ones((8,)), "mtp.0.attn_norm.weight": mx.ones((8,)), "mtp.0.e_proj.weight": mx.ones((8, 8))}
+    # The MTP block (mtp.0) is kept under our names; a second block (V4 has one) and V3-style
+    # MTP layers past num_hidden_layers are dropped with one log line.
+    t = {"norm.weight": mx.ones((8,)), "mtp.0.attn_norm.weight": mx.ones((8,)), "mtp.0.e_proj.weight": mx.ones((8, 8)),
+         "mtp.0.hc_head_fn": mx.ones((4, 32)), "mtp.1.enorm.weight": mx.ones((8,)),
+         "layers.4.enorm.weight": mx.ones((8,))}
     mx.save_safetensors(str(tmp_path / "model.safetensors"), t)
     with caplog.at_level("INFO", logger="mlx_v4.weights"):
         weights, _ = load_weights(tmp_path, args)
-    assert sorted(weights.skipped) == ["mtp.0.attn_norm.weight", "mtp.0.e_proj.weight"]
-    assert "dropping 2 MTP tensors (speculative decoding not implemented)" in caplog.text
-    assert list(weights) == ["norm.weight"]
+    assert sorted(weights.skipped) == ["layers.4.enorm.weight", "mtp.1.enorm.weight"]
+    assert "dropping 2 drafter tensors this mlx-v4 does not run" in caplog.text
+    assert sorted(weights) == ["mtp.0.attn_norm.weight", "mtp.0.e_proj.weight", "mtp.0.hc_head.fn", "norm.weight"]
+    del t["layers.4.enorm.weight"]
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), t)
+    assert sorted(load_weights(tmp_path, tiny_args(num_nextn_predict_layers=0))[0]) == ["norm.weight"]
+    t = {"norm.weight": mx.ones((8,))}
     mx.save_safetensors(str(tmp_path / "model.safetensors"), t | {"layers.0.attn.rotary.inv_freq": mx.ones((4,))})
     with pytest.raises(WeightsError, match=r"model\.safetensors: unknown tensor 'layers\.0\.attn\.rotary\.inv_freq'"):
         load_weights(tmp_path, args)
@@ -426,8 +437,8 @@ def test_official_checkpoint(tmp_path, cfg, fp8):
     assert len(set(read_index(tmp_path).values())) > 1  # really sharded
     args = ModelArgs.from_dict(cfg)
     weights, quantization = load_weights(tmp_path, args, fp8=fp8, dtype=mx.float32)
-    validate_weights(weights, expected_shapes(args, quantization))
-    assert weights.skipped and all(n.startswith("mtp.") for n in weights.skipped)
+    validate_weights(weights, expected_shapes(args, quantization, mtp=True))
+    assert not weights.skipped and "mtp.0.e_proj.weight" in weights and "mtp.0.ffn.experts.w1.weight" in weights
     modes = {q["mode"] for q in quantization.values()}
     assert "mxfp4" in modes and (("mxfp8" in modes) == (fp8 == "mxfp8"))
     assert not any(k.endswith(("wo_a", "compressor.wkv", "compressor.wgate")) for k in quantization)
@@ -435,11 +446,11 @@ def test_official_checkpoint(tmp_path, cfg, fp8):
         assert quantization["layers.1.ffn.experts.w2"]["mode"] == "mxfp4"
     checked = 0
     for name, want in exact.items():
-        if name.startswith("mtp.") or name.endswith(".scale") and name[:-6] + ".weight" in exact:
+        if name.endswith(".scale") and name[:-6] + ".weight" in exact:
             continue
-        m = re.fullmatch(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight", name)
-        ours = f"layers.{m[1]}.ffn.experts.{m[3]}.weight" if m else (
-            re.sub(r"^(layers\.\d+\.)?hc_(head|attn|ffn)_(fn|base|scale)$",
+        m = re.fullmatch(r"((?:layers|mtp)\.\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight", name)
+        ours = f"{m[1]}.ffn.experts.{m[3]}.weight" if m else (
+            re.sub(r"^((?:layers|mtp)\.\d+\.)?hc_(head|attn|ffn)_(fn|base|scale)$",
                    lambda g: f"{g[1] or ''}hc_{g[2]}.{g[3]}", name))
         got = _dense(weights, quantization, ours)
         if m:

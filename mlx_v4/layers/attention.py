@@ -222,13 +222,16 @@ class Attention(nn.Module):
         """Run the compressor(s) on this chunk and append their entries to the cache.
         Returns (all compressed entries [B, N, hd] or None, indexer picks [B, L, k] or None)."""
         dtype = x.dtype
-        values, packed, cache.compressor = self.compressor(x, cache.offset, cache.compressor)
+        keep = cache.speculating  # record this chunk's rows so a rejected tail can be dropped
+        values, packed, cache.compressor = self.compressor(x, cache.offset, cache.compressor, keep_rows=keep)
+        cache.record_rows("compressor", cache.compressor)
         if values is not None:
             cache.entries.append(packed if cache.packed else (values,))
         selected = None
         if self.ratio == 4:
             ivalues, ipacked, cache.index_compressor = self.indexer.compressor(
-                x, cache.offset, cache.index_compressor)
+                x, cache.offset, cache.index_compressor, keep_rows=keep)
+            cache.record_rows("index_compressor", cache.index_compressor)
             if ivalues is not None:
                 cache.index_keys.append(ipacked if cache.packed else (ivalues,))
             selected = self.indexer.select(x, qr, cache.offset, cos, sin, cache.index_key_parts(),

@@ -35,9 +35,28 @@ class CompressorState:
     score: mx.array | None = None  # same, gate logits + ape
     prev_kv: mx.array | None = None  # [B, ratio, d] (ratio 4 only)
     prev_score: mx.array | None = None
+    #: While a speculative chunk is recorded (cache.speculate): this chunk's own projected rows
+    #: (kv, score) [B, L, c*d], from which the state after any prefix of the chunk is rebuilt.
+    rows: tuple[mx.array, mx.array] | None = None
 
     def arrays(self) -> list[mx.array]:
         return [a for a in (self.kv, self.score, self.prev_kv, self.prev_score) if a is not None]
+
+    def advance(self, kv: mx.array, score: mx.array, ratio: int, half: int | None) -> tuple[CompressorState, int]:
+        """The state after also consuming the projected rows ``kv``/``score`` [B, j, c*d],
+        without pooling, and the number of windows they close: exactly what
+        :meth:`Compressor.__call__` leaves for those rows. ``half``: d for ratio 4 (its next
+        window reads the first half of the last closed one), None otherwise."""
+        m = 0 if self.kv is None else self.kv.shape[1]
+        if m:
+            kv, score = mx.concatenate([self.kv, kv], axis=1), mx.concatenate([self.score, score], axis=1)
+        n = kv.shape[1] // ratio
+        out = CompressorState(mx.contiguous(kv[:, n * ratio:]), mx.contiguous(score[:, n * ratio:]),
+                              self.prev_kv, self.prev_score)
+        if half is not None and n:
+            out.prev_kv = mx.contiguous(kv[:, (n - 1) * ratio: n * ratio, :half])
+            out.prev_score = mx.contiguous(score[:, (n - 1) * ratio: n * ratio, :half])
+        return out, n
 
 
 class Compressor(nn.Module):
@@ -54,15 +73,17 @@ class Compressor(nn.Module):
         self._rope = rope
         self.for_indexer, self.fake_quant = for_indexer, fake_quant
 
-    def __call__(self, x: mx.array, offset: int, state: CompressorState):
+    def __call__(self, x: mx.array, offset: int, state: CompressorState, keep_rows: bool = False):
         """x [B, L, D] at positions offset.. -> (values [B, n, d], packed or None, new state).
-        ``n`` is the number of windows that close inside this chunk."""
+        ``n`` is the number of windows that close inside this chunk. ``keep_rows``: the new
+        state also carries this chunk's projected rows (see :attr:`CompressorState.rows`)."""
         B, L, _ = x.shape
         r, d = self.ratio, self.head_dim
         xf = x.astype(mx.float32)
         kv = self.wkv(xf).astype(mx.float32)
         pos_in_window = (mx.arange(offset, offset + L) % r).astype(mx.int32)
         score = self.wgate(xf).astype(mx.float32) + self.ape[pos_in_window]
+        rows = (kv, score) if keep_rows else None
         m = 0
         if state.kv is not None:
             m = state.kv.shape[1]
@@ -72,7 +93,7 @@ class Compressor(nn.Module):
         first_entry = (offset - m) // r
         # contiguous copies: slices of the chunk would keep its whole projection buffer alive
         new_state = CompressorState(mx.contiguous(kv[:, n * r:]), mx.contiguous(score[:, n * r:]),
-                                    state.prev_kv, state.prev_score)
+                                    state.prev_kv, state.prev_score, rows)
         if n == 0:
             return None, None, new_state
 

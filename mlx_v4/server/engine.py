@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from ..cache import cache_offset, checkpoint
-from ..generation import Finish, Token, prefill, stream_generate
+from ..generation import Finish, Stats, Token, prefill, stream_generate
 from .prefix_cache import PrefixCache
 from .protocols import Prepared, Sink
 
@@ -49,12 +49,37 @@ class _Run:
     source: object = None  # the prefix-cache file the cache was loaded from, if any
     gen: object = None
     generated: list[int] = field(default_factory=list)
+    stats: Stats | None = None
+
+
+def drafting_usage(draft_tokens: int, accepted_tokens: int, target_forwards: int) -> dict:
+    """Speculative-decoding counts with the acceptance rate and the mean tokens per target
+    forward (accepted drafts + the target's own token)."""
+    return {"draft_tokens": draft_tokens, "accepted_tokens": accepted_tokens, "target_forwards": target_forwards,
+            "acceptance_rate": round(accepted_tokens / draft_tokens, 4) if draft_tokens else 0.0,
+            "mean_accepted_length": round((accepted_tokens + target_forwards) / target_forwards, 4)
+            if target_forwards else 0.0}
+
+
+def with_drafting_usage(result: str, stats: Stats | None) -> str:
+    """A non-streamed response JSON with ``usage.drafting`` added when the reply used drafts."""
+    if stats is None or not stats.draft_tokens:
+        return result
+    import json
+
+    body = json.loads(result)
+    if isinstance(body.get("usage"), dict):
+        body["usage"]["drafting"] = drafting_usage(stats.draft_tokens, stats.accepted_tokens, stats.target_forwards)
+    return json.dumps(body)
 
 
 class Engine:
     def __init__(self, model, tokenizer, prefix_cache: PrefixCache, *, max_active: int = 4,
-                 prefill_step: int = 512, prefill_chunk: int = 2048, max_queue: int = 256):
+                 prefill_step: int = 512, prefill_chunk: int = 2048, max_queue: int = 256,
+                 draft: str | None = None, draft_tokens: int = 1):
         self.model, self.tokenizer, self.pool = model, tokenizer, prefix_cache
+        self.draft, self.draft_tokens = draft, draft_tokens
+        self.drafting = {"draft_tokens": 0, "accepted_tokens": 0, "target_forwards": 0}
         self.max_active, self.max_queue = max_active, max_queue
         self.prefill_step, self.prefill_chunk = prefill_step, max(prefill_step, prefill_chunk)
         self.eos = set(getattr(tokenizer, "eos_token_ids", {tokenizer.eos_id})) | {int(model.args.eos_token_id)}
@@ -91,7 +116,7 @@ class Engine:
 
     def stats(self) -> dict:
         return {"queued": len(self.pending), "active": len(self.active), "served": self.served,
-                "cancelled": self.cancelled, "failed": self.failed}
+                "cancelled": self.cancelled, "failed": self.failed, "drafting": drafting_usage(**self.drafting)}
 
     def call(self, fn, timeout: float | None = None):
         """Run ``fn()`` on the worker thread between steps (e.g. persisting the pool)."""
@@ -234,8 +259,13 @@ class Engine:
                 self.model, self.tokenizer, ids[run.pos:], cache=run.cache, max_tokens=job.prep.max_tokens,
                 temperature=s.get("temperature"), top_p=s.get("top_p"), top_k=s.get("top_k"), seed=s.get("seed"),
                 prefill_step_size=self.prefill_step,
-                checkpoints=[m - run.pos for m in job.prep.marks if m > run.pos])
+                checkpoints=[m - run.pos for m in job.prep.marks if m > run.pos],
+                draft=self.draft, draft_tokens=self.draft_tokens)
         for ev in run.gen:
+            if isinstance(ev, Stats):
+                run.stats = ev
+                for k in self.drafting:
+                    self.drafting[k] += getattr(ev, k)
             if isinstance(ev, Token):
                 run.generated.append(ev.id)
                 if ev.id not in self.eos:  # the end is told by the finish chunk
@@ -255,7 +285,8 @@ class Engine:
         pieces = run.sink.finish(length)
         for piece in pieces:
             self._safe_emit(run.job, ("data", piece))
-        self._safe_emit(run.job, ("end", None if run.job.prep.stream else run.sink.result()))
+        result = None if run.job.prep.stream else with_drafting_usage(run.sink.result(), run.stats)
+        self._safe_emit(run.job, ("end", result))
         self.served += 1
         self._end(run, store=True)
 

@@ -26,9 +26,15 @@ def tiny_args(**overrides) -> ModelArgs:
     return ModelArgs.from_dict(TINY_CONFIG, overrides)
 
 
-def random_model(args: ModelArgs, seed: int = 0, dtype=mx.float32, cpu: bool | None = None) -> Model:
-    """A Model with deterministic random weights of healthy magnitudes."""
+def random_model(args: ModelArgs, seed: int = 0, dtype=mx.float32, cpu: bool | None = None,
+                 mtp: bool = False) -> Model:
+    """A Model with deterministic random weights of healthy magnitudes (``mtp``: with its MTP
+    block, ``model.mtp[0]``)."""
     model = Model(args, cpu=cpu)
+    if mtp:
+        from ..draft.mtp import attach_mtp
+
+        attach_mtp(model, cpu=cpu)
     params = {}
     for i, (name, p) in enumerate(sorted(tree_flatten(model.parameters()))):
         k = mx.random.key(seed * 100003 + i)
@@ -38,7 +44,7 @@ def random_model(args: ModelArgs, seed: int = 0, dtype=mx.float32, cpu: bool | N
             params[name] = order[:, : p.shape[1]].astype(mx.int32)
         elif name.endswith(("norm.weight",)):
             params[name] = (1 + 0.1 * mx.random.normal(p.shape, key=k)).astype(dtype)
-        elif ".hc_" in name or name.startswith("hc_head"):
+        elif ".hc_" in name or name.startswith("hc_head") or ".hc_head." in name:
             scale = 0.02 if name.endswith(".fn") else 0.5
             params[name] = (1.0 if name.endswith(".scale") else 0.0) + scale * mx.random.normal(p.shape, key=k)
         elif name.endswith(("attn_sink", "ape", "gate.bias")):

@@ -1,0 +1,268 @@
+"""Speculative decoding: a drafter guesses k tokens, one target forward verifies all k+1
+positions, the cache keeps exactly the accepted prefix.
+
+Verification (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative
+Decoding", §2.3; Chen et al. 2023):
+
+* greedy: keep drafts while each equals the target's argmax; the next token is the target's
+  argmax after the last kept one, so the output is the non-speculative greedy output;
+* sampling: the target distribution p at each row is exactly what the plain sampler draws from
+  (the same top-p / min-p / top-k filters, then temperature). A draft d is the MTP's argmax, so
+  its proposal q is one-hot: accept with probability min(1, p(d)/q(d)) = p(d); on rejection
+  draw from norm(max(p - q, 0)), which is p with d removed. Every emitted token then follows p.
+
+The cache is fed the guesses inside :func:`mlx_v4.cache.speculate` / :func:`~mlx_v4.cache.accept`,
+which keep any prefix exactly (windows, compressor states, compressed entries, index keys); the
+MTP block's own window cache is fed teacher-forced with what was kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from ..cache import accept, checkpoint, speculate
+from .mtp import has_mtp
+
+DRAFTS = ("auto", "mtp", "dspark")
+
+
+class DraftError(ValueError):
+    """A draft request this model or these settings cannot serve."""
+
+
+# ---- the target distribution -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sampling:
+    """Resolved sampling settings (see generation.build_sampler); temperature 0 is greedy."""
+    temperature: float
+    top_p: float = 1.0
+    min_p: float = 0.0
+    top_k: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def filtered(self, logprobs: mx.array) -> mx.array:
+        """logprobs [..., V] -> the scaled log-weights the plain sampler draws from: mlx-lm's own
+        top-p, min-p and top-k filters in its order, then 1/temperature."""
+        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+        if 0 < self.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, self.top_p)
+        if self.min_p != 0.0:
+            logprobs = apply_min_p(logprobs, self.min_p)
+        if self.top_k > 0:
+            logprobs = apply_top_k(logprobs, self.top_k)
+        return logprobs * (1 / self.temperature)
+
+
+def verify(rows: mx.array, drafts: list[int], sampling: Sampling) -> tuple[int, int]:
+    """rows [k+1, V] target logprobs after each fed token, drafts [k] -> (accepted, next token).
+
+    ``accepted`` drafts are kept; ``next`` is the token after them (the target's correction on
+    a rejection, or its bonus token when every draft was kept)."""
+    k = len(drafts)
+    if sampling.greedy:
+        best = mx.argmax(rows, axis=-1).tolist()
+        a = 0
+        while a < k and best[a] == drafts[a]:
+            a += 1
+        return a, best[a]
+    logits = sampling.filtered(rows)
+    p = mx.softmax(logits, axis=-1, precise=True)
+    if k:
+        d = mx.array(drafts, dtype=mx.int32)
+        p_draft = mx.take_along_axis(p[:k], d[:, None], axis=-1)[:, 0]
+        kept = (mx.random.uniform(shape=(k,)) < p_draft).tolist()
+    else:
+        kept = []
+    a = 0
+    while a < k and kept[a]:
+        a += 1
+    if a == k:
+        return a, int(mx.random.categorical(logits[k]).item())
+    residual = mx.where(mx.arange(p.shape[-1]) == drafts[a], 0.0, p[a])  # norm(max(p - onehot, 0))
+    return a, int(mx.random.categorical(mx.log(residual)).item())
+
+
+# ---- the MTP drafter -------------------------------------------------------------------------
+
+class MTPDrafter:
+    """Drafts with the checkpoint's MTP block. Its window cache holds, at position i, the pair
+    (main streams at i, token at i+1); :meth:`observe` feeds the pairs the target accepted."""
+
+    name = "mtp"
+
+    def __init__(self, model, tokens: int = 1):
+        if tokens < 1:
+            raise DraftError(f"draft_tokens must be >= 1, got {tokens}")
+        self.model, self.block, self.tokens = model, model.mtp[0], tokens
+        self.cache = self.block.make_cache()
+        self._out: mx.array | None = None  # block streams at the last fed position [1, 1, hc, D]
+        self.logits: mx.array | None = None  # its logits [V]: the next draft is their argmax
+
+    #: Positions of history the block can see (window-only attention).
+    @property
+    def reach(self) -> int:
+        return self.cache.window
+
+    def observe(self, streams: mx.array, next_ids: list[int], position: int) -> None:
+        """Teacher-force pairs: streams [1, n, hc, D] of the target at ``position``.., and the
+        n tokens one position later. The first call sets where the block's cache starts."""
+        self.cache.abandon()  # the chained guesses of the last draft()
+        if self._out is None:
+            self.cache.offset = position  # fresh cache: history before here is not needed or not known
+        if self.cache.offset != position:
+            raise RuntimeError(f"MTP cache at {self.cache.offset}, fed position {position}")
+        ids = mx.array([next_ids], dtype=mx.int32)
+        out = self.block(streams, ids, self.cache, self.model.embed)
+        self._out = out[:, -1:]
+        self.logits = self.block.logits(self._out, self.model.head)[0, 0]
+
+    def draft(self, n: int) -> list[int]:
+        """Up to ``n`` guesses for the positions after the pending token: the block's argmax,
+        chained on its own streams (those cache entries are dropped by the next observe)."""
+        first = int(mx.argmax(self.logits).item())
+        out = [first]
+        if n > 1:
+            self.cache.speculate()
+            x = self._out
+            for _ in range(n - 1):
+                x = self.block(x, mx.array([[out[-1]]], dtype=mx.int32), self.cache, self.model.embed)
+                out.append(int(mx.argmax(self.block.logits(x, self.model.head)[0, 0]).item()))
+        return out
+
+
+def make_drafter(model, draft: str | None, tokens: int, *, custom_sampler: bool, distributed: bool = False):
+    """The drafter for ``draft`` ("auto", "mtp", "dspark" or None) or None (plain decoding).
+    "auto" quietly falls back to plain decoding where drafting cannot run."""
+    if draft is None:
+        return None
+    if draft not in DRAFTS:
+        raise DraftError(f"draft={draft!r}: choose one of {', '.join(DRAFTS)} or None")
+    if tokens < 1:
+        raise DraftError(f"draft_tokens must be >= 1, got {tokens}")
+    auto = draft == "auto"
+    if distributed:
+        if auto:
+            return None
+        raise DraftError("speculative decoding does not run across several machines (pipeline or tensor "
+                         "parallel) yet; use draft=None or 'auto', which turns it off there")
+    if custom_sampler:
+        if auto:
+            return None
+        raise DraftError("speculative decoding needs the sampling settings (temperature, top_p, top_k, min_p), "
+                         "not a custom sampler function")
+    if draft == "dspark":
+        raise DraftError("the DSpark drafter (Flash-0731) is not implemented yet")
+    if not has_mtp(model):
+        if auto:
+            return None
+        raise DraftError("this checkpoint has no MTP block (no mtp.0.* weights): --draft mtp needs one")
+    return MTPDrafter(model, tokens)
+
+
+# ---- one speculative step ----------------------------------------------------------------------
+
+@dataclass
+class DraftCounts:
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # of those, kept
+    steps: int = 0  # target forwards in the decode phase
+
+
+class Speculator:
+    """Drives a drafter against the target ``model`` and its ``cache``.
+
+    ``process(rows, prefixes)``: applies the caller's logits processors to row i with the
+    generated-token prefix i (or returns rows unchanged)."""
+
+    def __init__(self, model, cache, drafter: MTPDrafter, sampling: Sampling,
+                 process: Callable[[mx.array, int], mx.array] | None = None):
+        self.model, self.cache, self.drafter, self.sampling = model, cache, drafter, sampling
+        self.process = process
+        self.counts = DraftCounts()
+        self._pending: tuple | None = None
+
+    # -- prefill: like generation.prefill, keeping the last streams for the drafter
+    def prefill(self, ids: list[int], *, step_size: int, checkpoints=(), guard=None) -> tuple[int, mx.array | None]:
+        """Feed ``ids`` as generation.prefill does (same chunks, same checkpoints); returns
+        (ids fed, streams of the last ``drafter.reach`` fed positions [1, n, hc, D] or None)."""
+        if step_size < 1:
+            raise ValueError(f"prefill_step_size must be >= 1, got {step_size}")
+        marks = sorted(p for p in set(checkpoints) if 0 <= p <= len(ids))
+        fed, tail = 0, None
+        if marks and marks[0] == 0:
+            checkpoint(self.cache)
+        reach = self.drafter.reach
+        while fed < len(ids):
+            if guard is not None and guard.hit:
+                break
+            end = min([fed + step_size, len(ids)] + [p for p in marks if p > fed])
+            streams = self.model.streams(mx.array([ids[fed:end]], dtype=mx.int32), self.cache)
+            tail = streams if tail is None else mx.concatenate([tail, streams], axis=1)
+            tail = mx.contiguous(tail[:, -reach:])
+            mx.eval(tail, [c.state for c in self.cache])
+            fed = end
+            if fed in marks:
+                checkpoint(self.cache)
+        return fed, tail
+
+    def first(self, last_id: int, tail: mx.array | None, prompt: list[int]) -> tuple[mx.array, Callable[[int], None]]:
+        """Feed the prompt's last token -> (its logprobs row [V], start(first_token)) where
+        ``start`` primes the drafter once the first token is sampled."""
+        streams = self.model.streams(mx.array([[last_id]], dtype=mx.int32), self.cache)
+        tail = streams if tail is None else mx.concatenate([tail, streams], axis=1)
+        tail = tail[:, -self.drafter.reach:]
+        logits = self.model.logits(streams)[0]
+        n = tail.shape[1]
+        end = self.cache[0].offset  # positions end-n .. end-1 are in the tail
+
+        def start(token: int) -> None:
+            nxt = (list(prompt) + [token])[-n:]
+            self.drafter.observe(tail, nxt, end - n)
+            mx.eval(self.drafter.logits)
+
+        return logits, start
+
+    def step(self, y: int, room: int) -> list[int]:
+        """Verify drafts after the pending token ``y``; ``room``: most tokens this step may
+        emit (>= 2). Returns the tokens to emit, ``[y, accepted drafts...]``; the cache holds
+        them all until :meth:`commit` says how many to keep."""
+        drafts = self.drafter.draft(min(self.drafter.tokens, room - 1))
+        start = speculate(self.cache)
+        fed = [y] + drafts
+        streams = self.model.streams(mx.array([fed], dtype=mx.int32), self.cache)
+        logits = self.model.logits(streams)[0]  # [k+1, V]
+        if self.process is not None:
+            logits = self.process(logits, fed)
+        rows = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        a, nxt = verify(rows, drafts, self.sampling)
+        self.counts.steps += 1
+        self.counts.drafted += len(drafts)
+        self.counts.accepted += a
+        self._pending = (start, streams, fed[: a + 1], nxt)
+        return fed[: a + 1]
+
+    def commit(self, keep: int, more: bool) -> int | None:
+        """Keep the first ``keep`` tokens :meth:`step` returned in the cache; with ``more``
+        (the run goes on) also teach the drafter and return the next pending token."""
+        start, streams, emitted, nxt = self._pending
+        self._pending = None
+        accept(self.cache, start + keep)
+        if not more:
+            return None
+        self.drafter.observe(streams[:, :keep], (emitted[1:] + [nxt])[:keep], start)
+        mx.eval(self.drafter.logits, [c.state for c in self.cache])
+        return nxt
+
+    def abandon(self) -> None:
+        """Drop a step in progress (an interrupt): the cache returns to before it."""
+        self._pending = None
+        for c in self.cache:
+            c.abandon()
