@@ -299,7 +299,11 @@ CACHE_FORMAT_VERSION = 1
 
 
 class CacheFileError(ValueError):
-    """A saved cache that cannot be used with this model."""
+    """A saved cache file that cannot be read: missing, damaged, or crafted."""
+
+
+class CacheMismatchError(CacheFileError):
+    """A readable cache file made for another model, quantization, layout or format version."""
 
 
 _STATE_FIELDS = ("kv", "score", "prev_kv", "prev_score")
@@ -376,15 +380,15 @@ def load_cache(path, model) -> tuple[list[WindowCache], list[int], dict]:
         raise CacheFileError(f"{path}: not an mlx-v4 cache file")
     version = metadata.get("format_version")
     if version != str(CACHE_FORMAT_VERSION):
-        raise CacheFileError(f"{path}: cache format version {version}, this mlx-v4 reads {CACHE_FORMAT_VERSION}")
+        raise CacheMismatchError(f"{path}: cache format version {version}, this mlx-v4 reads {CACHE_FORMAT_VERSION}")
     if metadata.get("fingerprint") != model.fingerprint:
-        raise CacheFileError(
+        raise CacheMismatchError(
             f"{path}: made by a different model or quantization (fingerprint {metadata.get('fingerprint')}, "
             f"this model {model.fingerprint})")
     cache = model.make_cache()
     kinds = ",".join(c.kind for c in cache)
     if metadata.get("kinds") != kinds or metadata.get("packed") != str(bool(cache and cache[0].packed)):
-        raise CacheFileError(f"{path}: layer layout does not match this model")
+        raise CacheMismatchError(f"{path}: layer layout does not match this model")
     offset = int(metadata["offset"])
 
     def parts(prefix: str) -> list[mx.array]:

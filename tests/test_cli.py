@@ -307,3 +307,22 @@ def test_convert_verify_and_errors(tmp_path):
     assert r.exit_code == 0 and "already converted" in r.stderr
     one_line_error(run("convert", tmp_path / "src", tmp_path / "out2", "--recipe", "3bit"), "recipe")
     one_line_error(run("convert", tmp_path / "nope", tmp_path / "out3"), "nope")
+
+
+# ---- misleading hints (issue 15, item 12) -------------------------------------------------------
+
+def test_missing_convert_src_says_the_path_does_not_exist(tmp_path):
+    r = run("convert", tmp_path / "no-such-src", tmp_path / "out")
+    one_line_error(r, "no-such-src", "no such directory", "pass an existing model directory")
+    assert "re-download" not in r.stderr
+
+
+def test_truncated_session_is_not_called_another_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_V4_HOME", str(tmp_path))
+    r = run("chat", "--no-think", "--max-tokens", 4, "--temp", 0, input="Hi\n/save t\n/exit\n")
+    assert r.exit_code == 0, r.output
+    saved = tmp_path / "sessions" / "t.safetensors"
+    saved.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
+    r = run("chat", "--resume", "t", input="/exit\n")
+    one_line_error(r, str(saved), "damaged or incomplete")
+    assert "another model" not in r.stderr
