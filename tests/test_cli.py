@@ -322,6 +322,10 @@ def test_truncated_session_is_not_called_another_model(tmp_path, monkeypatch):
     r = run("chat", "--no-think", "--max-tokens", 4, "--temp", 0, input="Hi\n/save t\n/exit\n")
     assert r.exit_code == 0, r.output
     saved = tmp_path / "sessions" / "t.safetensors"
+    side, text = saved.with_suffix(".json"), saved.with_suffix(".json").read_text()
+    side.write_text("[]")  # a damaged session file (issue 15, item 8)
+    one_line_error(run("chat", "--resume", "t", input="/exit\n"), str(side), "not an mlx-v4 chat session file")
+    side.write_text(text)
     saved.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
     r = run("chat", "--resume", "t", input="/exit\n")
     one_line_error(r, str(saved), "damaged or incomplete")
