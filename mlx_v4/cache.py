@@ -1,8 +1,8 @@
 """The V4 KV cache at its real size: one small class per layer kind.
 
 * :class:`WindowCache` (ratio 0): the last ``sliding_window - 1`` KV entries.
-* :class:`HCACache` (ratio 128): the window, every compressed entry, and the compressor's open
-  window (constant size).
+* :class:`HCACache` (ratio 128, or any ratio other than 0 and 4): the window, every compressed
+  entry, and the compressor's open window (constant size).
 * :class:`CSACache` (ratio 4): the same plus the lightning indexer's keys and its compressor.
 
 Entries are stored in the form the model already rounded them to (paper §2.3.4; official
@@ -157,12 +157,14 @@ class WindowCache:
 
 
 class HCACache(WindowCache):
-    """Window plus compressed entries (ratio 128; base of the ratio-4 cache)."""
+    """Window plus compressed entries (ratio 128 or another non-overlapping ratio; base of the
+    ratio-4 cache)."""
 
     kind = "hca"
 
-    def __init__(self, window: int, rope_dim: int, packed: bool):
+    def __init__(self, window: int, rope_dim: int, packed: bool, ratio: int = 128):
         super().__init__(window, rope_dim, packed)
+        self.ratio = ratio  # positions per compressed entry
         self.entries = EntryStore()
         self.compressor = CompressorState()
 
@@ -205,8 +207,8 @@ class CSACache(HCACache):
 
     kind = "csa"
 
-    def __init__(self, window: int, rope_dim: int, packed: bool):
-        super().__init__(window, rope_dim, packed)
+    def __init__(self, window: int, rope_dim: int, packed: bool, ratio: int = 4):
+        super().__init__(window, rope_dim, packed, ratio)
         self.index_keys = EntryStore()
         self.index_compressor = CompressorState()
 
@@ -244,8 +246,12 @@ def make_cache(args, packed: bool | None = None) -> list[WindowCache]:
     packed = args.fake_quant if packed is None else packed
     if packed and not args.fake_quant:
         raise ValueError("a packed cache needs fake_quant=True: unrounded values do not fit FP8/FP4")
-    return [LAYER_CACHES[args.layer_kind(i)](args.sliding_window, args.qk_rope_head_dim, packed)
-            for i in range(args.num_hidden_layers)]
+    out = []
+    for i in range(args.num_hidden_layers):
+        kind = args.layer_kind(i)
+        extra = {"ratio": args.compress_ratios[i]} if kind != "window" else {}
+        out.append(LAYER_CACHES[kind](args.sliding_window, args.qk_rope_head_dim, packed, **extra))
+    return out
 
 
 # ---- whole-model helpers (the surface the generator, chat, server and CLI use) -------------
@@ -256,7 +262,7 @@ def reserve(cache: list[WindowCache], tokens: int, batch: int = 1) -> None:
     for c in cache:
         if not isinstance(c, HCACache):
             continue
-        ratio = 4 if isinstance(c, CSACache) else 128
+        ratio = c.ratio
         stores = [c.entries] + ([c.index_keys] if isinstance(c, CSACache) else [])
         for store in stores:
             if store.parts is None:
@@ -445,10 +451,10 @@ def planned_nbytes(args, tokens: int, batch: int = 1, layers=None) -> int:
     main, index = entry_nbytes(args)
     total = 0
     for i in (range(args.num_hidden_layers) if layers is None else layers):
-        kind = args.layer_kind(i)
+        kind, r = args.layer_kind(i), args.compress_ratios[i]
         total += min(tokens, args.sliding_window - 1) * main
         if kind == "hca":
-            total += (tokens // 128) * main + 2 * 4 * (tokens % 128) * args.head_dim
+            total += (tokens // r) * main + 2 * 4 * (tokens % r) * args.head_dim
         elif kind == "csa":
             total += (tokens // 4) * (main + index)
             # open windows (<= 3 rows of 2 series) and the previous window's first half, fp32
@@ -462,6 +468,6 @@ def bytes_per_token(args) -> float:
     main, index = entry_nbytes(args)
     per = 0.0
     for i in range(args.num_hidden_layers):
-        kind = args.layer_kind(i)
-        per += (main + index) / 4 if kind == "csa" else (main / 128 if kind == "hca" else 0.0)
+        kind, r = args.layer_kind(i), args.compress_ratios[i]
+        per += (main + index) / 4 if kind == "csa" else (main / r if kind == "hca" else 0.0)
     return per
