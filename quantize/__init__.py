@@ -6,7 +6,8 @@
 Depends on mlx_v4 (its readers in weights.py), never the reverse.
 """
 
-from .convert import MANIFEST, MARKER, ConvertResult, convert, is_complete
+from .convert import ConvertResult, convert
+from .marker import MANIFEST, MARKER, is_complete
 from .recipes import (
                       MXFP4,
                       MXFP8,

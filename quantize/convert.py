@@ -2,12 +2,18 @@
 
 Order of work, so that no failure leaves something that looks finished:
 
-1. a finished ``dst`` (completion marker) for the same request is a no-op (unless ``force``);
+1. a finished ``dst`` (completion marker) for the same request is a no-op (unless ``force``),
+   once every shard has been checked against the marker and the index; a damaged output is
+   converted again, keeping the shards that are sound;
 2. the source is resolved (a Hub repo id is downloaded, resumably), every header validated and
    every output tensor planned: bad input fails here, before anything is written;
-3. the resume manifest ``.mlx-v4-progress.json`` records finished shards; shards are written
-   one by one (temp name, fsync, rename), skipping those a previous run finished;
+3. the resume manifest ``.mlx-v4-progress.json`` records finished shards and every file the
+   converter may create; shards are written one by one (temp name, fsync, rename), skipping
+   those a previous run finished;
 4. tokenizer files, README.md, config.json, the index, and last the marker ``.mlx-v4-complete``.
+
+Only files the converter recorded as its own are deleted or overwritten (``--force``, resuming):
+a user's file in ``dst`` is left alone, or the conversion stops and names it (see marker.py).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from mlx_v4.weights import INDEX_FILE, resolve_model_path
 
 from . import card
 from .io import TEMP_SUFFIX, Reader, ShardWriter, write_atomic, write_json
+from .marker import FINISH_FILES, MANIFEST, MARKER, is_complete, owned_files, read_json, verify_output
 from .plan import (
     Source,
     chunk_offset,
@@ -42,8 +49,6 @@ from .recipes import ConvertError, Override, Quant, get_recipe
 
 log = logging.getLogger("mlx_v4.quantize")
 
-MARKER = ".mlx-v4-complete"
-MANIFEST = ".mlx-v4-progress.json"
 FORMAT_VERSION = 1
 #: Copied from the source when present (tokenizer, chat template, generation defaults).
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -71,12 +76,14 @@ def _request(src, recipe: str, group_size: int, override, max_shard_bytes: int) 
             "max_shard_bytes": int(max_shard_bytes), "format_version": FORMAT_VERSION}
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        d = json.loads(path.read_text())
-        return d if isinstance(d, dict) else None
-    except (OSError, ValueError):
-        return None
+def _delete_owned(dst: Path, record: dict | None) -> None:
+    """Delete the files ``record`` (a marker or manifest) says the converter wrote, and the marker;
+    keep a fresh manifest so that ``dst`` stays recognisably ours (user files stay)."""
+    for name in owned_files(record, EXTRA_FILES):
+        (dst / name).unlink(missing_ok=True)
+        (dst / ("." + name + TEMP_SUFFIX)).unlink(missing_ok=True)
+    (dst / MARKER).unlink(missing_ok=True)
+    write_json(dst / MANIFEST, {"plan": None, "done": {}, "written": []})
 
 
 def _prepare_dst(dst: Path, force: bool) -> None:
@@ -89,7 +96,17 @@ def _prepare_dst(dst: Path, force: bool) -> None:
         raise ConvertError(f"{dst}: directory is not empty and is not an mlx-v4 conversion; choose a new "
                            "or empty directory")
     if force and ours:
-        shutil.rmtree(dst)
+        _delete_owned(dst, read_json(dst / MARKER) or read_json(dst / MANIFEST))
+
+
+def _reopen(dst: Path, marker: dict, sound: dict[str, int], problem: str) -> None:
+    """A finished output that fails verification becomes a resumable one: the sound shards go
+    back into a manifest (reused if the plan still matches) and the marker is removed."""
+    log.warning("%s: %s says the conversion finished, but %s; converting again (sound shards are kept)",
+                dst, MARKER, problem)
+    write_json(dst / MANIFEST, {"plan": marker.get("plan"), "request": marker.get("request"), "done": sound,
+                                "written": sorted(owned_files(marker, EXTRA_FILES))})
+    (dst / MARKER).unlink()
 
 
 def convert(src: str | Path, dst: str | Path, *, recipe: str = "mxfp4", group_size: int = 64,
@@ -112,13 +129,18 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str = "mxfp4", group_si
     request = _request(src, rec.name, group_size, override, max_shard_bytes)
     _prepare_dst(dst, force)
     result = ConvertResult(dst, rec.name)
-    marker = _read_json(dst / MARKER)
+    marker = read_json(dst / MARKER)
     if marker is not None:
-        if marker.get("request") != request:
-            raise ConvertError(f"{dst}: holds a finished conversion of {marker.get('request', {}).get('source')!r} "
-                               f"(recipe {marker.get('request', {}).get('recipe')!r}); pass force=True (--force) "
-                               "to replace it")
-        log.info("%s: already converted (%s); nothing to do", dst, MARKER)
+        was = marker.get("request") if isinstance(marker.get("request"), dict) else {}
+        if was != request:
+            raise ConvertError(f"{dst}: holds a finished conversion of {was.get('source')!r} "
+                               f"(recipe {was.get('recipe')!r}); pass force=True (--force) to replace it")
+        sound, problem = verify_output(dst, marker)
+        if problem is not None:
+            _reopen(dst, marker, sound, problem)
+            marker = None
+    if marker is not None:
+        log.info("%s: already converted (%s, every shard checked); nothing to do", dst, MARKER)
         result.noop = True
         source_dir = None
     else:
@@ -146,16 +168,27 @@ def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_byte
     phash = plan_hash(src, shards, request)
 
     dst.mkdir(parents=True, exist_ok=True)
-    for tmp in dst.glob(f".*{TEMP_SUFFIX}"):  # leftovers of a killed run
-        tmp.unlink()
-    manifest = _read_json(dst / MANIFEST) or {}
+    manifest = read_json(dst / MANIFEST) or {}
+    names = [s.name for s in shards]
+    outputs = names + [n for n in EXTRA_FILES if (src.path / n).is_file()] + list(FINISH_FILES)
+    written = owned_files(manifest)
+    if "written" not in manifest:  # a manifest from before `written` (only the converter wrote here)
+        written |= {n for n in outputs if (dst / n).is_file()}
+    foreign = [n for n in outputs if (dst / n).exists() and n not in written]
+    if foreign:
+        raise ConvertError(f"{dst / foreign[0]}: exists and was not written by the converter; move it away "
+                           "(it is not deleted or overwritten) and run again")
+    for name in written | {MANIFEST}:  # leftovers of a killed run
+        (dst / ("." + name + TEMP_SUFFIX)).unlink(missing_ok=True)
     done = manifest.get("done", {}) if manifest.get("plan") == phash else {}
-    names = {s.name for s in shards}
-    for f in dst.glob("model-*.safetensors"):
-        if f.name not in names or f.name not in done or f.stat().st_size != done[f.name]:
-            f.unlink()  # another plan's shard, or one not recorded as finished
-    done = {k: v for k, v in done.items() if (dst / k).is_file()}
-    manifest = {"plan": phash, "request": request, "done": done}
+    done = {k: v for k, v in done.items() if k in names and k in written and (dst / k).is_file()
+            and (dst / k).stat().st_size == v}
+    for name in sorted(written):
+        if name.endswith(".safetensors") and name not in done:
+            (dst / name).unlink(missing_ok=True)  # another plan's shard, or one not recorded as finished
+    # every file this run may create is recorded before it is created
+    written = (written - {n for n in written if not (dst / n).exists()}) | set(outputs)
+    manifest = {"plan": phash, "request": request, "done": done, "written": sorted(written)}
     write_json(dst / MANIFEST, manifest)
 
     todo = [s for s in shards if s.name not in done]
@@ -195,10 +228,10 @@ def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_byte
                 on_shard(s.name)
     reader.close()
     result.bytes_read = reader.bytes_read
-    _finish(src, dst, rec, request, shards, phash)
+    _finish(src, dst, rec, request, shards, phash, manifest)
 
 
-def _finish(src: Source, dst: Path, rec, request, shards, phash) -> None:
+def _finish(src: Source, dst: Path, rec, request, shards, phash, manifest: dict) -> None:
     for name in EXTRA_FILES:
         f = src.path / name
         if f.is_file():
@@ -227,13 +260,9 @@ def _finish(src: Source, dst: Path, rec, request, shards, phash) -> None:
     total = sum(j.out_bytes for s in shards for j in s.jobs)
     write_json(dst / INDEX_FILE, {"metadata": {"total_size": total, "format": "mlx"}, "weight_map": weight_map})
     write_json(dst / MARKER, {"request": request, "plan": phash, "files": sorted(s.name for s in shards),
+                              "sizes": manifest["done"], "written": manifest["written"],
                               "completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     (dst / MANIFEST).unlink(missing_ok=True)
-
-
-def is_complete(path: str | Path) -> bool:
-    """Whether ``path`` holds a finished conversion (its completion marker, written last)."""
-    return _read_json(Path(path) / MARKER) is not None
 
 
 __all__ = ["convert", "ConvertResult", "is_complete", "MARKER", "MANIFEST"]
