@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .formats import dequantize_kv_entry
 from .layers.compressor import CompressorState
-from .layers.fake_quant import dequantize_kv_entry
 
 _GROW = 256  # minimum entries added to an append-only store when it fills
 _GROW_FACTOR = 0.25  # ...or this fraction of its size, so copies stay O(n) overall

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-# Decoders for the packed cache formats (mlx_v4/layers/fake_quant.py), valid Metal, C++ and
+# Decoders for the packed cache formats (the MLX twins: mlx_v4/formats.py), valid Metal, C++ and
 # CUDA. Not covered: e4m3 NaN codes (the quantizer saturates, it never writes them) and the
 # E8M0 bytes 0 / 255 (scales never reach 2**-127 or NaN: amax is floored).
 DECODE_HEADER = r"""
