@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", type=int, default=1024)
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--work", help="keep the model, ids and results in this directory (default: a temp dir)")
     p.add_argument("--engine", choices=("transformers", "mlx"), help="run one engine in this process")
     p.add_argument("--model-dir", help="(--engine) the model directory (transformers writes it, mlx reads it)")
     p.add_argument("--ids", help="(--engine) JSON file with the prompt ids, [[...]]")
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(1)
     ids = [[rng.randrange(a.vocab) for _ in range(a.prompt)]]
     with tempfile.TemporaryDirectory() as d:
-        work = Path(d)
+        work = Path(a.work or d)
+        work.mkdir(parents=True, exist_ok=True)
         (work / "ids.json").write_text(json.dumps(ids))
         results = [spawn("transformers", a, work), spawn("mlx", a, work)]
     compare(results, a)

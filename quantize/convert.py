@@ -178,9 +178,9 @@ def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_byte
     if foreign:
         raise ConvertError(f"{dst / foreign[0]}: exists and was not written by the converter; move it away "
                            "(it is not deleted or overwritten) and run again")
-    for name in written | {MANIFEST}:  # leftovers of a killed run
+    for name in written | {MANIFEST, MARKER}:  # leftovers of a killed run
         (dst / ("." + name + TEMP_SUFFIX)).unlink(missing_ok=True)
-    done = manifest.get("done", {}) if manifest.get("plan") == phash else {}
+    done = manifest.get("done") if manifest.get("plan") == phash and isinstance(manifest.get("done"), dict) else {}
     done = {k: v for k, v in done.items() if k in names and k in written and (dst / k).is_file()
             and (dst / k).stat().st_size == v}
     for name in sorted(written):
