@@ -24,7 +24,7 @@ _FIXES = {
     "CacheMismatchError": "the saved session belongs to another model or version; start a new one",
     "CacheFileError": "the saved session file is damaged or incomplete; delete it and start a new one",
     "SessionFileError": "the saved session file is damaged or incomplete; delete it and start a new one",
-    "FileNotFoundError": f"pass an existing model directory or a Hugging Face repo id such as {REAL_MODEL}",
+    "FileNotFoundError": "check the path",  # model paths are checked earlier, with their own hint
     "RepositoryNotFoundError": f"check the repo id (e.g. {REAL_MODEL}) and your Hugging Face login",
     "ContextLengthError": "shorten the prompt, lower --max-tokens, or /reset the conversation",
     "TokenizerError": "the model directory has no usable tokenizer; re-download it",

@@ -87,7 +87,9 @@ def test_generate_bad_input_is_one_line(fake, args, words):
 
 
 def test_generate_missing_prompt_file(fake):
-    one_line_error(run("generate", "--model", fake, "--prompt-file", fake / "nope.txt"), "nope.txt")
+    r = run("generate", "--model", fake, "--prompt-file", fake / "nope.txt")
+    one_line_error(r, "nope.txt", "(check the path)")
+    assert "model directory" not in r.stderr  # not the hint for a missing model (issue 15, item 12)
 
 
 # ---- chat (fake library) -----------------------------------------------------------------------
@@ -153,7 +155,8 @@ def test_chat_read_attaches_file(fake):
     r = run("chat", "--model", fake, "--no-think", input=f"/read {f}\nsummarise\n/read {fake}/none.md\n")
     assert r.exit_code == 0, r.output
     assert "alpha beta" in r.stdout and "summarise" in r.stdout
-    assert "none.md" in r.stderr
+    assert f"/read: cannot read {fake}/none.md (No such file or directory) (check the file name)" in r.stderr
+    assert "model directory" not in r.stderr  # not the hint for a missing model (issue 15, item 12)
 
 
 def test_chat_system_and_reset(fake):
