@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import time
 
+import mlx_v4  # noqa: F401  # isort: skip  (first: its BLAS preload must run before mlx.core loads)
 import mlx.core as mx
 
-import mlx_v4  # noqa: F401  (BLAS preload before mlx.core)
 from mlx_v4.cache import bytes_per_token, cache_breakdown, cache_nbytes, make_cache, planned_nbytes, reserve
 from mlx_v4.config import preset
 from mlx_v4.testing.tiny import random_model

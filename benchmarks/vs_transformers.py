@@ -79,9 +79,8 @@ def run_transformers(model_dir: Path, ids: list[list[int]], vocab: int, decode_s
 
 
 def run_mlx(model_dir: Path, ids: list[list[int]], decode_steps: int, chunk: int) -> dict:
+    import mlx_v4  # noqa: I001  (first: its BLAS preload must run before mlx.core loads)
     import mlx.core as mx
-
-    import mlx_v4  # BLAS preload before MLX computes
     from mlx_v4.cache import make_cache
 
     model, _ = mlx_v4.load(str(model_dir), model_config={"fake_quant": False}, dtype=mx.float32)

@@ -30,7 +30,7 @@ app.command(help="Answer one prompt; the answer goes to stdout, reasoning and st
 app.command(help="Memory plan: weights, KV cache at a context length, and which Macs it fits.")(info)
 app.command(help="Prefill and decode speed and peak memory at several context lengths.")(bench)
 app.command(help="OpenAI/Anthropic-compatible HTTP server with a resident prefix cache.")(serve)
-app.command(help="Convert a checkpoint into mlx-v4's quantized format.")(convert)
+app.command(help="Convert a checkpoint into an MLX model directory (opens in mlx-v4 and mlx-lm).")(convert)
 
 
 @app.callback()

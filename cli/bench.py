@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from .common import MODEL_HELP, UserError, load_model, user_errors
+from .common import EXPERT_BUDGET_HELP, MODEL_HELP, UserError, load_model, user_errors
 
 
 def parse_contexts(text: str) -> list[int]:
@@ -55,6 +55,7 @@ def bench(
     model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
     contexts: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "256,1024",
     gen: Annotated[int, typer.Option(help="Tokens to decode after each prefill.")] = 32,
+    expert_budget: Annotated[str | None, typer.Option("--expert-budget", help=EXPERT_BUDGET_HELP)] = None,
 ):
     from .ui import UI
 
@@ -62,7 +63,7 @@ def bench(
     if gen < 1:
         raise UserError("--gen must be >= 1", "e.g. --gen 32")
     ui = UI()
-    m, tok, path = load_model(ui, model)
+    m, tok, path = load_model(ui, model, expert_budget)
     limit = m.args.max_position_embeddings
     if max(lengths) + gen > limit:
         raise UserError(f"context {max(lengths)} + {gen} generated is past this model's maximum {limit}",
@@ -72,3 +73,6 @@ def bench(
         with ui.status(f"context {n:,}"):
             rows.append(measure(m, tok, n, gen))
     ui.bench_table(path, rows)
+    store = getattr(m, "expert_store", None)
+    if store is not None:
+        ui.expert_stats(store.stats(), tokens=sum(r["context"] + r["generated"] for r in rows))

@@ -9,12 +9,14 @@ from typing import Annotated
 import typer
 
 from .common import (
+    EXPERT_BUDGET_HELP,
     MODEL_HELP,
     UserError,
     consume,
     generation_kwargs,
     is_demo,
     load_model,
+    no_distributed_budget,
     report,
     resolve_model,
     session_path,
@@ -28,7 +30,7 @@ COMMANDS = [
     ("/system TEXT", "set the system prompt (starts over)"),
     ("/think [on|off]", "toggle thinking (reasoning shown dimmed above the answer)"),
     ("/effort high|max", "reasoning effort when thinking"),
-    ("/stats", "context used, KV cache by kind, last speeds, peak memory"),
+    ("/stats", "context used, KV cache by kind, last speeds, peak memory, expert reads"),
     ("/save NAME", "save the session (history and KV cache)"),
     ("/load NAME", "load a saved session"),
     ("/read FILE", "attach a file's text to your next message"),
@@ -151,7 +153,8 @@ class ChatLoop:
             context = (kv.cache_offset(cache), self.model.args.max_position_embeddings)
         elif self.last_stats is not None:
             context = (self.last_stats.context_tokens, self.last_stats.max_context)
-        self.ui.session_stats(self.last_stats, breakdown, context)
+        store = getattr(self.model, "expert_store", None)
+        self.ui.session_stats(self.last_stats, breakdown, context, store.stats() if store is not None else None)
 
     # ---- turns ------------------------------------------------------------------------------
     def turn(self, text: str) -> None:
@@ -253,6 +256,7 @@ def chat(
     max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 2048,
     seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
     resume: Annotated[str | None, typer.Option(help="Resume the session saved with /save NAME.")] = None,
+    expert_budget: Annotated[str | None, typer.Option("--expert-budget", help=EXPERT_BUDGET_HELP)] = None,
     parallel: ParallelOpt = "pipeline",
     layers: LayersOpt = None,
     dist_timeout: TimeoutOpt = 300.0,
@@ -264,6 +268,7 @@ def chat(
         raise UserError(f"unknown effort {effort!r}", "use --effort high or --effort max")
     gen = generation_kwargs(max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, top_k=top_k, seed=seed)
     group = group_if_launched(parallel, layers, dist_timeout)
+    no_distributed_budget(group, expert_budget)
     if group is not None and resume:
         raise UserError("--resume is not available in a distributed chat", "run the chat on one machine")
     saved = session_path(resume) if resume else None
@@ -283,7 +288,7 @@ def chat(
                   max_context=m.args.max_position_embeddings)
         ui.notice(f"distributed: {m.split.describe()}; rank 0 of {group.size()} owns this terminal")
         return ChatLoop(ui, m, tok, session, gen, group).run()
-    m, tok, path = load_model(ui, model)
+    m, tok, path = load_model(ui, model, expert_budget)
 
     if saved is not None:
         session = ChatSession.load(saved, m, tok)

@@ -12,6 +12,9 @@ from pathlib import Path
 import typer
 
 MODEL_HELP = "Model directory, Hugging Face repo id, or 'demo' (the bundled tiny demo model)."
+EXPERT_BUDGET_HELP = ("Keep routed experts on disk and read the ones the router picks into at most this much "
+                      "memory (e.g. 32GB; 'auto' = what is left after the other weights and the KV cache). "
+                      "Default: every expert resident.")
 REAL_MODEL = "deepseek-ai/DeepSeek-V4-Flash"
 
 # Library errors (all ValueError subclasses today) and the fix to suggest for each.
@@ -29,6 +32,8 @@ _FIXES = {
     "ContextLengthError": "shorten the prompt, lower --max-tokens, or /reset the conversation",
     "TokenizerError": "the model directory has no usable tokenizer; re-download it",
     "LocalEntryNotFoundError": "the files are not in the Hugging Face cache and the network is unreachable",
+    "ExpertBudgetError": "pass a larger --expert-budget (e.g. 32GB), or 'auto'",
+    "ExpertReadError": "the model files changed while in use; put them back (or re-download) and retry",
 }
 
 
@@ -167,11 +172,23 @@ def generation_kwargs(*, max_tokens: int, temp: float | None = None, top_p: floa
     return dict(max_tokens=max_tokens, **{k: v for k, v in sampling.items() if v is not None})
 
 
-def load_model(ui, model: str | None):
+def load_model(ui, model: str | None, expert_budget: str | None = None):
     """(model, tokenizer, resolved path or repo id) with a spinner while loading."""
     import mlx_v4
 
     path = resolve_model(model)
     with ui.status(f"loading {path}"):
-        m, tok = mlx_v4.load(path)
+        m, tok = mlx_v4.load(path, expert_budget=expert_budget)
+    store = getattr(m, "expert_store", None)
+    if store is not None:
+        from .ui import human_bytes
+
+        ui.notice(f"routed experts read from disk on demand: {human_bytes(store.budget)} budget for "
+                  f"{human_bytes(store.total_bytes)} of experts")
     return m, tok, path
+
+
+def no_distributed_budget(group, expert_budget) -> None:
+    if group is not None and expert_budget is not None:
+        raise UserError("--expert-budget is not available with --parallel (each rank keeps its experts resident)",
+                        "drop --expert-budget, or run on one machine")

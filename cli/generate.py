@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from .common import MODEL_HELP, UserError, consume, generation_kwargs, load_model, user_errors
+from .common import (
+    EXPERT_BUDGET_HELP,
+    MODEL_HELP,
+    UserError,
+    consume,
+    generation_kwargs,
+    load_model,
+    no_distributed_budget,
+    user_errors,
+)
 from .distributed import LayersOpt, ParallelOpt, TimeoutOpt, peer_errors
 
 
@@ -24,6 +33,7 @@ def generate(
     temp: Annotated[float | None, typer.Option(help="Sampling temperature, 0 = greedy (default: the model's generation_config).")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
+    expert_budget: Annotated[str | None, typer.Option("--expert-budget", help=EXPERT_BUDGET_HELP)] = None,
     parallel: ParallelOpt = "pipeline",
     layers: LayersOpt = None,
     dist_timeout: TimeoutOpt = 300.0,
@@ -31,6 +41,7 @@ def generate(
     from .distributed import group_if_launched
 
     group = group_if_launched(parallel, layers, dist_timeout)
+    no_distributed_budget(group, expert_budget)
     if group is not None:
         return _generate_distributed(group, prompt, prompt_file, model, system, think, effort, max_tokens, temp,
                                      top_p, seed, parallel, layers, dist_timeout)
@@ -41,7 +52,7 @@ def generate(
     from .ui import UI
 
     ui = UI()
-    m, tok, _ = load_model(ui, model)
+    m, tok, _ = load_model(ui, model, expert_budget)
     from mlx_v4.chat import ChatSession
 
     session = ChatSession(m, tok, system=system, thinking=think, reasoning_effort=effort)

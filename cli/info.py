@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from .common import REAL_MODEL, UserError, looks_like_repo, user_errors
+from .convert import RECIPE_LIST
 
 MAC_SIZES_GB = (36, 48, 64, 96, 128, 192, 256, 512)
 # macOS lets the GPU wire about 75% of unified memory by default; `sudo sysctl
@@ -24,18 +25,7 @@ MAC_SIZES_GB = (36, 48, 64, 96, 128, 192, 256, 512)
 DEFAULT_GPU_FRACTION = 0.75
 RAISED_RESERVE_BYTES = 8e9
 
-# bits per weight for (routed experts, other matrices); norms and small vectors stay 16-bit.
-# mx formats carry one 8-bit scale per 32 values (+0.25 bit); affine qN one fp16 scale and
-# bias per 64 values (+0.5 bit).
-RECIPES = {
-    "native": (4.25, 8.25),  # the release: FP4 experts, FP8 elsewhere (mxfp4 / mxfp8 here)
-    "mxfp4": (4.25, 4.25),
-    "mxfp8": (8.25, 8.25),
-    "q4": (4.5, 4.5),
-    "q8": (8.5, 8.5),
-    "bf16": (16.0, 16.0),
-}
-
+AFFINE_OVERHEAD_BITS = 0.5  # --bits: a bf16 scale and bias per 64 values
 
 @dataclass
 class MemoryPlan:
@@ -74,8 +64,39 @@ class MemoryPlan:
         return [(gb, self.verdict(gb * 2**30)) for gb in MAC_SIZES_GB]
 
 
-def parameter_bytes(args, expert_bits: float, other_bits: float) -> tuple[float, float]:
-    """(parameter count, bytes) of a model built from ``args`` (shapes only; nothing allocated)."""
+def get_recipe(name: str):
+    """convert's recipe ``name`` (aliases accepted); a UserError listing the choices."""
+    from mlx_v4.quantize.recipes import ConvertError
+    from mlx_v4.quantize.recipes import get_recipe as _get
+
+    try:
+        return _get(name)
+    except ConvertError as e:
+        raise UserError(str(e), "mlx-v4 convert --help describes each recipe") from None
+
+
+def recipe_bits(recipe):
+    """-> bits(name, shape): stored bits per weight of each parameter under convert's ``recipe``
+    (the tensor classes and shape rules conversion uses; ``native`` as the release stores it)."""
+    from mlx_v4.quantize.recipes import bits_per_weight, choose, classify
+
+    def bits(name: str, shape: tuple[int, ...]) -> float:
+        klass = classify(name)
+        return 32.0 if klass == "tid2eid" else bits_per_weight(choose(name, klass, recipe, shape, None))
+    return bits
+
+
+def uniform_bits(bits: float):
+    """--bits: every matrix but the embedding affine ``bits``; the rest 16-bit."""
+    def per_weight(name: str, shape: tuple[int, ...]) -> float:
+        matrix = len(shape) >= 2 and not name.startswith("embed") and "tid2eid" not in name
+        return bits + AFFINE_OVERHEAD_BITS if matrix else 16.0
+    return per_weight
+
+
+def parameter_bytes(args, bits) -> tuple[float, float]:
+    """(parameter count, bytes) of a model built from ``args`` (shapes only; nothing allocated),
+    ``bits(name, shape)`` bits per weight of each parameter."""
     from mlx.utils import tree_flatten
 
     from mlx_v4.model import Model
@@ -84,14 +105,18 @@ def parameter_bytes(args, expert_bits: float, other_bits: float) -> tuple[float,
     for name, p in tree_flatten(Model(args).parameters()):
         n = math.prod(p.shape)
         count += n
-        if ".experts." in name and "shared" not in name:
-            bits = expert_bits
-        elif p.ndim >= 2 and not name.startswith("embed") and "tid2eid" not in name:
-            bits = other_bits
-        else:
-            bits = 16.0
-        nbytes += n * bits / 8
+        nbytes += n * bits(name, tuple(p.shape)) / 8
     return count, nbytes
+
+
+def split_bits(recipe: str | None, bits: float | None) -> tuple[float, float]:
+    """(routed-expert bits, other matrices' bits) for the distributed planner."""
+    if bits is not None:
+        return bits + AFFINE_OVERHEAD_BITS, bits + AFFINE_OVERHEAD_BITS
+    from mlx_v4.quantize.recipes import bits_per_weight
+
+    rec = get_recipe(recipe or "native")
+    return bits_per_weight(rec.experts), bits_per_weight(rec.linear)
 
 
 def _index_bytes(index_file: Path) -> float | None:
@@ -133,19 +158,20 @@ def _checkpoint(model: str) -> tuple[Path, float, str]:
 def plan(model: str, *, recipe: str | None, bits: float | None, context: int) -> MemoryPlan:
     from mlx_v4 import cache, config, platform
 
+    from .info_v41 import is_v41_model, plan_v41
+
+    if is_v41_model(model):  # DeepSeek V4.1 (cli/info_v41.py)
+        return plan_v41(model, recipe=recipe, bits=bits, context=context)
+
     if bits is not None:
-        expert_bits = other_bits = bits + 0.5  # affine: fp16 scale and bias per 64 values
-        label = f"{bits:g}-bit"
+        per_weight, label = uniform_bits(bits), f"{bits:g}-bit"
     else:
-        recipe = recipe or "native"
-        if recipe not in RECIPES:
-            raise UserError(f"unknown recipe {recipe!r}", f"choose one of {', '.join(RECIPES)}")
-        expert_bits, other_bits = RECIPES[recipe]
-        label = recipe
+        rec = get_recipe(recipe or "native")
+        per_weight, label = recipe_bits(rec), f"recipe {rec.name}"
     notes = []
     if model in config.PRESETS:
         args = config.preset(model)
-        params, weights = parameter_bytes(args, expert_bits, other_bits)
+        params, weights = parameter_bytes(args, per_weight)
         name, source = f"DeepSeek V4 {model.capitalize()}", f"{label}, from parameter counts"
     else:
         if model in ("demo", ""):
@@ -154,7 +180,7 @@ def plan(model: str, *, recipe: str | None, bits: float | None, context: int) ->
             model = str(mlx_v4.DEMO_MODEL_PATH)
         directory, weights, source = _checkpoint(model)
         args = config.ModelArgs.from_file(directory)
-        params, name = parameter_bytes(args, 16, 16)[0], model
+        params, name = parameter_bytes(args, lambda n, s: 16.0)[0], model
         if recipe is not None or bits is not None:
             notes.append("--recipe/--bits apply to flash and pro; a checkpoint is sized from its files.")
     if context > args.max_position_embeddings:
@@ -165,6 +191,8 @@ def plan(model: str, *, recipe: str | None, bits: float | None, context: int) ->
                  f"{args.sliding_window}-token window.")
     notes.append("'tight' means it fits only after raising the GPU memory limit: "
                  "sudo sysctl iogpu.wired_limit_mb=<MB>.")
+    if model in config.PRESETS:
+        notes.append(f"Smaller Mac? Routed experts can stream from SSD: mlx-v4 info {model} --memory 64GB.")
     return MemoryPlan(name=name, weights_bytes=weights, weights_source=source, context=context,
                       cache_bytes=kv, params=params, machine_bytes=platform.total_memory_bytes(), notes=notes)
 
@@ -221,7 +249,7 @@ def split_plan(model: str, *, machines: int, memory: str, parallel: str, layers:
 
         directory = mlx_v4.DEMO_MODEL_PATH if model in ("demo", "") else _checkpoint(model)[0]
         args = config.ModelArgs.from_file(directory)
-    expert_bits, other_bits = RECIPES[recipe or "native"] if bits is None else (bits + 0.5, bits + 0.5)
+    expert_bits, other_bits = split_bits(recipe, bits)
     split = dist.plan_split(args, machines, parallel, layers)
     shares = dist.plan_ranks(args, split, context, expert_bits=expert_bits, other_bits=other_bits,
                              total_bytes=one.weights_bytes)
@@ -233,13 +261,17 @@ def split_plan(model: str, *, machines: int, memory: str, parallel: str, layers:
 
 @user_errors
 def info(
-    model: Annotated[str, typer.Argument(help="flash, pro, a model directory or a Hugging Face repo id.")] = "flash",
-    recipe: Annotated[str | None, typer.Option(help=f"Weight format for flash/pro: {', '.join(RECIPES)}.")] = None,
+    model: Annotated[str, typer.Argument(help="flash, pro, v41-flash, a model directory or a Hugging Face repo id.")] = "flash",
+    recipe: Annotated[str | None, typer.Option(help=f"Weight format for flash/pro, as `mlx-v4 convert` writes "
+                                                    f"it: {RECIPE_LIST} (default native).")] = None,
     bits: Annotated[float | None, typer.Option(help="Uniform affine bits for flash/pro (overrides --recipe).")] = None,
     context: Annotated[int, typer.Option(help="Context length to size the KV cache for.")] = 65536,
     machines: Annotated[int, typer.Option(help="Plan a split over this many machines (mlx.launch ranks).")] = 1,
-    memory: Annotated[str, typer.Option(help="Memory per machine for --machines: 192GB, or one per machine "
-                                              "(192GB,128GB).")] = "192GB",
+    memory: Annotated[str | None, typer.Option(help="One Mac's memory (64GB): the recipe and expert budget "
+                                                     "that fit it, streaming experts from SSD. With --machines: "
+                                                     "memory per machine (192GB, or 192GB,128GB).")] = None,
+    ssd_gbps: Annotated[float, typer.Option(help="SSD read bandwidth (GB/s) for the streaming projection "
+                                                 "with --memory.")] = 5.0,
     parallel: Annotated[str, typer.Option(help="Split for --machines: pipeline (layers) or tensor "
                                                 "(heads and experts).")] = "pipeline",
     layers: Annotated[str | None, typer.Option(help="Pipeline override, e.g. 0-30,31-60.")] = None,
@@ -250,8 +282,10 @@ def info(
         raise UserError("--context must be >= 0", "pass a token count such as 65536")
     if machines < 1:
         raise UserError("--machines must be >= 1", "e.g. --machines 4")
+    if machines == 1 and memory and not layers:
+        return _stream_plan(model, memory, context, ssd_gbps)
     if machines > 1 or layers:
-        title, rows = split_plan(model, machines=machines, memory=memory, parallel=parallel, layers=layers,
+        title, rows = split_plan(model, machines=machines, memory=memory or "192GB", parallel=parallel, layers=layers,
                                  context=context, recipe=recipe, bits=bits)
         UI().split_plan(title, context, rows)
         if any(r.verdict == "no" for r in rows):
@@ -259,3 +293,23 @@ def info(
         return
     result = plan(model, recipe=recipe, bits=bits, context=context)
     UI().memory_plan(result)
+
+
+def _stream_plan(model: str, memory: str, context: int, ssd_gbps: float) -> None:
+    """--memory on one machine: recipe and expert budget per Mac size (cli/stream_plan.py)."""
+    from mlx_v4 import config
+
+    from .stream_plan import MAC_SIZES_GB, stream_plan
+    from .ui import UI
+
+    if model not in config.PRESETS:
+        raise UserError(f"--memory plans flash or pro, not {model!r}", "e.g. mlx-v4 info flash --memory 64GB")
+    if ssd_gbps <= 0:
+        raise UserError("--ssd-gbps must be positive", "e.g. --ssd-gbps 5")
+    gb = round(parse_memory(memory, 1)[0] / 2**30)
+    args = config.preset(model)
+    if context > args.max_position_embeddings:
+        raise UserError(f"--context {context} is past this model's maximum {args.max_position_embeddings}",
+                        "choose a smaller --context")
+    rows = stream_plan(args, context=context, ssd_gbps=ssd_gbps, sizes_gb=sorted(set(MAC_SIZES_GB) | {gb}))
+    UI().stream_plan(f"DeepSeek V4 {model.capitalize()}", rows, gb, context, ssd_gbps)

@@ -11,7 +11,16 @@ from typing import Annotated
 
 import typer
 
-from .common import MODEL_HELP, UserError, is_demo, load_model, resolve_model, user_errors
+from .common import (
+    EXPERT_BUDGET_HELP,
+    MODEL_HELP,
+    UserError,
+    is_demo,
+    load_model,
+    no_distributed_budget,
+    resolve_model,
+    user_errors,
+)
 from .distributed import LayersOpt, ParallelOpt, TimeoutOpt, peer_errors
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
@@ -45,6 +54,9 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="MLX_V4_API_KEY",
                                                 help="Key clients must send (Bearer or x-api-key); required off loopback.")] = None,
+    allowed_hosts: Annotated[str | None, typer.Option(
+        "--allowed-hosts", help="Comma-separated host names an unkeyed server answers besides localhost, "
+                                "127.0.0.1 and [::1] (Host and Origin checks); '*' for any.")] = None,
     model_name: Annotated[str | None, typer.Option(help="Model id clients use (default: deepseek-v4, or 'demo').")] = None,
     any_model: Annotated[bool, typer.Option("--any-model", help="Answer whatever model name a client asks for.")] = False,
     max_tokens: Annotated[int, typer.Option(help="Default max tokens when a request sets none.")] = 4096,
@@ -54,10 +66,12 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests waiting beyond that before 503s.")] = 256,
     prefill_chunk: Annotated[int, typer.Option(help="Prompt ids fed per scheduling step.")] = 2048,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    expert_budget: Annotated[str | None, typer.Option("--expert-budget", help=EXPERT_BUDGET_HELP)] = None,
     parallel: ParallelOpt = "pipeline",
     layers: LayersOpt = None,
     dist_timeout: TimeoutOpt = 300.0,
 ):
+    api_key = api_key if api_key and api_key.strip() else None  # an empty key is no key
     if api_key is None and not is_loopback(host):
         raise UserError(f"binding {host} (beyond loopback) needs --api-key",
                         "pass --api-key KEY (or set MLX_V4_API_KEY), or bind 127.0.0.1")
@@ -66,9 +80,11 @@ def serve(
     if max_tokens < 1 or max_active < 1 or max_queue < 1 or prefill_chunk < 1:
         raise UserError("--max-tokens, --max-active, --max-queue and --prefill-chunk must be positive")
     budget = parse_bytes(cache_budget)
+    hosts = [h.strip() for h in (allowed_hosts or "").split(",") if h.strip()]
     from .distributed import group_if_launched
 
     group = group_if_launched(parallel, layers, dist_timeout)
+    no_distributed_budget(group, expert_budget)
     try:
         import uvicorn
 
@@ -93,12 +109,12 @@ def serve(
         ui.notice(f"distributed: {m.split.describe()}; rank 0 of {group.size()} serves HTTP "
                   "(no prefix reuse across requests in this mode)")
     else:
-        m, tok, path = load_model(ui, model)
+        m, tok, path = load_model(ui, model, expert_budget)
     name = model_name or ("demo" if is_demo(path) else "deepseek-v4")
     config = ServerConfig(model_name=name, api_key=api_key, default_max_tokens=max_tokens,
                           cache_budget_bytes=budget, cache_dir=str(cache_dir) if cache_dir else None,
                           max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                          accept_any_model=any_model)
+                          accept_any_model=any_model, allowed_hosts=hosts)
     app = create_app(m, tok, config, engine=engine)
     ui.notice(f"serving {path} as '{name}' on http://{host}:{port}  (OpenAI: /v1/chat/completions, "
               f"/v1/responses; Anthropic: /v1/messages)")

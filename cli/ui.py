@@ -203,7 +203,8 @@ class UI:
             self.err.print(Text(f"{role}: ", style=style) + Text(one_line(text)[:400]), soft_wrap=True)
         self.err.print(Text("--- end of history ---", style="dim"))
 
-    def session_stats(self, stats, breakdown: dict[str, int] | None, context: tuple[int, int] | None) -> None:
+    def session_stats(self, stats, breakdown: dict[str, int] | None, context: tuple[int, int] | None,
+                      experts: dict | None = None) -> None:
         table = Table(title="session", show_header=False, box=None, padding=(0, 2))
         if context:
             table.add_row("context", f"{context[0]:,} / {context[1]:,} tokens")
@@ -214,6 +215,11 @@ class UI:
             table.add_row("peak memory", human_bytes(stats.peak_memory_bytes))
         for kind, n in (breakdown or {}).items():
             table.add_row(f"  cache: {kind}", human_bytes(n))
+        if experts is not None:
+            table.add_row("experts resident", f"{human_bytes(experts['resident_bytes'])} of budget "
+                          f"{human_bytes(experts['budget_bytes'])} ({experts['resident_experts']} experts)")
+            table.add_row("expert hits", f"{experts['hits']:,} hits, {experts['misses']:,} misses "
+                          f"({experts['hit_rate']:.1%}), {human_bytes(experts['bytes_read'])} read")
         if stats is None and not breakdown and not context:
             table.add_row("", "nothing generated yet")
         self.err.print(table)
@@ -242,6 +248,44 @@ class UI:
         for note in plan.notes:
             self.out.print(Text(note, style="dim"), soft_wrap=True)
 
+    def stream_plan(self, title: str, rows, memory_gb: int, context: int, ssd_gbps: float) -> None:
+        from .stream_plan import DEFAULT_TARGET_TPS
+
+        table = Table(title=f"{title}: recipe and expert budget per Mac (KV at {context:,} tokens)")
+        for col in ("Mac", "recipe", "budget", "resident", "hit*", "read/tok*", f"tok/s* @{ssd_gbps:g}GB/s"):
+            table.add_column(col, justify="right", no_wrap=col in ("Mac", "recipe"))
+        for r in rows:
+            c = r.choice
+            style = "bold" if r.memory_gb == memory_gb else None
+            if c is None:
+                table.add_row(f"{r.memory_gb} GB", Text("does not fit", style="red"), "-", "-", "-", "-", "-",
+                              style=style)
+            elif c.resident:
+                table.add_row(f"{r.memory_gb} GB", c.recipe, "all", "100%", "-", "0", "no reads", style=style)
+            else:
+                table.add_row(f"{r.memory_gb} GB", c.recipe, human_bytes(c.budget), f"{c.fraction:.0%}",
+                              f"{c.hit:.0%}", human_bytes(c.read_per_token), f"{c.tps:.2f}" if c.tps else "-",
+                              style=style)
+        self.out.print(table)
+        mine = next(r for r in rows if r.memory_gb == memory_gb)
+        if mine.choice is None:
+            self.out.print(Text(f"{memory_gb} GB: no recipe fits (the other weights and KV cache alone are too big).",
+                                style="red"))
+        else:
+            c = mine.choice
+            budget = "every expert resident" if c.resident else f"--expert-budget {c.budget / 1e9:.0f}GB"
+            self.out.print(Text(f"{memory_gb} GB: convert with --recipe {c.recipe}, run with {budget}.", style="bold"))
+            for o in mine.options:
+                speed = "resident" if o.resident else (f"{o.tps:.2f} tok/s*" if o.tps else "does not fit")
+                self.out.print(Text(f"  {o.recipe}: experts {human_bytes(o.expert_bytes)}, {speed}", style="dim"))
+        self.out.print(Text("* PROJECTION, not a measurement: read/token = (1 - hit rate) x top-k x layers x one "
+                            f"expert; tok/s = {ssd_gbps:g} GB/s / read per token (SSD alone, compute left out). "
+                            "Hit rates were measured by benchmarks/expert_stream.py with a near-uniform synthetic "
+                            "router (a pessimistic stand-in); the real Flash routing pattern was not measured. "
+                            "Suggested: the best quality that keeps every expert resident or projects "
+                            f"{DEFAULT_TARGET_TPS:g}+ tok/s, else the fastest.",
+                            style="dim"), soft_wrap=True)
+
     def split_plan(self, title: str, context: int, rows) -> None:
         table = Table(title=f"Split plan: {title}")
         for col in ("rank", "layers", "weights", f"KV at {context:,}", "total", "memory", "fits"):
@@ -259,6 +303,19 @@ class UI:
         self.out.print(Text("total includes ~2 GB + 3% of weights for activations and buffers; tensor mode "
                             "keeps the whole KV cache on every rank (one shared KV head).", style="dim"),
                        soft_wrap=True)
+
+    def expert_stats(self, stats: dict, tokens: int | None = None) -> None:
+        table = Table(title=f"Routed experts read on demand ({stats['policy']})", show_header=False)
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        table.add_row("budget", f"{human_bytes(stats['budget_bytes'])} of {human_bytes(stats['total_bytes'])}")
+        table.add_row("resident", f"{human_bytes(stats['resident_bytes'])} ({stats['resident_experts']} experts)")
+        table.add_row("hit rate", f"{stats['hit_rate']:.1%} ({stats['hits']:,} hits, {stats['misses']:,} misses)")
+        table.add_row("read", f"{human_bytes(stats['bytes_read'])} in {stats['reads']:,} reads, "
+                      f"{stats['read_seconds']:.2f} s")
+        if tokens:
+            table.add_row("read per token", human_bytes(stats["bytes_read"] / tokens))
+        self.out.print(table)
 
     def bench_table(self, model_name: str, rows: list[dict]) -> None:
         table = Table(title=f"Benchmark: {model_name}")

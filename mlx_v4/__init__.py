@@ -21,7 +21,7 @@ DEMO_MODEL_PATH = Path(__file__).parent / "demo"
 
 
 def load(path_or_repo: str | Path | None = None, *, model_config: dict | None = None, dtype=None,
-         fp8: str | None = None):
+         fp8: str | None = None, expert_budget: int | str | None = None, expert_policy: str | None = None):
     """Load a DeepSeek V4 model and its tokenizer.
 
     ``path_or_repo``: a model directory (the official release, a transformers-named checkpoint
@@ -30,12 +30,19 @@ def load(path_or_repo: str | Path | None = None, *, model_config: dict | None = 
     ``dtype`` is the compute dtype of unquantized weights and activations (default float32 on
     the CPU backend, bfloat16 on Metal). ``fp8``: ``"mxfp8"`` keeps FP8 weights quantized
     (default on Metal), ``"dequantize"`` expands them to ``dtype`` (default on CPU, where
-    quantized matmuls are slow)."""
+    quantized matmuls are slow).
+
+    ``expert_budget``: None keeps every routed expert resident; bytes (int) or a size ("32GB")
+    keeps the routed experts in their checkpoint files and reads the ones the router picks into
+    slots that never exceed that many bytes (logits are bit-identical); ``"auto"`` fits them in
+    the memory left after the other weights and a planned KV cache. ``expert_policy``: "lfu"
+    (default) or "lru". ``model.expert_store.stats()`` reports hits, misses and bytes read."""
     from .loader import load_model
     from .tokenizer import load_tokenizer
 
     model, path = load_model(DEMO_MODEL_PATH if path_or_repo is None else path_or_repo,
-                             model_config=model_config, dtype=dtype, fp8=fp8)
+                             model_config=model_config, dtype=dtype, fp8=fp8, expert_budget=expert_budget,
+                             expert_policy=expert_policy)
     return model, load_tokenizer(path)
 
 

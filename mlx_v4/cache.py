@@ -341,6 +341,10 @@ def save_cache(path, cache: list[WindowCache], *, tokens: list[int], fingerprint
                meta: dict | None = None) -> None:
     """Write the cache, the token ids it covers and the model fingerprint to one safetensors
     file, atomically (temp file, fsync, rename), with a checksum of its contents."""
+    if hasattr(cache, "engram_history"):  # DeepSeek V4.1: its own layout (mlx_v4/v41/cache.py)
+        from .v41.cache import save_v41_cache
+
+        return save_v41_cache(path, cache, tokens=tokens, fingerprint=fingerprint, meta=meta)
     import json
     import os
     import struct
@@ -385,6 +389,10 @@ def load_cache(path, model) -> tuple[list[WindowCache], list[int], dict]:
     Refuses (CacheMismatchError) a file from another model, quantization or format version, and
     (CacheFileError, naming the file and field) a damaged or crafted one: checksum, header,
     metadata, and every array's name, dtype and shape are checked before anything is used."""
+    if str(getattr(model, "model_type", "")).startswith("deepseek_v41"):  # mlx_v4/v41/cache.py
+        from .v41.cache import load_v41_cache
+
+        return load_v41_cache(path, model)
     from pathlib import Path
 
     path = Path(path)

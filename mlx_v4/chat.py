@@ -60,9 +60,24 @@ def _tool_definition(tool: dict):
     return r.ToolDefinition(fn["name"], fn.get("description"), fn.get("parameters"), fn.get("strict"))
 
 
+def _text_content(content) -> str:
+    """A message's text; a list of parts (OpenAI style) may hold text parts only: image inputs
+    are refused (DeepSeek V4.1's vision tower is not part of mlx-v4)."""
+    if not isinstance(content, list):
+        return content
+    kinds = {p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content}
+    if kinds & {"image", "image_url", "input_image"}:
+        raise ValueError("image inputs are not supported: mlx-v4 runs the text model only "
+                         "(DeepSeek V4.1's vision tower is out of scope)")
+    if kinds - {"text", "input_text"}:
+        raise ValueError(f"message content parts of type {sorted(map(str, kinds - {'text', 'input_text'}))} "
+                         "are not supported; send text")
+    return "".join(p.get("text", "") for p in content)
+
+
 def _message(m: dict):
     r = _recipe()
-    role, content = m.get("role"), m.get("content") or ""
+    role, content = m.get("role"), _text_content(m.get("content") or "")
     if role == "developer":
         raise ValueError("role 'developer' is not supported by deepseek-recipe 0.2.0's V4 encoding; use 'system'")
     if role not in _ROLES:
@@ -86,14 +101,20 @@ def _conversation(messages, *, thinking: bool, reasoning_effort, tools):
                                   reasoning_effort=reasoning_effort)
 
 
+def model_version(model) -> str:
+    """"v41" for a DeepSeek V4.1 model (its own prompt encoding), else "v4"."""
+    return "v41" if str(getattr(model, "model_type", "")).startswith("deepseek_v41") else "v4"
+
+
 def render_prompt(messages: list[dict], *, thinking: bool = True, reasoning_effort: str | None = None,
-                  tools: list[dict] | None = None, tokenizer=None) -> str | list[int]:
+                  tools: list[dict] | None = None, tokenizer=None, version: str = "v4") -> str | list[int]:
     """The V4 prompt for ``messages`` as rendered by deepseek-recipe's ``DeepseekV4Encoding``:
     the text, or with ``tokenizer`` its ids (the recipe's prompt encoding, where only real
     special-token positions become special ids). It ends with ``<｜Assistant｜><think>`` in
     thinking mode and ``<｜Assistant｜></think>`` otherwise. ``reasoning_effort``: None, "low",
     "high", "xhigh" or "max"."""
-    enc = _recipe().DeepseekV4Encoding()
+    # version "v41": the recipe's DeepseekV41Encoding (ModelVersion.DeepseekV41Flash)
+    enc = _recipe().DeepseekV41Encoding() if version == "v41" else _recipe().DeepseekV4Encoding()
     conv = _conversation(messages, thinking=thinking, reasoning_effort=reasoning_effort, tools=tools)
     if tokenizer is None:
         return enc.render_conversation(conv).prompt
@@ -106,10 +127,12 @@ class ReplyParser:
     """Feeds generated ids to the recipe's ``StreamProcessor`` (Chat Completions flavour) and
     turns its deltas into Reasoning / Answer / ToolCall events."""
 
-    def __init__(self, tokenizer, *, thinking: bool, stop: list[str] | None = None, tools: bool = True):
+    def __init__(self, tokenizer, *, thinking: bool, stop: list[str] | None = None, tools: bool = True,
+                 version: str = "v4"):
         r = _recipe()
         conv = r.Conversation([r.UserMessage("")], thinking_mode=thinking)
-        request = r.ConversationRequest(conv, r.ModelVersion.DeepseekV4Pro)
+        request = r.ConversationRequest(conv, r.ModelVersion.DeepseekV41Flash if version == "v41"
+                                        else r.ModelVersion.DeepseekV4Pro)
         options = r.ParsingOptions(
             parse_tool_calls=tools, stop_sequences=list(stop or []),
             thinking_initial_stage=r.ThinkingInitialStage.ReasoningStart if thinking else None)
@@ -215,7 +238,8 @@ class ChatSession:
 
     def render(self, extra: list[dict] = ()) -> list[int]:
         return render_prompt(self.conversation(extra), thinking=self.thinking,
-                             reasoning_effort=self.reasoning_effort, tools=self.tools, tokenizer=self.tokenizer)
+                             reasoning_effort=self.reasoning_effort, tools=self.tools, tokenizer=self.tokenizer,
+                             version=model_version(self.model))
 
     def _plan(self, ids: list[int]) -> int | None:
         """How many cached ids can stay for ``ids``: all of them when they are a prefix, else
@@ -268,7 +292,8 @@ class ChatSession:
         suffix = ids[keep:]
         tag = len(ids) - 1 - ids[::-1].index(ASSISTANT_ID) if ASSISTANT_ID in ids else len(ids) - 1
         marks = sorted({p - keep for p in (tag + 1, len(ids)) if keep < p <= len(ids)})
-        parser = ReplyParser(self.tokenizer, thinking=self.thinking, stop=stop, tools=bool(self.tools))
+        parser = ReplyParser(self.tokenizer, thinking=self.thinking, stop=stop, tools=bool(self.tools),
+                             version=model_version(self.model))
         self.messages += new_messages
         fed_before = cache_offset(self.cache)
         # A role tag never belongs inside a reply: a model that emits one has ended its turn

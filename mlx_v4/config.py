@@ -134,6 +134,10 @@ class ModelArgs:
     # Activation quantisation simulations of the official code (FP8 KV, FP4 + Hadamard in
     # the indexer). On by default; off for exact comparison with transformers.
     fake_quant: bool = True
+    # FP8 rounding of the inputs of the GEMMs whose weights are FP8/FP4 in the release (the
+    # official linear(): act_quant(x, 128, "ue8m0")). None = on with fake_quant wherever every
+    # such input splits into blocks of 128 (every released config); resolved in validate().
+    act_quant: bool | None = None
     # MTP weights are recognised in checkpoints but not instantiated (see weights.py).
     mtp_compress_ratio: int | None = None
 
@@ -217,6 +221,23 @@ class ModelArgs:
         _check_rope_scaling(self.rope_scaling)
         if self.expert_dtype not in (None, "fp4", "fp8", "bf16"):
             raise ConfigError(f"expert_dtype {self.expert_dtype!r} is not one of fp4, fp8, bf16")
+        ragged = self.gemm_input_widths_not_blocked()
+        if self.act_quant is None:
+            self.act_quant = self.fake_quant and not ragged
+        elif self.act_quant and ragged:
+            raise ConfigError(
+                "act_quant rounds GEMM inputs in blocks of 128, as the official act_quant does (it "
+                f"requires whole blocks); not a multiple of 128: {', '.join(ragged)}"
+            )
+
+    def gemm_input_widths_not_blocked(self) -> list[str]:
+        """The widths of the GEMM inputs rounded by act_quant that are not multiples of 128:
+        x (wq_a, wkv, experts' w1/w3, MTP e_proj/h_proj), qr (wq_b, indexer wq_b), the grouped
+        output (wo_b) and the SwiGLU product (experts' w2)."""
+        widths = {"hidden_size": self.hidden_size, "q_lora_rank": self.q_lora_rank,
+                  "o_groups*o_lora_rank": self.o_groups * self.o_lora_rank,
+                  "moe_intermediate_size": self.moe_intermediate_size}
+        return [f"{name}={w}" for name, w in widths.items() if w % 128]
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -301,6 +322,7 @@ class ModelArgs:
         d = dataclasses.asdict(self)
         mtp = d.pop("mtp_compress_ratio")
         d.pop("fake_quant")
+        d.pop("act_quant")
         if mtp is not None:
             d["compress_ratios"] = d["compress_ratios"] + [mtp]
         return d

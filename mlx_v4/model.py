@@ -69,8 +69,15 @@ class Model(nn.Module):
                 f"position {end} is past max_position_embeddings={self.args.max_position_embeddings}")
         x = self.embed(inputs)
         x = mx.broadcast_to(x[:, :, None, :], (B, L, self.args.hc_mult, x.shape[-1]))
-        for layer, c in zip(self.layers, cache):
-            x = layer(x, inputs, c)
+        if self.expert_store is None:
+            for layer, c in zip(self.layers, cache):
+                x = layer(x, inputs, c)
+        else:  # a failed expert read rewinds the cache: no half-updated step
+            from .experts import StepGuard
+
+            with StepGuard(cache):
+                for layer, c in zip(self.layers, cache):
+                    x = layer(x, inputs, c)
         if last_only:
             x = x[:, -1:]
         x = self.norm(self.hc_head(x))
@@ -78,6 +85,8 @@ class Model(nn.Module):
 
     #: Identity of the loaded weights (set by mlx_v4.load from the checkpoint files).
     weights_id: str = ""
+    #: The routed-expert store when experts are read on demand (mlx_v4.load(expert_budget=...)).
+    expert_store = None
 
     @property
     def fingerprint(self) -> str:
@@ -87,8 +96,12 @@ class Model(nn.Module):
 
         from mlx.utils import tree_flatten
 
-        layout = sorted((k, tuple(v.shape), str(v.dtype)) for k, v in tree_flatten(self.parameters()))
-        blob = json.dumps([self.args.to_dict(), self.args.fake_quant, layout, self.weights_id], default=str)
+        layout = [(k, tuple(v.shape), str(v.dtype)) for k, v in tree_flatten(self.parameters())]
+        if self.expert_store is not None:  # the same identity as with every expert resident
+            layout += self.expert_store.layout()
+        layout = sorted(layout)
+        numerics = [self.args.fake_quant] + (["act_quant"] if self.args.act_quant else [])  # old caches stay valid
+        blob = json.dumps([self.args.to_dict(), *numerics, layout, self.weights_id], default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def make_cache(self):

@@ -67,6 +67,11 @@ def check_tensor_split(args, n: int) -> None:
     if bad:
         raise SplitError(f"tensor parallel over {n} ranks needs heads, output groups and routed experts "
                          f"divisible by {n}, but {', '.join(bad)}; use --parallel pipeline or another rank count")
+    local = args.o_groups // n * args.o_lora_rank
+    if getattr(args, "act_quant", False) and local % 128:
+        # each rank FP8-rounds its own wo_b input columns: its blocks of 128 must be the global ones
+        raise SplitError(f"tensor parallel over {n} ranks with act_quant gives each rank {local} wo_b inputs, "
+                         "not a multiple of 128; use --parallel pipeline or model_config {'act_quant': False}")
 
 
 class AllSumOutput(nn.Module):
@@ -139,6 +144,7 @@ def shard_structure(model, rank: int, n: int, group, traffic: Traffic | None = N
         old = layer.ffn.experts
         layer.ffn.experts = ShardedExperts(D, args.moe_intermediate_size, E, rank * E, args.swiglu_limit,
                                            old.grouped_dense, group, traffic)
+        layer.ffn.experts.act_quant = old.act_quant
 
 
 def wrap_outputs(model, group, traffic: Traffic | None = None) -> None:

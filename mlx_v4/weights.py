@@ -239,6 +239,11 @@ def _scan(model_dir: Path) -> tuple[dict[str, TensorInfo], str]:
     return infos, files[0].name if len(files) == 1 else "the *.safetensors files"
 
 
+def scan_checkpoint(model_dir: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint with its file and byte offset (headers validated)."""
+    return _scan(Path(model_dir))[0]
+
+
 def read_index(model_dir: str | Path) -> dict[str, Path]:
     """Tensor name -> shard file, from the index or the single file; every header validated."""
     return {name: info.file for name, info in _scan(Path(model_dir))[0].items()}
@@ -568,6 +573,14 @@ def rename_weights(weights: dict[str, mx.array], args: ModelArgs, dtype: mx.Dtyp
     mlx-lm quantizes from config.json itself) pass through unchanged."""
     if all(OUR_NAMES.fullmatch(k) for k in weights):
         return dict(weights)
+    return dict(build_from_arrays(weights, args, fp8="dequantize", fp4="dequantize", dtype=dtype, own={})[0])
+
+
+def build_from_arrays(weights: dict[str, mx.array], args: ModelArgs, *, fp8: str, fp4: str, dtype: mx.Dtype,
+                      own: dict) -> tuple[Weights, dict[str, dict]]:
+    """Arrays already loaded (by ``mx.load``, e.g. in mlx-lm) -> ``(weights, quantization)``
+    exactly as :func:`load_weights` converts the same tensors read from files; ``own`` is
+    config.json's ``"quantization"``."""
     infos = {}
     for name, a in weights.items():
         if a.dtype == mx.uint8:  # F8 loads as uint8: scales by name, else e4m3 weights
@@ -575,8 +588,7 @@ def rename_weights(weights: dict[str, mx.array], args: ModelArgs, dtype: mx.Dtyp
         else:
             st = _MX_TO_ST.get(a.dtype, str(a.dtype))
         infos[name] = TensorInfo(Path("<weights>"), name, st, tuple(a.shape))
-    out, _ = _build(infos, args, lambda i: weights[i.name], fp8="dequantize", fp4="dequantize", dtype=dtype, own={})
-    return dict(out)
+    return _build(infos, args, lambda i: weights[i.name], fp8=fp8, fp4=fp4, dtype=dtype, own=own)
 
 
 def apply_quantization(model: nn.Module, quantization: dict[str, dict]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from mlx_v4.mlx_lm_hook import HOOK_FILE
+
 
 def model_card(config: dict, conversion: dict, shards) -> str:
     source = conversion["source"]
@@ -19,6 +21,24 @@ def model_card(config: dict, conversion: dict, shards) -> str:
               "| tensor class | format |", "|---|---|"]
     for klass, fmt in conversion["classes"].items():
         lines.append(f"| {klass} | {fmt if isinstance(fmt, str) else ', '.join(fmt)} |")
-    lines += ["", "```python", "import mlx_v4", "", "model, tokenizer = mlx_v4.load(\"PATH_OR_REPO\")",
-              "print(mlx_v4.generate(model, tokenizer, \"Hello\", max_tokens=64))", "```", ""]
+    lines += ["", "## Run it", "",
+              "Both routes need the mlx-v4 package (from a clone of its repository: `pip install -e .`), "
+              "which provides the DeepSeek V4 model.", "",
+              "With mlx-v4 (chat, server, memory planner, KV cache that saves and rewinds):", "",
+              "```bash", "mlx-v4 chat --model PATH_OR_REPO", "```", "",
+              "```python", "import mlx_v4", "", "model, tokenizer = mlx_v4.load(\"PATH_OR_REPO\")",
+              "print(mlx_v4.generate(model, tokenizer, \"Hello\", max_tokens=64))", "```", "",
+              f"With mlx-lm: this directory carries mlx-lm's model file (`{HOOK_FILE}`, which imports "
+              "mlx-v4), so mlx-lm needs `trust_remote_code`. The chat template renders DeepSeek's V4 "
+              "encoding (`enable_thinking`, `reasoning_effort`, tools).", "",
+              "```bash",
+              "mlx_lm.generate --model PATH_OR_REPO --trust-remote-code --prompt \"Hello\" "
+              "--chat-template-config '{\"enable_thinking\": false}'",
+              "mlx_lm.server --model PATH_OR_REPO --trust-remote-code",
+              "```", "",
+              "```python", "from mlx_lm import load, generate", "",
+              "model, tokenizer = load(\"PATH_OR_REPO\", trust_remote_code=True)",
+              "messages = [{\"role\": \"user\", \"content\": \"Hello\"}]",
+              "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)",
+              "print(generate(model, tokenizer, prompt, max_tokens=64))", "```", ""]
     return "\n".join(lines)

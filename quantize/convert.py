@@ -10,7 +10,8 @@ Order of work, so that no failure leaves something that looks finished:
 3. the resume manifest ``.mlx-v4-progress.json`` records finished shards and every file the
    converter may create; shards are written one by one (temp name, fsync, rename), skipping
    those a previous run finished;
-4. tokenizer files, README.md, config.json, the index, and last the marker ``.mlx-v4-complete``.
+4. tokenizer files, the chat template and mlx-lm's model file (``mlx_v4.mlx_lm_hook``), README.md,
+   config.json, the index, and last the marker ``.mlx-v4-complete``.
 
 Only files the converter recorded as its own are deleted or overwritten (``--force``, resuming):
 a user's file in ``dst`` is left alone, or the conversion stops and names it (see marker.py).
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_v4.mlx_lm_hook import HOOK_FILE, model_files
 from mlx_v4.weights import INDEX_FILE, resolve_model_path
 
 from . import card
@@ -35,8 +37,8 @@ from .io import TEMP_SUFFIX, Reader, ShardWriter, write_atomic, write_json
 from .marker import FINISH_FILES, MANIFEST, MARKER, is_complete, owned_files, read_json, verify_output
 from .plan import (
     Source,
-    chunk_offset,
     chunk_src_bytes,
+    chunk_target,
     chunks,
     layout,
     open_source,
@@ -45,14 +47,15 @@ from .plan import (
     produce,
 )
 from .progress import Progress
-from .recipes import ConvertError, Override, Quant, get_recipe
+from .recipes import DEFAULT_RECIPE, ConvertError, Override, Quant, get_recipe
 
 log = logging.getLogger("mlx_v4.quantize")
 
 FORMAT_VERSION = 1
-#: Copied from the source when present (tokenizer, chat template, generation defaults).
+#: Copied from the source when present (tokenizer, generation defaults). The tokenizer pair, the
+#: chat template and mlx-lm's model file are then written by mlx_v4.mlx_lm_hook.model_files.
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-               "generation_config.json", "chat_template.jinja", "chat_template.json")
+               "generation_config.json")
 
 
 @dataclass
@@ -71,9 +74,28 @@ class ConvertResult:
         return str(self.path)
 
 
-def _request(src, recipe: str, group_size: int, override, max_shard_bytes: int) -> dict:
-    return {"source": str(src), "recipe": recipe, "group_size": group_size, "override": override is not None,
-            "max_shard_bytes": int(max_shard_bytes), "format_version": FORMAT_VERSION}
+def _request(src, recipe: str, group_size: int, override, max_shard_bytes: int, calibration: str | None = None) -> dict:
+    out = {"source": str(src), "recipe": recipe, "group_size": group_size, "override": override is not None,
+           "max_shard_bytes": int(max_shard_bytes), "format_version": FORMAT_VERSION}
+    if calibration is not None:
+        out["calibration"] = calibration
+    return out
+
+
+def _calibration(recipe: str, calibration) -> tuple[str | None, str | None]:
+    """(calibration text, its identity for the request) for a calibrated recipe, else (None, None)."""
+    import hashlib
+
+    from .calibrate import CALIBRATED_RECIPES, calibration_text
+
+    if recipe not in CALIBRATED_RECIPES:
+        if calibration not in (None, False):
+            raise ConvertError(f"--calibration applies to {', '.join(CALIBRATED_RECIPES)}, not recipe {recipe!r}")
+        return None, None
+    if calibration is False:
+        return None, "plain"
+    text = calibration_text(None if calibration in (None, True) else calibration)
+    return text, hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _delete_owned(dst: Path, record: dict | None) -> None:
@@ -109,24 +131,28 @@ def _reopen(dst: Path, marker: dict, sound: dict[str, int], problem: str) -> Non
     (dst / MARKER).unlink()
 
 
-def convert(src: str | Path, dst: str | Path, *, recipe: str = "mxfp4", group_size: int = 64,
+def convert(src: str | Path, dst: str | Path, *, recipe: str = DEFAULT_RECIPE, group_size: int = 64,
             override: Override | None = None, max_shard_bytes: int = 5_000_000_000, force: bool = False,
             verify: bool = False, upload_repo: str | None = None, private: bool = False,
             progress: bool | None = None, chunk_bytes: int = 256 << 20,
-            on_shard: Callable[[str], None] | None = None) -> ConvertResult:
+            on_shard: Callable[[str], None] | None = None, calibration=None) -> ConvertResult:
     """Convert ``src`` (a directory or a Hugging Face repo id: the official FP8/FP4 release, or
     bf16/fp32 safetensors with official or transformers names) into an mlx-v4 directory ``dst``.
 
-    ``recipe``: 4bit, 8bit, mixed-4-8, mxfp4, bf16 (see recipes.py); ``group_size`` for affine
+    ``recipe``: one of ``RECIPE_NAMES`` (native, mxfp4, mxfp8, 4bit, 8bit, mixed-4-8, bf16; see
+    recipes.RECIPES; ``native`` is lossless); ``group_size`` for affine
     formats (32/64/128); ``override(module, class, target)`` may return another target per
     module. ``max_shard_bytes`` caps output shards. ``force`` redoes a finished output. ``verify``
     compares the converted and the source model (mean KL, top-1 agreement); ``upload_repo``
     uploads the result. ``progress``: bars on a terminal (None = when stderr is one).
-    ``on_shard(name)`` is called after each shard is durably written."""
+    ``on_shard(name)`` is called after each shard is durably written. ``calibration`` (the
+    2bit-experts / 3bit-experts recipes): a text file to calibrate the routed experts on (None:
+    the built-in text; False: plain rounding), see calibrate.py."""
     t0 = time.monotonic()
     dst = Path(dst).expanduser()
     rec = get_recipe(recipe, group_size)
-    request = _request(src, rec.name, group_size, override, max_shard_bytes)
+    calib_text, calib_id = _calibration(rec.name, calibration)
+    request = _request(src, rec.name, group_size, override, max_shard_bytes, calib_id)
     _prepare_dst(dst, force)
     result = ConvertResult(dst, rec.name)
     marker = read_json(dst / MARKER)
@@ -141,11 +167,18 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str = "mxfp4", group_si
             marker = None
     if marker is not None:
         log.info("%s: already converted (%s, every shard checked); nothing to do", dst, MARKER)
+        _add_model_files(dst, marker)
         result.noop = True
         source_dir = None
     else:
         source_dir = resolve_model_path(str(src))
-        _convert(source_dir, dst, rec, request, override, max_shard_bytes, progress, chunk_bytes, on_shard, result)
+        moments = None
+        if calib_text is not None:
+            from .calibrate import calibrate
+
+            moments = calibrate(source_dir, calib_text)
+        _convert(source_dir, dst, rec, request, override, max_shard_bytes, progress, chunk_bytes, on_shard, result,
+                 moments)
     result.seconds = time.monotonic() - t0
     if verify:
         from .verify import verify_conversion
@@ -159,7 +192,7 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str = "mxfp4", group_si
 
 
 def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_bytes, progress, chunk_bytes,
-             on_shard, result: ConvertResult) -> None:
+             on_shard, result: ConvertResult, moments=None) -> None:
     src = open_source(source_dir)
     jobs, skipped = plan_jobs(src, rec, override)
     if skipped:
@@ -170,7 +203,8 @@ def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_byte
     dst.mkdir(parents=True, exist_ok=True)
     manifest = read_json(dst / MANIFEST) or {}
     names = [s.name for s in shards]
-    outputs = names + [n for n in EXTRA_FILES if (src.path / n).is_file()] + list(FINISH_FILES)
+    outputs = (names + [n for n in EXTRA_FILES if (src.path / n).is_file()] + list(model_files(src.path))
+               + list(FINISH_FILES))
     written = owned_files(manifest)
     if "written" not in manifest:  # a manifest from before `written` (only the converter wrote here)
         written |= {n for n in outputs if (dst / n).is_file()}
@@ -209,10 +243,10 @@ def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_byte
             try:
                 for job in s.jobs:
                     for e, a, sub in chunks(job, src, chunk_bytes):
-                        out = produce(job, sub, reader.read, src)
+                        out = produce(job, sub, reader.read, src, quantizer=_quantizer(job, e, a, moments))
                         mx.eval(*out.values())
                         for name, arr in out.items():
-                            writer.write(name, chunk_offset(job, e, a, name, arr), arr)
+                            writer.write(*chunk_target(job, e, a, name, arr), arr)
                         del out
                         bar.advance(nbytes=chunk_src_bytes(sub))
                     bar.advance(tensors=1)
@@ -231,11 +265,32 @@ def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_byte
     _finish(src, dst, rec, request, shards, phash, manifest)
 
 
+def _quantizer(job, e: int, a: int, moments):
+    """The calibrated quantizer for a chunk of routed experts (None: plain mx.quantize): expert
+    ``e`` of a stack of per-expert tensors, or experts ``a``, ``a + 1``... of a stacked [E, ...]
+    source tensor."""
+    if moments is None or job.klass != "experts":
+        return None
+    from .calibrate import quantize_weighted
+
+    layer, w = int(job.name.split(".")[1]), job.name.split(".")[-2]
+
+    def quantize(arr, **params):
+        if arr.ndim == 2:
+            return quantize_weighted(arr, moments.importance(layer, e if job.stacked else a, w), **params)
+        parts = [quantize_weighted(arr[i], moments.importance(layer, a + i, w), **params) for i in range(arr.shape[0])]
+        return tuple(mx.stack(p) for p in zip(*parts))
+
+    return quantize
+
+
 def _finish(src: Source, dst: Path, rec, request, shards, phash, manifest: dict) -> None:
     for name in EXTRA_FILES:
         f = src.path / name
         if f.is_file():
             write_atomic(dst / name, f.read_bytes())
+    for name, data in model_files(src.path).items():  # what mlx-lm needs to open the directory
+        write_atomic(dst / name, data)
     quantization, classes = {}, {}
     for s in shards:
         for j in s.jobs:
@@ -254,6 +309,7 @@ def _finish(src: Source, dst: Path, rec, request, shards, phash, manifest: dict)
                   "source_fingerprint": src.fingerprint,
                   "classes": {k: sorted(v)[0] if len(v) == 1 else sorted(v) for k, v in sorted(classes.items())}}
     config["mlx_v4_conversion"] = conversion
+    config["model_file"] = HOOK_FILE  # mlx-lm imports it (trust_remote_code) to build the model
     write_atomic(dst / "README.md", card.model_card(config, conversion, shards))
     write_json(dst / "config.json", config)
     weight_map = {n: s.name for s in shards for n, _, _ in s.tensors}
@@ -263,6 +319,25 @@ def _finish(src: Source, dst: Path, rec, request, shards, phash, manifest: dict)
                               "sizes": manifest["done"], "written": manifest["written"],
                               "completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     (dst / MANIFEST).unlink(missing_ok=True)
+
+
+def _add_model_files(dst: Path, marker: dict) -> None:
+    """A conversion finished by an mlx-v4 that did not write mlx-lm's files gets them (its own
+    tokenizer files are kept), so running convert again makes it open in mlx-lm. Only files that
+    are absent or the converter's own are written; they are recorded in the marker."""
+    config = read_json(dst / "config.json")
+    if config is None or config.get("model_file") == HOOK_FILE and (dst / HOOK_FILE).is_file():
+        return
+    owned = owned_files(marker, EXTRA_FILES)
+    files = {n: d for n, d in model_files(dst).items() if n in owned or not (dst / n).exists()}
+    if HOOK_FILE not in files:
+        log.warning("%s: %s exists and was not written by the converter; mlx-lm's files not added", dst, HOOK_FILE)
+        return
+    write_json(dst / MARKER, marker | {"written": sorted(owned | set(files))})  # recorded before written
+    for name, data in files.items():
+        write_atomic(dst / name, data)
+    write_json(dst / "config.json", config | {"model_file": HOOK_FILE})
+    log.info("%s: added mlx-lm's model file, chat template and tokenizer files", dst)
 
 
 __all__ = ["convert", "ConvertResult", "is_complete", "MARKER", "MANIFEST"]

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mlx_v4.mlx_lm_hook import HOOK_FILE
 from mlx_v4.weights import INDEX_FILE, WeightsError, read_header
 
 MARKER = ".mlx-v4-complete"
 MANIFEST = ".mlx-v4-progress.json"
 #: What a conversion writes besides its shards (the tokenizer files only when the source has
 #: them); used for markers and manifests from before ``written`` was recorded.
-FINISH_FILES = ("README.md", "config.json", INDEX_FILE)
+FINISH_FILES = ("README.md", "config.json", INDEX_FILE, "chat_template.jinja", HOOK_FILE)
 
 
 def read_json(path: Path) -> dict | None:

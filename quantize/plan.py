@@ -32,8 +32,10 @@ from mlx_v4.weights import (
 )
 
 from .io import mx_dtype, st_dtype
-from .recipes import ConvertError, Override, Quant, Recipe, Target, choose, classify
+from .recipes import QUANTIZABLE, ConvertError, Override, Quant, Recipe, Target, choose, classify
 
+_DENSE_DTYPE = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
+_SOURCE_DENSE = {"F32": "fp32", "F64": "fp32", "F16": "fp16"}
 _ITEM = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
          "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "BOOL": 1}
 
@@ -94,8 +96,9 @@ def _zeros(info: TensorInfo) -> mx.array:
 
 
 def produce(job: Job, entry, get: Callable[[TensorInfo], mx.array], src: Source,
-            target: Target | None = None) -> dict[str, mx.array]:
-    """One (sub-)entry -> {output name: lazy array} in the job's target format."""
+            target: Target | None = None, quantizer: Callable | None = None) -> dict[str, mx.array]:
+    """One (sub-)entry -> {output name: lazy array} in the job's target format. ``quantizer``
+    replaces ``mx.quantize`` (same signature and outputs; calibrate.quantize_weighted)."""
     t = job.target if target is None else target
     module, leaf = job.name.rsplit(".", 1)
     # FP8/FP4 always arrive as mxfp8/mxfp4 (exact): they pass through when that is the target, and
@@ -111,14 +114,26 @@ def produce(job: Job, entry, get: Callable[[TensorInfo], mx.array], src: Source,
     a = arrays[job.name]
     if leaf != "weight" or not isinstance(t, Quant):
         if mx.issubdtype(a.dtype, mx.floating):
-            a = a.astype(mx.float32 if t == "fp32" else mx.bfloat16)
+            a = a.astype(_DENSE_DTYPE.get(t, mx.bfloat16))
         return {job.name: a}
-    out = mx.quantize(a.astype(mx.bfloat16), **t.params())
+    out = (quantizer or mx.quantize)(a.astype(mx.bfloat16), **t.params())
     return dict(zip((f"{module}.weight", f"{module}.scales", f"{module}.biases"), out, strict=False))
 
 
 def _work_dtype(entry) -> mx.Dtype:
-    return mx.float32 if any(t.dtype in ("F32", "F64") for p in entry.parts for t in _part_tensors(p)) else mx.bfloat16
+    wide = ("F32", "F64", "F16")  # F16 too: bf16 cannot hold it, float32 holds it exactly
+    return mx.float32 if any(t.dtype in wide for p in entry.parts for t in _part_tensors(p)) else mx.bfloat16
+
+
+def source_format(job: Job, entry, src: Source) -> Target:
+    """The format ``entry`` has in the source, as the model can hold it exactly: FP4/FP8 ->
+    mxfp4/mxfp8 and MLX-quantized tensors keep their parameters where the model runs the module
+    quantized; otherwise the float dtype (FP8/FP4 values dequantized are exact in bf16)."""
+    _, quant = materialise(job.name, entry, _zeros, fp8="mxfp8", fp4="mxfp4", dtype=job.work_dtype,
+                           block=src.block, own=src.own)
+    if quant is not None and job.klass in QUANTIZABLE:
+        return Quant(quant["bits"], quant["group_size"], quant["mode"])
+    return _SOURCE_DENSE.get(entry.parts[0].w.dtype, "bf16")
 
 
 def plan_jobs(src: Source, recipe: Recipe, override: Override | None) -> tuple[list[Job], list[str]]:
@@ -137,7 +152,8 @@ def plan_jobs(src: Source, recipe: Recipe, override: Override | None) -> tuple[l
         job = Job(name, entry, klass, "bf16", stacked, [], sum(_ITEM[t.dtype] * math.prod(t.shape)
                   for p in entry.parts for t in _part_tensors(p)), _work_dtype(entry))
         dense = produce(job, one if stacked else entry, _zeros, src, target="bf16")
-        job.target = choose(name, klass, recipe, tuple(dense[name].shape), override)
+        source = source_format(job, one if stacked else entry, src) if recipe.keep_source else None
+        job.target = choose(name, klass, recipe, tuple(dense[name].shape), override, source)
         if klass == "compressor" and job.target == "bf16" and job.work_dtype == mx.float32:
             job.target = "fp32"  # the model runs compressors in fp32: an fp32 source keeps them exact
         out = produce(job, one if stacked else entry, _zeros, src)
@@ -189,6 +205,21 @@ def chunk_offset(job: Job, e: int, a: int, out_name: str, arr: mx.array) -> int:
     return (e * rows + a) * rest * arr.itemsize
 
 
+def expert_tensor(name: str, e: int) -> str:
+    """A stacked expert output name -> expert ``e``'s own tensor (layers.3.ffn.experts.w1.weight
+    -> layers.3.ffn.experts.7.w1.weight), the layout the expert store reads in one pread."""
+    head, tail = name.split(".ffn.experts.", 1)
+    return f"{head}.ffn.experts.{e}.{tail}"
+
+
+def chunk_target(job: Job, e: int, a: int, out_name: str, arr: mx.array) -> tuple[str, int]:
+    """(tensor written, byte offset in it) of a chunk: routed experts go to their own tensors."""
+    if not job.stacked:
+        return out_name, chunk_offset(job, e, a, out_name, arr)
+    rest = math.prod(arr.shape[1:]) if arr.ndim else 1
+    return expert_tensor(out_name, e), a * rest * arr.itemsize
+
+
 def chunk_src_bytes(entry) -> int:
     return sum(_ITEM[t.dtype] * math.prod(t.shape) for p in entry.parts for t in _part_tensors(p))
 
@@ -201,18 +232,43 @@ class Shard:
 
     @property
     def tensors(self) -> list[tuple[str, tuple[int, ...], str]]:
-        return [o for j in self.jobs for o in j.outputs]
+        """In file order. A layer's routed experts are one tensor per expert and matrix, each
+        expert's w1, w2, w3 (weights, scales, biases) adjacent: a streamed expert is one read."""
+        out = []
+        for unit in _units(self.jobs):
+            if not unit[0].stacked:
+                out += unit[0].outputs
+                continue
+            for e in range(unit[0].outputs[0][1][0]):
+                out += [(expert_tensor(n, e), shape[1:], d) for j in unit for n, shape, d in j.outputs]
+        return out
+
+
+def _units(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs grouped as they must be placed: a layer's stacked expert jobs together."""
+    units: list[list[Job]] = []
+    where: dict[str, list[Job]] = {}
+    for j in jobs:
+        layer = j.name.split(".ffn.experts.")[0] if j.stacked else None
+        if layer is not None and layer in where:
+            where[layer].append(j)
+            continue
+        units.append([j])
+        if layer is not None:
+            where[layer] = units[-1]
+    return units
 
 
 def layout(jobs: list[Job], max_shard_bytes: int) -> list[Shard]:
     groups: list[list[Job]] = [[]]
     size = 0
-    for j in jobs:
-        if groups[-1] and size + j.out_bytes > max_shard_bytes:
+    for unit in _units(jobs):
+        nbytes = sum(j.out_bytes for j in unit)
+        if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
-        groups[-1].append(j)
-        size += j.out_bytes
+        groups[-1].extend(unit)
+        size += nbytes
     n = len(groups)
     return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 

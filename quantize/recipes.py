@@ -1,8 +1,9 @@
 """Recipes: which tensor class gets which format.
 
 A *target* is either a :class:`Quant` (MLX ``mx.quantize`` parameters) or a dense dtype name
-(``"bf16"``, ``"fp32"``). Every tensor of our parameter tree falls in one class (:func:`classify`);
-a recipe maps the quantizable classes to targets, and everything else keeps a fixed dense format:
+(``"bf16"``, ``"fp16"``, ``"fp32"``). Every tensor of our parameter tree falls in one class
+(:func:`classify`); a recipe maps the quantizable classes to targets (``native`` instead keeps
+each tensor's source format), and everything else keeps a fixed dense format:
 hyper-connection tensors, attention sinks, the router bias and the compressor ``ape`` stay fp32,
 ``tid2eid`` stays integer, norms/router/compressors/``wo_a`` stay dense (the model runs them
 unquantized: see ``weights._DENSE_ONLY``).
@@ -32,10 +33,10 @@ class Quant:
         return self.mode if self.mode != "affine" else f"affine {self.bits}-bit g{self.group_size}"
 
 
-Target = Quant | str  # a Quant, or "bf16" / "fp32"
+Target = Quant | str  # a Quant, or "bf16" / "fp16" / "fp32"
 MXFP4 = Quant(4, 32, "mxfp4")
 MXFP8 = Quant(8, 32, "mxfp8")
-DENSE = ("bf16", "fp32")
+DENSE = ("bf16", "fp16", "fp32")
 
 #: Per-tensor override: (our module path, tensor class, the recipe's target) -> target, or None
 #: to keep the recipe's choice. E.g. ``lambda m, c, t: Quant(8, 64) if m == "layers.0.attn.wq_b" else None``.
@@ -82,6 +83,9 @@ class Recipe:
     experts: Target
     linear: Target  # attention, indexer, shared expert
     embed_head: Target
+    #: Every tensor keeps its source format (``native``); the targets above then describe the
+    #: official release, which is what sizing (``mlx-v4 info``) uses.
+    keep_source: bool = False
 
     def target(self, klass: str) -> Target:
         if klass == "experts":
@@ -93,29 +97,72 @@ class Recipe:
         return "fp32" if klass in FP32_CLASSES else "bf16"
 
 
-RECIPE_NAMES = ("4bit", "8bit", "mixed-4-8", "mxfp4", "bf16")
-#: Names other parts of the project use for the same recipes.
-ALIASES = {"q4": "4bit", "q8": "8bit", "native": "mxfp4", "mixed": "mixed-4-8"}
+@dataclass(frozen=True)
+class RecipeSpec:
+    """One row of :data:`RECIPES`. A format is an int (affine bits at the requested group size),
+    a Quant, or a dense dtype name; ``{g}`` in the description becomes the group size."""
+
+    experts: int | Target
+    linear: int | Target
+    embed_head: int | Target
+    description: str
+    keep_source: bool = False
+
+    def build(self, name: str, group_size: int) -> Recipe:
+        def fmt(f):
+            return Quant(f, group_size) if isinstance(f, int) else f
+        return Recipe(name, self.description.format(g=group_size), fmt(self.experts), fmt(self.linear),
+                      fmt(self.embed_head), self.keep_source)
+
+
+#: Every recipe, in the order the CLI and docs list them: adding one is one line here.
+RECIPES: dict[str, RecipeSpec] = {
+    "native": RecipeSpec(MXFP4, MXFP8, "bf16", "every tensor keeps its source format, so nothing is rounded "
+                         "(FP4 -> mxfp4 and FP8 -> mxfp8 bit for bit, bf16 stays bf16)", keep_source=True),
+    "mxfp4": RecipeSpec(MXFP4, MXFP8, "bf16", "routed experts mxfp4, attention/indexer/shared expert mxfp8, "
+                        "embedding/head bf16 (the release's layout, imposed on any source)"),
+    "mxfp8": RecipeSpec(MXFP8, MXFP8, "bf16", "routed experts and attention/indexer/shared expert mxfp8, "
+                        "embedding/head bf16"),
+    "4bit": RecipeSpec(4, 4, 4, "uniform affine 4-bit (group {g})"),
+    "8bit": RecipeSpec(8, 8, 8, "uniform affine 8-bit (group {g})"),
+    "mixed-4-8": RecipeSpec(4, 8, 8, "routed experts affine 4-bit, attention/indexer/shared expert/embedding/"
+                            "head affine 8-bit (group {g})"),
+    "bf16": RecipeSpec("bf16", "bf16", "bf16", "everything dense bf16 (fp32 where the model needs it)"),
+    # for Macs that stream the experts from SSD (mlx_v4.experts): fewer bytes per miss; the routed
+    # experts are calibrated on activations (quantize/calibrate.py)
+    "3bit-experts": RecipeSpec(3, 8, 8, "routed experts affine 3-bit (calibrated), attention/indexer/shared "
+                               "expert/embedding/head affine 8-bit (group {g})"),
+    "2bit-experts": RecipeSpec(2, 8, 8, "routed experts affine 2-bit (calibrated), attention/indexer/shared "
+                               "expert/embedding/head affine 8-bit (group {g})"),
+}
+RECIPE_NAMES = tuple(RECIPES)
+#: Other spellings accepted for the same recipes (older mlx-v4 names, mlx-lm's q-bits names).
+ALIASES = {"q4": "4bit", "q8": "8bit", "mixed": "mixed-4-8"}
+DEFAULT_RECIPE = "native"
 GROUP_SIZES = (32, 64, 128)
 
 
-def get_recipe(name: str, group_size: int = 64) -> Recipe:
+def recipe_name(name: str) -> str:
+    """The canonical name of ``name`` (an alias resolved); ConvertError listing the choices."""
     name = ALIASES.get(name, name)
+    if name not in RECIPES:
+        raise ConvertError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPE_NAMES)}")
+    return name
+
+
+def get_recipe(name: str, group_size: int = 64) -> Recipe:
+    name = recipe_name(name)
     if group_size not in GROUP_SIZES:
         raise ConvertError(f"group_size={group_size}: choose one of {', '.join(map(str, GROUP_SIZES))}")
-    q4, q8 = Quant(4, group_size), Quant(8, group_size)
-    recipes = {
-        "4bit": Recipe("4bit", f"uniform affine 4-bit (group {group_size})", q4, q4, q4),
-        "8bit": Recipe("8bit", f"uniform affine 8-bit (group {group_size})", q8, q8, q8),
-        "mixed-4-8": Recipe("mixed-4-8", f"routed experts affine 4-bit, attention/indexer/shared expert/"
-                            f"embedding/head affine 8-bit (group {group_size})", q4, q8, q8),
-        "mxfp4": Recipe("mxfp4", "the release's own formats: FP4 experts -> mxfp4 and FP8 -> mxfp8 "
-                        "without rounding; embedding/head bf16", MXFP4, MXFP8, "bf16"),
-        "bf16": Recipe("bf16", "everything dense bf16 (fp32 where the model needs it)", "bf16", "bf16", "bf16"),
-    }
-    if name not in recipes:
-        raise ConvertError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPE_NAMES)}")
-    return recipes[name]
+    return RECIPES[name].build(name, group_size)
+
+
+def bits_per_weight(target: Target) -> float:
+    """Stored bits per weight of ``target``, scales included: affine adds a bf16 scale and bias per
+    group, mxfp4/mxfp8 one 8-bit scale per 32 values."""
+    if isinstance(target, Quant):
+        return target.bits + (8 if target.mode != "affine" else 32) / target.group_size
+    return {"bf16": 16.0, "fp16": 16.0, "fp32": 32.0}[target]
 
 
 def check_target(target: Target, where: str) -> Target:
@@ -131,12 +178,14 @@ def check_target(target: Target, where: str) -> Target:
     return target
 
 
-def choose(name: str, klass: str, recipe: Recipe, shape: tuple[int, ...], override: Override | None) -> Target:
+def choose(name: str, klass: str, recipe: Recipe, shape: tuple[int, ...], override: Override | None,
+           source: Target | None = None) -> Target:
     """The target of one weight (our name), after the override and the shape checks. A quantized
     default that the shape does not allow (in-dim not a multiple of the group) falls back to bf16;
-    an override that asks for the impossible is an error."""
+    an override that asks for the impossible is an error. ``source``: the tensor's own format,
+    the target of a ``keep_source`` recipe."""
     module = name.rsplit(".", 1)[0]
-    target = recipe.target(klass)
+    target = source if recipe.keep_source and source is not None else recipe.target(klass)
     forced = override(module, klass, target) if override is not None else None
     if forced is not None:
         target = check_target(forced, f"override for '{module}'")

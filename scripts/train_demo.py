@@ -33,13 +33,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import mlx_v4  # noqa: E402,F401  # isort: skip  (first: its BLAS preload must run before mlx.core loads)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
-import mlx_v4  # noqa: E402,F401  (preloads BLAS before mlx.core)
 from mlx_v4.config import ModelArgs  # noqa: E402
 from mlx_v4.model import Model  # noqa: E402
 

@@ -191,6 +191,22 @@ def test_info_bits_shrinks_weights():
     assert weights("--bits", 2) < weights("--recipe", "native") < weights("--recipe", "bf16")
 
 
+def test_info_and_convert_share_the_recipe_names():
+    from mlx_v4.cli.convert import RECIPE_LIST
+    from mlx_v4.quantize.recipes import RECIPE_NAMES
+
+    assert RECIPE_LIST.split(", ") == list(RECIPE_NAMES)  # the --help text lists the real table
+
+    def weights(recipe):
+        r = run("info", "flash", "--recipe", recipe)
+        assert r.exit_code == 0, r.output
+        return next(ln for ln in r.stdout.splitlines() if "weights" in ln)
+
+    assert "recipe 4bit" in weights("q4") and weights("q4") == weights("4bit")
+    assert "recipe native" in weights("native")
+    one_line_error(run("info", "flash", "--recipe", "q3"), "unknown recipe 'q3': choose one of native, mxfp4")
+
+
 def test_info_checkpoint_dir_reads_index(tmp_path):
     from mlx_v4.testing.tiny import TINY_CONFIG
 
@@ -310,6 +326,13 @@ def test_convert_verify_and_errors(tmp_path):
     assert r.exit_code == 0 and "already converted" in r.stderr
     one_line_error(run("convert", tmp_path / "src", tmp_path / "out2", "--recipe", "3bit"), "recipe")
     one_line_error(run("convert", tmp_path / "nope", tmp_path / "out3"), "nope")
+
+
+def test_convert_demo_default_native(tmp_path):
+    r = run("convert", "demo", tmp_path / "d")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert cfg["mlx_v4_conversion"]["recipe"] == "native" and (tmp_path / "d" / cfg["model_file"]).is_file()
 
 
 # ---- misleading hints (issue 15, item 12) -------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import struct
 
@@ -45,9 +46,18 @@ def converted(source, tmp_path_factory):
 
 
 def _tensors(path):
+    """Every output tensor; routed experts (one tensor per expert on disk) also stacked under
+    the model's names (layers.N.ffn.experts.w1.weight [E, ...])."""
     out = {}
     for f in sorted(path.glob("model-*.safetensors")):
         out.update(mx.load(str(f)))
+    per_expert = re.compile(r"(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123]\.\w+)")
+    stacks: dict[str, dict[int, mx.array]] = {}
+    for name, a in out.items():
+        if m := per_expert.fullmatch(name):
+            stacks.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = a
+    for name, by_e in stacks.items():
+        out[name] = mx.stack([by_e[e] for e in range(len(by_e))])
     return out
 
 
@@ -63,7 +73,7 @@ def _raw(path, name):
 
 
 # ---- every recipe -----------------------------------------------------------------------------
-@pytest.mark.parametrize("recipe", ["4bit", "8bit", "mixed-4-8", "mxfp4", "bf16"])
+@pytest.mark.parametrize("recipe", ["native", "4bit", "8bit", "mixed-4-8", "mxfp4", "mxfp8", "bf16"])
 def test_recipe_loads_and_is_complete(converted, recipe):
     r = converted(recipe)
     assert is_complete(r.path) and not (r.path / MANIFEST).exists()
@@ -75,6 +85,9 @@ def test_recipe_loads_and_is_complete(converted, recipe):
     index = json.loads((r.path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert (r.path / "tokenizer_config.json").exists() and "mlx" in (r.path / "README.md").read_text()
+    assert json.loads((r.path / "tokenizer_config.json").read_text())["model_max_length"] == 4096  # the source's
+    for name in ("tokenizer.json", "chat_template.jinja", cfg["model_file"]):  # what mlx-lm needs
+        assert (r.path / name).is_file(), name
     model, tokenizer = mlx_v4.load(r.path)
     assert model(mx.array([[1, 2, 3]])).shape == (1, 3, TINY_CONFIG["vocab_size"])
     t = _tensors(r.path)
@@ -86,6 +99,51 @@ def test_recipe_loads_and_is_complete(converted, recipe):
         assert cfg["quantization"]["layers.1.attn.wq_b"]["bits"] == 8 and cfg["quantization"]["embed"]["bits"] == 8
     if recipe == "bf16":
         assert "quantization" not in cfg
+
+
+def test_native_is_lossless(source, converted):
+    """Every tensor keeps its source format (indexer.weights_proj is BF16 in the release and stays
+    bf16; FP8 -> mxfp8 and FP4 -> mxfp4 bytes pass through), so the logits are bit-identical to
+    the source's loaded with its FP8 kept quantized."""
+    r = converted("native")
+    cfg = json.loads((r.path / "config.json").read_text())
+    t = _tensors(r.path)
+    assert t["layers.1.attn.indexer.weights_proj.weight"].dtype == mx.bfloat16
+    assert "layers.1.attn.indexer.weights_proj" not in cfg["quantization"]
+    assert cfg["quantization"]["layers.1.attn.indexer.wq_b"]["mode"] == "mxfp8"
+    assert cfg["quantization"]["layers.2.ffn.experts.w1"]["mode"] == "mxfp4"
+    assert cfg["mlx_v4_conversion"]["classes"]["indexer"] == ["bf16", "mxfp8"]
+    src_model, _ = mlx_v4.load(source[0], fp8="mxfp8")
+    ours, _ = mlx_v4.load(r.path)
+    x = mx.array([[0, 5, 17, 300, 9, 1000, 2, 77] * 20])  # past the window and a 128-compression block
+    assert mx.array_equal(ours(x), src_model(x))
+    # --verify loads the source the default way (on the CPU: FP8 dequantized, other matmul kernels)
+    assert r.verify.kl_mean < 1e-6 and r.verify.top1_agreement == 1.0
+
+
+def test_native_keeps_mlx_and_f16_formats(tmp_path):
+    """An mlx-v4 directory (the demo: affine 3/4/8-bit, float16 elsewhere) converts to itself."""
+    r = convert(mlx_v4.DEMO_MODEL_PATH, tmp_path / "demo", recipe="native", progress=False)
+    got, want = _tensors(r.path), dict(mx.load(str(mlx_v4.DEMO_MODEL_PATH / "model.safetensors")))
+    for name, a in want.items():
+        if mx.issubdtype(a.dtype, mx.floating) and got[name].dtype == mx.float32:
+            a = a.astype(mx.float32)  # fp32 classes (hyper-connections, sinks, ...) are widened exactly
+        if name.endswith("tid2eid"):
+            a = a.astype(mx.int32)  # conversions store the hash table as int32
+        assert got[name].dtype == a.dtype and mx.array_equal(got[name], a), name
+    assert got.keys() == want.keys()
+
+
+def test_recipe_names(source, tmp_path):
+    from mlx_v4.quantize.recipes import ALIASES, RECIPE_NAMES, bits_per_weight, get_recipe
+
+    assert RECIPE_NAMES[0] == "native" and {"mxfp4", "mxfp8", "4bit", "8bit", "mixed-4-8", "bf16"} <= set(RECIPE_NAMES)
+    assert all(get_recipe(alias).name == name for alias, name in ALIASES.items())
+    assert get_recipe("native").keep_source and not get_recipe("mxfp4").keep_source
+    assert bits_per_weight(Quant(4, 64)) == 4.5 and bits_per_weight(get_recipe("native").experts) == 4.25
+    with pytest.raises(ConvertError, match=r"unknown recipe 'q3': choose one of native, mxfp4"):
+        convert(source[0], tmp_path / "x", recipe="q3", progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 def test_quality_ordering(converted):
@@ -176,6 +234,20 @@ def test_resume_after_kill_noop_and_force(source, tmp_path):
     forced = convert(source[0], dst, recipe="4bit", max_shard_bytes=SHARD, force=True, progress=False)
     assert not forced.noop and forced.shards_written and not forced.shards_reused
     assert json.loads((dst / "config.json").read_text())["mlx_v4_conversion"]["recipe"] == "4bit"
+
+
+def test_rerun_adds_mlx_lm_files_to_an_older_conversion(source, tmp_path):
+    dst = tmp_path / "old"
+    convert(source[0], dst, recipe="4bit", max_shard_bytes=SHARD, progress=False)
+    cfg = json.loads((dst / "config.json").read_text())
+    for name in ("chat_template.jinja", cfg.pop("model_file")):  # as mlx-v4 wrote them before
+        (dst / name).unlink()
+    (dst / "config.json").write_text(json.dumps(cfg))
+    tokenizer_config = (dst / "tokenizer_config.json").read_text()
+    r = convert(source[0], dst, recipe="4bit", max_shard_bytes=SHARD, progress=False)
+    assert r.noop and (dst / "chat_template.jinja").is_file() and (dst / "mlx_v4_model.py").is_file()
+    assert json.loads((dst / "config.json").read_text()) == cfg | {"model_file": "mlx_v4_model.py"}
+    assert (dst / "tokenizer_config.json").read_text() == tokenizer_config  # its own, completed again
 
 
 def test_refuses_foreign_directory(source, tmp_path):
@@ -322,6 +394,8 @@ def test_upload_mocked_http(source, converted, monkeypatch):
     assert ("POST", "/api/repos/create") in seen and ("POST", "/api/models/me/tiny-mlx/commit/main") in seen
     files = next(x for x in seen if isinstance(x, list))
     assert "config.json" in files and "model.safetensors.index.json" in files and MARKER not in files
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "mlx_v4_model.py", "README.md"):
+        assert name in files, name
     assert any(f.startswith("model-") for f in files)
 
 

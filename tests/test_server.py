@@ -203,7 +203,7 @@ def test_errors_in_each_protocols_shape(scripted):
         ant(url, "sekrit").messages.create(model="scripted", max_tokens=10, messages=[{"role": "user", "content": long}])
     with pytest.raises(openai.BadRequestError):
         oai(url, "sekrit").responses.create(model="scripted", input=long)
-    assert httpx.get(f"{url}/health").json()["engine"]["failed"] == 0
+    assert httpx.get(f"{url}/health", headers=h).json()["engine"]["failed"] == 0
 
 
 # ---- disconnects ----------------------------------------------------------------------------------

@@ -114,3 +114,42 @@ def test_persisted_entries_resume(model, tmp_path):
     other = random_model(tiny_args(), seed=1)
     other.weights_id = "another checkpoint"
     assert PrefixCache(other, cache_dir=tmp_path).stats()["disk_entries"] == 0
+
+
+def test_bad_cache_files_are_skipped_and_removed(model, tmp_path, caplog):
+    """Garbage, a truncated header and a header missing a field are skipped and removed with a
+    log line (the files are the server's own); a file it did not name is left alone; a prompt
+    that matched the broken file resumes from the next best one."""
+    import logging
+    import struct
+
+    from mlx_v4.server.prefix_cache import _token_hash
+
+    conv = _ids(200, 30)
+    pool = PrefixCache(model, budget_bytes=1 << 40, cache_dir=tmp_path)
+    _entry(model, conv, pool, turn_mark=180)
+    assert pool.persist() == 1
+    end = tmp_path / f"{_token_hash(conv)}.safetensors"
+    arrays, meta = mx.load(str(end), return_metadata=True)
+    del meta["offset"]
+    mx.save_safetensors(str(end), arrays, metadata=meta)
+    garbage = tmp_path / ("0" * 32 + ".safetensors")
+    garbage.write_bytes(b"not a safetensors file at all")
+    truncated = tmp_path / ("1" * 32 + ".safetensors")
+    truncated.write_bytes(struct.pack("<Q", 1 << 40) + b"{")
+    listed = tmp_path / ("2" * 32 + ".safetensors")
+    listed.write_bytes(struct.pack("<Q", 2) + b"[]")
+    notes = tmp_path / "notes.safetensors"
+    notes.write_bytes(b"someone else's")
+    with caplog.at_level(logging.WARNING, logger="mlx_v4.server"):
+        restarted = PrefixCache(model, budget_bytes=1 << 40, cache_dir=tmp_path)
+        assert restarted.stats()["disk_entries"] == 2
+        assert not garbage.exists() and not truncated.exists() and not listed.exists() and notes.exists()
+        lease = restarted.acquire(conv + _ids(20, 31))  # the end file is broken: the turn file serves
+    assert lease.source == "disk" and lease.keep == 180 and not end.exists()
+    assert restarted.stats()["disk_entries"] == 1 and restarted.hits == 1 and restarted.reused_tokens == 180
+    logged = caplog.text
+    for path in (garbage, truncated, listed, end):
+        assert f"prefix cache: removing {path}: " in logged, logged
+    # the edited file fails its content checksum (mlx_v4.cache_file) before any field is read
+    assert f"prefix cache: skipping {notes}: " in logged and "contents do not match the checksum" in logged

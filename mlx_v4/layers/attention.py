@@ -25,7 +25,7 @@ from ..kernels.attend import attend
 from ..kernels.sparse_decode import sparse_decode_attention
 from ..kernels.sparse_prefill import sparse_prefill_attention
 from .compressor import Compressor
-from .fake_quant import quantize_kv_entry
+from .fake_quant import gemm_input, quantize_kv_entry
 from .indexer import Indexer
 from .norm import RMSNorm, rms_normalize
 from .rope import RoPE
@@ -70,6 +70,7 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim, self.groups = H, hd, args.o_groups
         self.ratio = args.compress_ratios[layer]
         self.window, self.eps, self.fake_quant = args.sliding_window, args.rms_norm_eps, args.fake_quant
+        self.act_quant = args.act_quant  # FP8-round the inputs of wq_a, wq_b, wkv, wo_b (official linear())
         self.wq_a = nn.Linear(D, args.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
         self.wq_b = nn.Linear(args.q_lora_rank, H * hd, bias=False)
@@ -91,11 +92,13 @@ class Attention(nn.Module):
         offset, dtype = cache.offset, x.dtype
         cos, sin = self._rope.cos_sin(mx.arange(offset, offset + L))
 
-        qr = self.q_norm(self.wq_a(x))
-        q = rms_normalize(self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim), self.eps)
+        xq = gemm_input(x, self.act_quant)  # wq_a and wkv share one rounded x
+        qr = self.q_norm(self.wq_a(xq))
+        q = rms_normalize(self.wq_b(gemm_input(qr, self.act_quant)).reshape(B, L, self.n_heads, self.head_dim),
+                          self.eps)
         q = self._rope(q, cos[:, None], sin[:, None])
 
-        kv = self._rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, L, hd]
+        kv = self._rope(self.kv_norm(self.wkv(xq)), cos, sin)  # [B, L, hd]
         packed = None
         if self.fake_quant:
             kv, packed = quantize_kv_entry(kv, self._rope.rope_dim)
@@ -111,9 +114,10 @@ class Attention(nn.Module):
             comp, selected = self._compress(x, qr, cache, cos, sin)
         o = self._attend_blocks(q, window, window_mask, comp, selected, cache, qpos)
         o = self._rope(o, cos[:, None], sin[:, None], inverse=True)
+        # wo_a is a plain bf16 einsum in the official code (its input is not rounded)
         o = grouped_projection(o.reshape(B, L, self.groups, -1), self.wo_a, self.groups)
         cache.offset += L
-        return self.wo_b(o)
+        return self.wo_b(gemm_input(o, self.act_quant))
 
     def _compress(self, x, qr, cache, cos, sin):
         """Run the compressor(s) on this chunk and append their entries to the cache.

@@ -6,7 +6,10 @@ and ``fp4_act_quant``):
 
 * window and compressed KV: dims ``[:nope]`` rounded to FP8 e4m3 in blocks of 64 with
   power-of-two (E8M0) scales; the RoPE dims stay in bf16;
-* indexer keys and queries: Hadamard rotation, then FP4 e2m1 in blocks of 32 with E8M0 scales.
+* indexer keys and queries: Hadamard rotation, then FP4 e2m1 in blocks of 32 with E8M0 scales;
+* the input of every GEMM whose weight is FP8 or FP4 in the release: FP8 e4m3 in blocks of 128
+  with E8M0 scales (the official ``linear()`` calls ``act_quant(x, 128, "ue8m0")`` before
+  ``fp8_gemm``/``fp4_gemm``), see :func:`act_quant_fp8` and :func:`gemm_input`.
 
 Each rounding also returns its packed form (codes + exponent bytes) so the KV cache can store
 exactly what the model computed, at its real size.
@@ -25,6 +28,7 @@ from ..formats import pow2 as _pow2
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 FP8_BLOCK = 64  # per-block scale of the KV fake-quant (not the 128 of the weights)
+GEMM_BLOCK = 128  # per-block scale of the GEMM inputs (the official ``block_size``)
 FP4_BLOCK = 32
 
 
@@ -88,6 +92,50 @@ def quantize_fp4(x: mx.array, block: int = FP4_BLOCK) -> tuple[mx.array, mx.arra
 def fake_quant_fp4(x: mx.array, block: int = FP4_BLOCK) -> mx.array:
     """The value the official ``fp4_act_quant(x, 32, inplace=True)`` leaves in x."""
     return dequantize_fp4(*quantize_fp4(x, block), dtype=x.dtype)
+
+
+def _e4m3_grid(v: mx.array) -> mx.array:
+    """Round float32 v (|v| <= 448) to the nearest e4m3 value, ties to even, in float32.
+    Normal range: keep 3 mantissa bits by integer round-to-nearest-even on the bit pattern;
+    below 2**-6 (e4m3 subnormals) the grid is uniform, 2**-9 apart. Equal to
+    ``from_fp8(to_fp8(v))`` (tested) in plain integer/float ops, which mx.compile fuses."""
+    bits = v.view(mx.uint32)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).view(mx.float32)
+    subnormal = mx.round(v * 512.0) * (1.0 / 512.0)  # mx.round: ties to even
+    return mx.where(mx.abs(v) < 2.0**-6, subnormal, normal)
+
+
+def _act_quant_fp8(x: mx.array) -> mx.array:
+    """x [..., n], n % 128 == 0 -> x rounded as in :func:`act_quant_fp8`, in x's dtype.
+    One max-reduction per block, then one fused elementwise pass (compiled below)."""
+    xb = x.astype(mx.float32).reshape(*x.shape[:-1], -1, GEMM_BLOCK)  # [..., n / 128, 128]
+    amax = mx.maximum(mx.abs(xb).max(axis=-1, keepdims=True), 1e-4)
+    e = _pow2_ceil_exponent(amax * (1.0 / FP8_MAX))  # [..., n / 128, 1]
+    # x / 2**e == x * 2**-e exactly (powers of two in the normal range)
+    v = _e4m3_grid(mx.clip(xb * _pow2(-e), -FP8_MAX, FP8_MAX))
+    return (v * _pow2(e)).reshape(x.shape).astype(x.dtype)
+
+
+_act_quant_fp8_compiled = mx.compile(_act_quant_fp8)
+
+
+def act_quant_fp8(x: mx.array, block: int = GEMM_BLOCK) -> mx.array:
+    """The value the official ``act_quant(x, 128, "ue8m0")`` hands to ``fp8_gemm``/``fp4_gemm``
+    (codes times scales): per block of 128 along the last axis, scale = 2**ceil(log2(amax / 448))
+    with amax floored at 1e-4, values rounded to e4m3 (ties to even, saturating at 448). Returns
+    x's dtype (exact in float32 and bfloat16). Like the official kernel it needs whole blocks."""
+    if block != GEMM_BLOCK:
+        raise ValueError(f"act_quant_fp8 rounds in blocks of {GEMM_BLOCK} (the official block_size), not {block}")
+    if x.shape[-1] % GEMM_BLOCK:
+        raise ValueError(f"act_quant_fp8: the last axis ({x.shape[-1]}) is not a multiple of {GEMM_BLOCK}; "
+                         "the official act_quant requires whole blocks")
+    return _act_quant_fp8_compiled(x)
+
+
+def gemm_input(x: mx.array, act_quant: bool) -> mx.array:
+    """What a projection whose official weight is FP8/FP4 multiplies: x rounded by
+    :func:`act_quant_fp8` when ``act_quant`` is on, else x itself (unchanged, no copy)."""
+    return act_quant_fp8(x) if act_quant else x
 
 
 _HADAMARD: dict[int, mx.array] = {}

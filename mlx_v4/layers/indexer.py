@@ -15,7 +15,7 @@ import mlx.nn as nn
 
 from ..kernels.indexer_topk import indexer_topk
 from .compressor import Compressor
-from .fake_quant import fake_quant_fp4, hadamard
+from .fake_quant import fake_quant_fp4, gemm_input, hadamard
 from .rope import RoPE
 
 #: Largest score piece (elements) the indexer builds at once: [rows, heads, cols] products and
@@ -35,7 +35,7 @@ class Indexer(nn.Module):
         self.compressor = Compressor(args.hidden_size, self.head_dim, 4, rope, args.rms_norm_eps,
                                      for_indexer=True, fake_quant=args.fake_quant)
         self._rope = rope
-        self.fake_quant = args.fake_quant
+        self.fake_quant, self.act_quant = args.fake_quant, args.act_quant  # wq_b's input FP8-rounded
 
     def select(self, x: mx.array, qr: mx.array, offset: int, cos: mx.array, sin: mx.array,
                keys: tuple[mx.array, ...] | None, packed: list[mx.array] | None = None) -> mx.array | None:
@@ -50,11 +50,12 @@ class Indexer(nn.Module):
         n_total = 0 if keys is None else keys[0].shape[1]
         if n_total <= self.topk:
             return None
-        q = self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim)
+        q = self.wq_b(gemm_input(qr, self.act_quant)).reshape(B, L, self.n_heads, self.head_dim)
         q = self._rope(q, cos[:, None], sin[:, None])
         if self.fake_quant:
             q = fake_quant_fp4(hadamard(q))
         q = q.astype(mx.float32)
+        # weights_proj is a bf16 weight in the official code: its input x is not rounded
         w = self.weights_proj(x).astype(mx.float32) * (self.head_dim**-0.5 * self.n_heads**-0.5)
         if self.use_kernel and packed is not None:
             return indexer_topk(q, w, *packed, n_keys=n_total, offset=offset, k=self.topk, use_kernel=True)

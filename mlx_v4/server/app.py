@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +20,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .engine import Engine, Job
+from .guards import (
+    MAX_JSON_DEPTH,
+    check_json_content_type,
+    check_origin,
+    json_depth_exceeds,
+    normalize_hosts,
+    read_body,
+)
 from .prefix_cache import PrefixCache
 from .protocols import PROTOCOLS, ApiError, Protocol, conversion_options, prepare
 
@@ -41,6 +48,16 @@ class ServerConfig:
     prefill_step: int = 512
     prefill_chunk: int = 2048
     accept_any_model: bool = False  # answer every model name (some agents insist on their own)
+    max_body_bytes: int = MAX_BODY  # request bodies beyond this get 413, chunked or not
+    # Without api_key the server answers only requests whose Host (and Origin, when sent) is
+    # localhost, 127.0.0.1 or [::1] (DNS rebinding, cross-site posts); these names widen
+    # that ("*": any host).
+    allowed_hosts: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        # an empty key would switch authentication off while looking like one was set
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("ServerConfig.api_key is empty; pass None for no key, or a non-empty key")
 
 
 class _State:
@@ -48,7 +65,9 @@ class _State:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.context = int(model.args.max_position_embeddings)
         self.names = [config.model_name] + [a for a in config.aliases if a != config.model_name]
-        self.options = conversion_options(self.names, self.context)
+        from ..chat import model_version
+
+        self.options = conversion_options(self.names, self.context, model_version(model))
         self.pool = engine.pool if engine else PrefixCache(model, config.cache_budget_bytes, config.cache_dir)
         self.engine = engine or Engine(model, tokenizer, self.pool, max_active=config.max_active,
                                        prefill_step=config.prefill_step, prefill_chunk=config.prefill_chunk,
@@ -58,6 +77,11 @@ class _State:
 
 def _error(protocol: Protocol, err: ApiError) -> JSONResponse:
     return JSONResponse(protocol.error_body(err), status_code=err.status)
+
+
+def _protocol_of(request: Request) -> Protocol:
+    """The error shape for a request that names no protocol by its path (models, health)."""
+    return PROTOCOLS["messages" if "anthropic-version" in request.headers else "chat"]
 
 
 def _authorized(request: Request, key: str | None) -> bool:
@@ -75,27 +99,37 @@ def create_app(model, tokenizer, config: ServerConfig | None = None, *, engine: 
     shutdown stops it and writes the prefix cache to ``config.cache_dir`` (if set)."""
     config = config or ServerConfig()
     state = _State(model, tokenizer, config, engine)
+    allowed_hosts = normalize_hosts(config.allowed_hosts)
+
+    def admit(request: Request) -> None:
+        """A keyed server wants the key; an unkeyed one only answers its own loopback names."""
+        if config.api_key is None:
+            check_origin(request.headers, allowed_hosts)
+        elif not _authorized(request, config.api_key):
+            raise ApiError(401, "invalid or missing API key")
+
+    def parse(protocol: Protocol, body: bytes):
+        """On a worker thread (every step is linear in the body, which may be 64 MB)."""
+        if json_depth_exceeds(body, MAX_JSON_DEPTH):
+            raise ApiError(400, f"request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels")
+        return prepare(protocol, body, tokenizer=tokenizer, options=state.options, context=state.context,
+                       default_max_tokens=config.default_max_tokens,
+                       model_override=config.model_name if config.accept_any_model else None)
 
     async def completion(request: Request, protocol: Protocol) -> Response:
-        if not _authorized(request, config.api_key):
-            return _error(protocol, ApiError(401, "invalid or missing API key"))
         try:
-            if int(request.headers.get("content-length") or 0) > MAX_BODY:
-                return _error(protocol, ApiError(413, "request body too large"))
-        except ValueError:
-            return _error(protocol, ApiError(400, "bad content-length header"))
-        body = await request.body()
-        if config.accept_any_model:
-            body = _rename_model(body, config.model_name)
-        try:
-            prep = await asyncio.to_thread(
-                prepare, protocol, body, tokenizer=tokenizer, options=state.options, context=state.context,
-                default_max_tokens=config.default_max_tokens)
+            admit(request)
+            check_json_content_type(request.headers)
+            body = await read_body(request, config.max_body_bytes)
+            prep = await asyncio.to_thread(parse, protocol, body)
         except ApiError as e:
             return _error(protocol, e)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         job = Job(prep, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        if not state.engine.alive:
+            return _error(protocol, ApiError(503, "the engine has stopped; see the server log and restart it",
+                                             "api_error"))
         if not state.engine.submit(job):
             return _error(protocol, ApiError(503, "the server is busy; retry later", "overloaded_error"))
         if prep.stream:
@@ -113,9 +147,10 @@ def create_app(model, tokenizer, config: ServerConfig | None = None, *, engine: 
         return await completion(request, PROTOCOLS["responses"])
 
     async def models(request: Request):
-        if not _authorized(request, config.api_key):
-            proto = PROTOCOLS["messages" if "anthropic-version" in request.headers else "chat"]
-            return _error(proto, ApiError(401, "invalid or missing API key"))
+        try:
+            admit(request)
+        except ApiError as e:
+            return _error(_protocol_of(request), e)
         created = int(state.started)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.started))
         data = [{"id": n, "object": "model", "created": created, "owned_by": "mlx-v4", "type": "model",
@@ -124,8 +159,17 @@ def create_app(model, tokenizer, config: ServerConfig | None = None, *, engine: 
                              "first_id": data[0]["id"], "last_id": data[-1]["id"]})
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "model": config.model_name, "context": state.context,
-                             "engine": state.engine.stats(), "prefix_cache": state.pool.stats()})
+        try:
+            admit(request)  # usage and cache stats are the key holder's business
+        except ApiError as e:
+            return _error(_protocol_of(request), e)
+        alive = state.engine.alive
+        body = {"status": "ok" if alive else "engine stopped", "model": config.model_name,
+                "context": state.context, "engine": state.engine.stats(), "prefix_cache": state.pool.stats()}
+        store = getattr(model, "expert_store", None)
+        if store is not None:
+            body["experts"] = store.stats()
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -142,17 +186,6 @@ def create_app(model, tokenizer, config: ServerConfig | None = None, *, engine: 
     ], lifespan=lifespan)
     app.state.server = state
     return app
-
-
-def _rename_model(body: bytes, name: str) -> bytes:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return body
-    if isinstance(data, dict) and isinstance(data.get("model"), str):
-        data["model"] = name
-        return json.dumps(data).encode()
-    return body
 
 
 async def _stream(engine: Engine, job: Job, queue: asyncio.Queue, protocol: Protocol):

@@ -50,7 +50,10 @@ class LeaderEngine(Engine):
             prep.sampling["seed"] = random.randrange(2**31)  # every rank samples alike
         self._tell({"op": "start", "id": job.dist_id, "ids": prep.ids, "marks": prep.marks,
                     "max_tokens": prep.max_tokens, "sampling": _sampling(prep.sampling)})
-        return super()._start(job)
+        run = super()._start(job)
+        if run is None:  # it failed to start: the replicas drop it too (a repeated end is ignored)
+            self._tell({"op": "end", "id": job.dist_id})
+        return run
 
     def _step(self, run) -> bool:
         if not run.job.cancelled:  # a cancelled run only ends (told by _end)

@@ -15,9 +15,9 @@ client went away, or failed.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +27,8 @@ from ..cache import cache_offset, checkpoint
 from ..generation import Finish, Token, prefill, stream_generate
 from .prefix_cache import PrefixCache
 from .protocols import Prepared, Sink
+
+log = logging.getLogger("mlx_v4.server")
 
 
 @dataclass
@@ -44,6 +46,7 @@ class _Run:
     cache: list
     keep: int
     pos: int  # ids of the prompt in the cache
+    source: object = None  # the prefix-cache file the cache was loaded from, if any
     gen: object = None
     generated: list[int] = field(default_factory=list)
 
@@ -70,7 +73,7 @@ class Engine:
     def submit(self, job: Job) -> bool:
         """Queue ``job``; False when the queue is full (the caller answers 503/429)."""
         with self.cv:
-            if self.stopping or len(self.pending) >= self.max_queue:
+            if self.stopping or not self.thread.is_alive() or len(self.pending) >= self.max_queue:
                 return False
             self.pending.append(job)
             self.cv.notify()
@@ -80,6 +83,11 @@ class Engine:
         job.cancelled = True
         with self.cv:
             self.cv.notify()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread still runs (/health reports a dead one)."""
+        return self.thread.is_alive()
 
     def stats(self) -> dict:
         return {"queued": len(self.pending), "active": len(self.active), "served": self.served,
@@ -121,6 +129,20 @@ class Engine:
 
     # ---- the worker ---------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException:
+            log.critical("the engine worker stopped", exc_info=True)
+            raise
+        finally:  # no handler may wait forever on a worker that is gone
+            with self.cv:
+                self.stopping = True
+                stranded = list(self.pending) + [r.job for r in self.active]
+                self.pending.clear()
+            for job in stranded:
+                self._safe_emit(job, ("error", 503, "the engine has stopped; see the server log"))
+
+    def _serve(self) -> None:
         while True:
             with self.cv:
                 while not (self.pending or self.active or self._calls or self.stopping):
@@ -150,32 +172,46 @@ class Engine:
                 try:
                     done = self._step(run)
                 except Exception as e:  # a bug or a model failure: this request fails, the server stays
-                    traceback.print_exc()
-                    self.failed += 1
-                    self._safe_emit(run.job, ("error", 500, f"generation failed: {type(e).__name__}: {e}"))
-                    self._end(run, store=False)
+                    self._fail(run, e)
                     done = True
                 if done and run in self.active:
                     self.active.remove(run)
+
+    def _fail(self, run: _Run, e: Exception) -> None:
+        """End ``run`` with a 500 for its client; nothing it raises may stop the worker."""
+        log.error("request %s failed", run.job.prep.rid, exc_info=e)
+        self.failed += 1
+        self._safe_emit(run.job, ("error", 500, f"generation failed: {type(e).__name__}: {e}"))
+        if run.source is not None:  # a cache read back from disk may be what broke: not again
+            self.pool.discard(run.source, f"a request resumed from it failed ({type(e).__name__}: {e})")
+        try:
+            self._end(run, store=False)
+        except Exception:
+            log.exception("cleaning up request %s failed", run.job.prep.rid)
 
     @staticmethod
     def _safe_emit(job: Job, item: tuple) -> None:
         try:
             job.emit(item)
-        except RuntimeError:  # the handler's event loop is gone
+        except Exception:  # the handler's event loop is gone
             job.cancelled = True
 
     def _start(self, job: Job) -> _Run | None:
         prep = job.prep
-        lease = self.pool.acquire(prep.ids)
-        sink = Sink(prep, self.tokenizer)
-        run = _Run(job, sink, lease.cache, lease.keep, lease.keep)
+        try:
+            lease = self.pool.acquire(prep.ids)
+            sink = Sink(prep, self.tokenizer)
+        except Exception as e:
+            log.error("request %s could not start", prep.rid, exc_info=e)
+            self.failed += 1
+            self._safe_emit(job, ("error", 500, f"cannot start the response: {type(e).__name__}: {e}"))
+            return None
+        run = _Run(job, sink, lease.cache, lease.keep, lease.keep, source=lease.path)
         try:
             for piece in sink.start(len(prep.ids), lease.keep):
                 self._safe_emit(job, ("data", piece))
         except Exception as e:
-            self._safe_emit(job, ("error", 500, f"cannot start the response: {e}"))
-            self._end(run, store=True)
+            self._fail(run, e)
             return None
         return run
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -38,6 +40,8 @@ from ..cache import cache_nbytes, cache_offset, rewind
 
 MAX_MARKS = 12  # checkpoints kept per entry (each holds a window snapshot)
 MAX_COLD = 256  # on-disk entries kept in the index
+_OWN_FILE = re.compile(r"[0-9a-f]{32}\.safetensors")  # the names _save writes
+log = logging.getLogger("mlx_v4.server")
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Lease:
     cache: list
     keep: int
     source: str  # "new", "taken", "cloned" or "disk"
+    path: Path | None = None  # the file a "disk" lease was loaded from
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -83,6 +88,8 @@ def clone_at(cache: list, offset: int) -> list:
     concatenation, so neither side's appends reach the other)."""
     from ..cache import CSACache, HCACache, WindowCache
 
+    if hasattr(cache, "clone_at"):  # DeepSeek V4.1: layers share stores (mlx_v4/v41/cache.py)
+        return cache.clone_at(offset)
     out = []
     for c in cache:
         if not isinstance(c, WindowCache):  # test doubles: a plain deep copy, then rewind
@@ -128,17 +135,25 @@ def _token_hash(tokens: list[int]) -> str:
 
 
 def read_file_tokens(path: Path) -> tuple[list[int], dict]:
-    """The token ids and metadata of a cache file, read from its safetensors header only."""
+    """The token ids and metadata of a cache file, read from its safetensors header only.
+    Raises ValueError for a file that is not one."""
     import numpy as np
 
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+        size = path.stat().st_size
+        (n,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+        if not 2 <= n <= size - 8:
+            raise ValueError(f"header length {n} does not fit a {size}-byte file")
         header = json.loads(f.read(n))
-        meta = header.get("__metadata__", {})
+        meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
+        if not isinstance(meta, dict):
+            raise ValueError("no safetensors header")
         t = header.get("tokens")
         if t is None:
             return [], meta
         begin, end = t["data_offsets"]
+        if t.get("dtype") != "I32" or not 0 <= begin <= end <= size - 8 - n or (end - begin) % 4:
+            raise ValueError("bad token array")
         f.seek(8 + n + begin)
         return np.frombuffer(f.read(end - begin), dtype="<i4").tolist(), meta
 
@@ -171,13 +186,30 @@ class PrefixCache:
         for path in sorted(self.dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
             try:
                 tokens, meta = read_file_tokens(path)
-            except (OSError, ValueError, KeyError, struct.error):
+                mtime = path.stat().st_mtime
+            except Exception as e:  # anything at all: one bad file must not stop the server
+                self._drop_file(path, e)
                 continue
             if meta.get("format") != "mlx-v4-cache" or meta.get("fingerprint") != fp or not tokens:
-                continue
-            self.entries.append(Entry(tokens, None, len(tokens), path=path, dirty=False,
-                                      used=path.stat().st_mtime - time.time()))
+                continue  # another model's (or program's) file: left alone
+            self.entries.append(Entry(tokens, None, len(tokens), path=path, dirty=False, used=mtime - time.time()))
         self._trim_cold()
+
+    def _drop_file(self, path: Path, why) -> None:
+        """Skip an unusable cache file, and delete it when it is one of ours (by its name)."""
+        own = _OWN_FILE.fullmatch(path.name) is not None and self.dir is not None and path.parent == self.dir
+        log.warning("prefix cache: %s %s: %s", "removing" if own else "skipping", path,
+                    f"{type(why).__name__}: {why}" if isinstance(why, BaseException) else why)
+        if own:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+    def discard(self, path: Path, why) -> None:
+        """Forget the entry backed by ``path`` and remove the file (a request using it failed)."""
+        self.entries = [e for e in self.entries if e.path != path]
+        self._drop_file(path, why)
 
     def _trim_cold(self) -> None:
         cold = [e for e in self.entries if e.cache is None]
@@ -203,15 +235,17 @@ class PrefixCache:
             from ..cache import load_cache
 
             try:
-                cache, _, _ = load_cache(best.path, self.model)
-            except (OSError, ValueError):
+                cache, tokens, _ = load_cache(best.path, self.model)
+                if tokens != best.tokens:
+                    raise ValueError("its token ids changed since the server indexed it")
+            except Exception as e:  # unreadable, corrupt or foreign: the file goes; try the next best
                 self.entries.remove(best)
+                self._drop_file(best.path, e)
                 self.hits -= 1
-                self.misses += 1
                 self.reused_tokens -= best_use
-                return Lease(self.model.make_cache(), 0, "new")
+                return self.acquire(ids)
             best.used = time.monotonic()
-            return Lease(cache, best_use, "disk")  # the file stays; the entry stays cold
+            return Lease(cache, best_use, "disk", best.path)  # the file stays; the entry stays cold
         if best_use >= min(best.turn_mark, len(best.tokens)):
             self.entries.remove(best)
             rewind(best.cache, best_use)
@@ -245,8 +279,8 @@ class PrefixCache:
         if self.dir is not None:
             try:
                 self._save(e)
-            except (OSError, ValueError):
-                pass
+            except Exception as err:  # a full disk: the entry is only lost
+                log.warning("prefix cache: cannot write an entry to %s: %s", self.dir, err)
         self.entries.remove(e)
         self._trim_cold()
 
@@ -276,8 +310,8 @@ class PrefixCache:
             try:
                 self._save(e)
                 n += 1
-            except (OSError, ValueError):
-                pass
+            except Exception as err:
+                log.warning("prefix cache: cannot write an entry to %s: %s", self.dir, err)
         return n
 
     def clear(self) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ..chat import recipe_tokenizer
 from ..tokenizer import ASSISTANT_ID, USER_ID
+from .prompt_size import tokens_beyond
 
 
 def _recipe():
@@ -32,8 +33,9 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str | None = None, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
-        self.kind = kind or {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
-                             429: "rate_limit_error", 503: "overloaded_error"}.get(status, "invalid_request_error")
+        self.kind = kind or {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                             413: "request_too_large", 429: "rate_limit_error",
+                             503: "overloaded_error"}.get(status, "invalid_request_error")
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ class Protocol:
             kind = "invalid_request_error" if err.kind == "context_length_exceeded" else err.kind
             return {"type": "error", "error": {"type": kind, "message": err.message}}
         kind = {"not_found_error": "invalid_request_error", "authentication_error": "invalid_request_error",
-                "overloaded_error": "server_error", "api_error": "server_error"}.get(err.kind, err.kind)
+                "permission_error": "invalid_request_error", "overloaded_error": "server_error",
+                "api_error": "server_error"}.get(err.kind, err.kind)
         code = {401: "invalid_api_key", 404: "model_not_found"}.get(err.status, kind)
         return {"error": {"message": err.message, "type": kind, "param": err.param, "code": code}}
 
@@ -80,13 +83,14 @@ PROTOCOLS = {p.name: p for p in (Protocol("chat", "chatcmpl-"), Protocol("messag
                                  Protocol("responses", "resp_"))}
 
 
-def conversion_options(model_names: list[str], context: int):
-    """Accept ``model_names`` (all rendered with the V4 encoding) and bound max_tokens by the
-    model's context."""
+def conversion_options(model_names: list[str], context: int, version: str = "v4"):
+    """Accept ``model_names`` (all rendered with the V4 encoding, or V4.1's for ``version``
+    "v41", see :func:`mlx_v4.chat.model_version`) and bound max_tokens by the model's context."""
     r = _recipe()
-    v4 = r.ModelVersion.DeepseekV4Pro  # selects DeepseekV4Encoding; Flash and Pro share it
+    # DeepseekV4Pro selects DeepseekV4Encoding (Flash and Pro share it); DeepseekV41Flash V4.1's
+    mv = r.ModelVersion.DeepseekV41Flash if version == "v41" else r.ModelVersion.DeepseekV4Pro
     return (r.ConversionOptions()
-            .with_model_versions_by_name({n: v4 for n in model_names})
+            .with_model_versions_by_name({n: mv for n in model_names})
             .with_thinking_max_tokens_upper_bound(context)
             .with_non_thinking_max_tokens_upper_bound(context))
 
@@ -110,14 +114,16 @@ class Prepared:
 _ENCODING_LOCK = threading.Lock()
 
 
-def prompt_encoding(tokenizer):
-    """The recipe's V4 prompt encoding over ``tokenizer``, made once (``with_tokenizer`` copies
-    the whole vocabulary: ~0.1 s) and cached on the tokenizer."""
+def prompt_encoding(tokenizer, version: str = "v4"):
+    """The recipe's V4 (or, ``version`` "v41", V4.1) prompt encoding over ``tokenizer``, made once
+    (``with_tokenizer`` copies the whole vocabulary: ~0.1 s) and cached on the tokenizer."""
+    attr = "_recipe_v41_encoding" if version == "v41" else "_recipe_v4_encoding"
     with _ENCODING_LOCK:
-        enc = getattr(tokenizer, "_recipe_v4_encoding", None)
+        enc = getattr(tokenizer, attr, None)
         if enc is None:
-            enc = _recipe().DeepseekV4Encoding().with_tokenizer(recipe_tokenizer(tokenizer))
-            tokenizer._recipe_v4_encoding = enc
+            cls = _recipe().DeepseekV41Encoding if version == "v41" else _recipe().DeepseekV4Encoding
+            enc = cls().with_tokenizer(recipe_tokenizer(tokenizer))
+            setattr(tokenizer, attr, enc)
         return enc
 
 
@@ -135,16 +141,21 @@ def _error_from_conversion(e) -> ApiError:
 
 
 def prepare(protocol: Protocol, body: bytes, *, tokenizer, options, context: int, default_max_tokens: int,
-            max_marks: int = 12) -> Prepared:
+            max_marks: int = 12, model_override: str | None = None) -> Prepared:
     """Validate and convert a request body; encode its prompt; resolve max_tokens against the
-    context. Raises :class:`ApiError` (4xx) for anything the client got wrong."""
+    context. Raises :class:`ApiError` (4xx) for anything the client got wrong.
+    ``model_override``: answer as this model whatever model name the request gives."""
     r = _recipe()
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # callers bound the depth first (guards.json_depth_exceeds); a last line
+        raise ApiError(400, "request body nests too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
+    if model_override is not None and isinstance(data.get("model"), str):
+        data["model"] = model_override
     sampling: dict = {}
     top_k = data.get("top_k")
     if top_k is not None and protocol.name == "messages":
@@ -163,12 +174,19 @@ def prepare(protocol: Protocol, body: bytes, *, tokenizer, options, context: int
     io = conv.inference_options
     if io.logprobs:
         raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
-    try:
-        enc = prompt_encoding(tokenizer)
-        with _ENCODING_LOCK:
-            ids = enc.encode(conv.conversation)
+    try:  # no lock: the encoding is immutable and lets other threads run while it works
+        enc = prompt_encoding(tokenizer, "v41" if conv.model_version == r.ModelVersion.DeepseekV41Flash else "v4")
+        rendered = enc.render_conversation(conv.conversation)
+        beyond = tokens_beyond(rendered.prompt, rendered.special_ranges, tokenizer, context)
+        ids = enc.encode(conv.conversation) if beyond is None else None
     except (RuntimeError, ValueError) as e:
         raise ApiError(400, f"cannot encode the conversation: {e}") from None
+    if beyond is not None:  # refused before encoding it all (prompt_size.py)
+        raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your messages "
+                            f"hold at least {beyond} tokens. Please reduce the length of the messages.",
+                       "context_length_exceeded" if protocol.name != "messages" else None)
+    if r.IMAGE_SPECIAL_TOKEN_ID in ids:
+        raise ApiError(400, "image inputs are not supported: this server runs the text model only")
     try:
         max_tokens = conv.resolve_max_tokens(len(ids), context)
     except r.ConversionError as e:

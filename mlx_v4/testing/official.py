@@ -1,4 +1,6 @@
-"""Write (and read) checkpoints in the layout of the official DeepSeek V4 release.
+"""Write (and read) checkpoints in the layout of the official DeepSeek V4 release, and the
+official ``linear()`` path (``act_quant`` + FP8/FP4 GEMM, ``Expert``, the MoE expert loop) in
+numpy, for reference models.
 
 For tests, benchmarks and fixtures: numpy + ml_dtypes only (the ``test`` extra), no torch, no
 MLX. The format (see ``inference/convert.py`` and the release's index):
@@ -84,6 +86,65 @@ def dequantize_fp4_e2m1(packed: np.ndarray, scale: np.ndarray, block: int = 32) 
     v = nibbles.astype(np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float32)
     s = np.ldexp(np.float32(1), scale.astype(np.int32) - 127).astype(np.float32)
     return v * np.repeat(s, block, axis=1)
+
+
+# ---- the official linear() (inference/model.py + kernel.py), for reference models ----------
+
+#: Release names whose GEMM the official code runs through ``linear()`` with an FP8/FP4 weight,
+#: so its input is rounded by ``act_quant``. Not: ``wo_a`` (FP8 in the release, but the official
+#: forward multiplies it as a bf16 einsum), compressor ``wkv``/``wgate`` (float32), indexer
+#: ``weights_proj`` (bf16), the router ``gate``, ``head`` and the hyper-connection matrices.
+ACT_QUANT_NAMES = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_b)|attn\.indexer\.wq_b|ffn\.(shared_experts|experts\.\d+)\.w[123]"
+                             r"|e_proj|h_proj)\.weight$")
+
+
+def act_quant(x: np.ndarray, block: int = 128) -> np.ndarray:
+    """The values ``act_quant(x, 128, "ue8m0")`` hands to the GEMM (e4m3 codes times scales),
+    float32: per block of ``block`` along the last axis, amax floored at 1e-4, scale
+    2**ceil(log2(amax * (1/448))) from the float32 bit pattern, ml_dtypes e4m3 cast of x / scale
+    clipped to +-448. The official kernel asserts whole blocks; so does this."""
+    x = np.asarray(x, np.float32)
+    n = x.shape[-1]
+    if n % block:
+        raise ValueError(f"act_quant: last axis {n} is not a multiple of {block}")
+    xb = x.reshape(*x.shape[:-1], n // block, block)
+    amax = np.maximum(np.abs(xb).max(axis=-1, keepdims=True), np.float32(1e-4))
+    scale = np.ldexp(np.float32(1), _pow2_ceil_exponent(amax * np.float32(1 / 448))).astype(np.float32)
+    q = np.clip(xb / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    return (q.astype(np.float32) * scale).reshape(x.shape)
+
+
+def linear(x: np.ndarray, weight: np.ndarray, quantized: bool) -> np.ndarray:
+    """The official ``linear(x, weight)``: x @ weight.T, with x rounded by :func:`act_quant`
+    first when the weight is FP8/FP4 (``fp8_gemm``/``fp4_gemm`` accumulate in float32).
+    ``weight``: the exact float values the checkpoint encodes."""
+    x = np.asarray(x, np.float32)
+    return (act_quant(x) if quantized else x) @ np.asarray(weight, np.float32).T
+
+
+def expert(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray, limit: float,
+           weights: np.ndarray | None = None, quantized: bool = True) -> np.ndarray:
+    """The official ``Expert.forward``: SwiGLU in float32, up clamped to +-limit and the gate
+    above at limit (the current revision clamps the shared expert too), routing weight applied
+    before w2 (so w2's input rounding sees it)."""
+    gate, up = linear(x, w1, quantized), linear(x, w3, quantized)
+    if limit > 0:
+        up, gate = np.clip(up, -limit, limit), np.minimum(gate, limit)
+    h = gate / (1 + np.exp(-gate)) * up
+    if weights is not None:
+        h = weights * h
+    return linear(h, w2, quantized)
+
+
+def routed_experts(x: np.ndarray, indices: np.ndarray, weights: np.ndarray, experts: list, limit: float,
+                   quantized: bool = True) -> np.ndarray:
+    """The official ``MoE.forward`` expert loop. x [T, D]; indices/weights [T, k];
+    experts[e] = (w1, w2, w3) -> [T, D] float32."""
+    y = np.zeros(x.shape, np.float32)
+    for e in np.unique(indices):
+        rows, slot = np.nonzero(indices == e)
+        y[rows] += expert(x[rows], *experts[e], limit, weights[rows, slot, None], quantized)
+    return y
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,154 @@
+"""Engram n-gram memory (DeepSeek V4.1, official ``Engram``), with its tables left on disk.
+
+Before the block of an Engram layer, each position fetches ``n_cols`` rows (one per n-gram
+size and hash head, see :mod:`engram_hash`) of ``head_dim`` from the layer's table; ``wkv``
+turns their concatenation into one key per hyper-connection copy and one shared value, and each
+copy adds ``gate * value`` with ``gate = sigmoid(signed_sqrt(dot))``, ``dot`` the normalised
+(per token and copy, over ``dim``) product of stream, ``q_weight * k_weight`` and key.
+
+The released tables are 384M rows x 256 FP8 (about 98 GB each), so :class:`EngramTable` does not
+load one: it reads the rows a step needs with ``os.pread`` from the safetensors file (FP8 e4m3
+codes + one E8M0 byte per 32 columns) and dequantises just those. A table is read into memory
+only when the loader's ``engram_budget_bytes`` allows it (default 0: never).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+#: Rows one reader thread fetches per task; more rows than this are read by READ_THREADS threads.
+READ_BATCH = 256
+READ_THREADS = 16
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="engram-read")
+    return _POOL
+
+
+class EngramTableError(ValueError):
+    """An Engram table whose tensors do not have the layout the config calls for."""
+
+
+class EngramTable:
+    """Rows of one FP8 table [rows, dim] + E8M0 scales [rows, dim / 32], read on demand."""
+
+    def __init__(self, weight_info, scale_info, rows: int, dim: int):
+        for info, width in ((weight_info, dim), (scale_info, dim // 32)):
+            if info.dtype not in ("F8_E4M3", "F8_E8M0", "U8", "I8") or tuple(info.shape) != (rows, width):
+                raise EngramTableError(f"{info.file}: tensor '{info.name}' is {info.dtype} {list(info.shape)}, "
+                                       f"expected one byte per value, shape [{rows}, {width}]")
+        self.path, self.rows, self.dim = weight_info.file, rows, dim
+        self._weight_offset, self._scale_offset = weight_info.offset, scale_info.offset
+        self._scale_path = scale_info.file
+        self._fds: dict = {}
+        self._lock = threading.Lock()
+        self.rows_read = 0  # rows read from disk, for tests and statistics
+        self._resident: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * (self.dim + self.dim // 32)
+
+    @property
+    def resident(self) -> bool:
+        return self._resident is not None
+
+    def make_resident(self) -> None:
+        """Read the whole table into memory (only where the budget allows: see load_v41)."""
+        codes = np.empty((self.rows, self.dim), np.uint8)
+        scales = np.empty((self.rows, self.dim // 32), np.uint8)
+        for arr, path, offset in ((codes, self.path, self._weight_offset), (scales, self._scale_path, self._scale_offset)):
+            view, done = memoryview(arr.reshape(-1)), 0
+            while done < arr.nbytes:
+                n = os.preadv(self._fd(path), [view[done:done + (1 << 30)]], offset + done)
+                if n <= 0:
+                    raise EngramTableError(f"{path}: truncated Engram table (read {done} of {arr.nbytes} bytes)")
+                done += n
+        self._resident = (codes, scales)
+
+    def _fd(self, path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def read(self, rows: np.ndarray) -> mx.array:
+        """rows (int64, any shape) -> float32 values [..., dim]; each distinct row read once."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
+            raise EngramTableError(f"{self.path}: Engram row {int(rows.max())} is outside the table's {self.rows} rows")
+        unique, inverse = np.unique(rows.reshape(-1), return_inverse=True)
+        width = self.dim // 32
+        if self._resident is not None:
+            codes, scales = self._resident[0][unique], self._resident[1][unique]
+        else:
+            codes = np.empty((len(unique), self.dim), dtype=np.uint8)
+            scales = np.empty((len(unique), width), dtype=np.uint8)
+            wfd, sfd = self._fd(self.path), self._fd(self._scale_path)
+            ids = unique.tolist()
+
+            def fetch(lo: int, hi: int) -> None:
+                for i in range(lo, hi):
+                    r = ids[i]
+                    codes[i] = np.frombuffer(os.pread(wfd, self.dim, self._weight_offset + r * self.dim), np.uint8)
+                    scales[i] = np.frombuffer(os.pread(sfd, width, self._scale_offset + r * width), np.uint8)
+
+            if len(ids) <= READ_BATCH:
+                fetch(0, len(ids))
+            else:  # pread releases the GIL: several reads in flight keep an SSD's queue busy
+                spans = [(lo, min(len(ids), lo + READ_BATCH)) for lo in range(0, len(ids), READ_BATCH)]
+                list(_pool().map(lambda span: fetch(*span), spans))
+            self.rows_read += len(unique)
+        values = mx.from_fp8(mx.array(codes), dtype=mx.float32).reshape(len(unique), width, 32)
+        exps = mx.array(scales).astype(mx.uint32)
+        scale = mx.where(exps == 0, mx.array(2.0**-127, mx.float32), (exps << 23).view(mx.float32))
+        values = (values * scale[..., None]).reshape(len(unique), self.dim)
+        return values[mx.array(inverse.astype(np.int32))].reshape(*rows.shape, self.dim)
+
+
+class Engram(nn.Module):
+    def __init__(self, dim: int, hc_mult: int, n_cols: int, head_dim: int, eps: float):
+        super().__init__()
+        self.dim, self.hc_mult, self.eps = dim, hc_mult, eps
+        self.wkv = nn.Linear(n_cols * head_dim, dim * (hc_mult + 1), bias=False)
+        self.q_weight = mx.ones((hc_mult, dim))
+        self.k_weight = mx.ones((hc_mult, dim))
+        self.table: EngramTable | None = None  # attached by the loader; not a parameter
+
+    def __call__(self, x: mx.array, rows: np.ndarray) -> mx.array:
+        """x [B, L, hc, D] streams; rows [B, L, n_cols] table rows -> new streams."""
+        B, L, hc, D = x.shape
+        emb = self.table.read(rows).reshape(B, L, -1)
+        kv = self.wkv(emb.astype(x.dtype))
+        key = kv[..., : hc * D].astype(mx.float32).reshape(B, L, hc, D)
+        value = kv[..., hc * D:].astype(mx.float32)
+        h = x.astype(mx.float32)
+        w = self.q_weight.astype(mx.float32) * self.k_weight.astype(mx.float32)
+        rstd = mx.rsqrt(mx.mean(h * h, axis=-1) + self.eps) * mx.rsqrt(mx.mean(key * key, axis=-1) + self.eps)
+        dot = (h * w * key).sum(axis=-1) * rstd * D**-0.5
+        root = mx.sqrt(mx.maximum(mx.abs(dot), 1e-6))
+        gate = mx.sigmoid(mx.where(dot < 0, -root, root))
+        return (h + gate[..., None] * value[:, :, None, :]).astype(x.dtype)

@@ -1,0 +1,154 @@
+"""Engram n-gram hashing (DeepSeek V4.1, official ``inference/engram.py``), on the host in numpy.
+
+Each position is hashed as the 2-gram .. ``max_ngram_size``-gram ending there, over a
+*compressed* token id space in which tokens that normalise alike (NFKC, NFD, accents stripped,
+lower case, whitespace runs collapsed) share one id. Every (n-gram size, head) pair owns a
+disjoint prime-sized bucket range of the layer's table: primes are drawn upwards from
+``engram_vocab_size`` and never reused, across layers too. The (i+1)-gram hash is the running
+XOR of ``token * multiplier`` over i look-backs (odd int64 multipliers from
+``default_rng(10007 * layer)``, bounded so the product cannot overflow), taken modulo its prime
+and offset to its range. Look-back stops at the sequence start, where the compressed pad token
+(that of ``engram_pad_token_id``) fills in.
+
+Everything here is exact integer arithmetic, so it is bit-identical to the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    d = 3
+    while d * d <= n:
+        if n % d == 0:
+            return False
+        d += 2
+    return True
+
+
+@dataclass(frozen=True)
+class EngramLayout:
+    """Bucket layout of the hash tables: ``primes[layer][ngram - 2][head]``."""
+
+    layer_ids: tuple[int, ...]
+    max_ngram_size: int
+    n_heads: int
+    head_dim: int
+    primes: tuple[tuple[tuple[int, ...], ...], ...]
+
+    @classmethod
+    def build(cls, layer_ids, max_ngram_size: int, n_heads: int, head_dim: int, vocab_size: int) -> EngramLayout:
+        primes, seen = [], set()
+        for _ in layer_ids:
+            per_ngram = []
+            for _ in range(max_ngram_size - 1):
+                sizes, current = [], vocab_size - 1
+                for _ in range(n_heads):
+                    current += 1
+                    while not _is_prime(current) or current in seen:
+                        current += 1
+                    seen.add(current)
+                    sizes.append(current)
+                per_ngram.append(tuple(sizes))
+            primes.append(tuple(per_ngram))
+        return cls(tuple(layer_ids), max_ngram_size, n_heads, head_dim, tuple(primes))
+
+    @property
+    def n_cols(self) -> int:
+        """Rows fetched per position and layer: (max_ngram_size - 1) * n_heads."""
+        return (self.max_ngram_size - 1) * self.n_heads
+
+    def table_rows(self) -> list[int]:
+        """Rows each layer's table needs: the sum of its primes."""
+        return [sum(p for per_ngram in layer for p in per_ngram) for layer in self.primes]
+
+
+def hash_multipliers(layer_ids, max_ngram_size: int, compressed_vocab_size: int) -> np.ndarray:
+    """[n_layers, max_ngram_size] odd int64 multipliers (the reference's RNG draws, exactly)."""
+    bound = max(1, (np.iinfo(np.int64).max // compressed_vocab_size) // 2)
+    rows = []
+    for layer in layer_ids:
+        rng = np.random.default_rng(10007 * layer)
+        rows.append(rng.integers(low=0, high=bound, size=(max_ngram_size,), dtype=np.int64) * 2 + 1)
+    return np.stack(rows)
+
+
+@lru_cache(maxsize=4)
+def compressed_token_map(tokenizer_file: str) -> tuple[tuple[int, ...], int]:
+    """token id -> compressed id for every id of ``tokenizer.json``, and the compressed size.
+
+    The same normaliser chain as the reference (``build_compressed_token_map``), from the
+    same ``tokenizers`` library; partial UTF-8 byte tokens are keyed by their raw form."""
+    from tokenizers import Regex, Tokenizer, normalizers
+
+    sentinel = "\ue000"  # keeps a lone space from stripping to "" and merging with others
+    normalizer = normalizers.Sequence([
+        normalizers.NFKC(), normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"[ \t\r\n]+"), " "), normalizers.Replace(Regex(r"^ $"), sentinel),
+        normalizers.Strip(), normalizers.Replace(sentinel, " "),
+    ])
+    tok = Tokenizer.from_file(tokenizer_file)
+    key_to_new: dict[str, int] = {}
+    lookup = []
+    n = tok.get_vocab_size(with_added_tokens=True)
+    texts = tok.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
+    for token_id, text in enumerate(texts):
+        if "\ufffd" in text:
+            key = tok.id_to_token(token_id)
+        else:
+            normalized = normalizer.normalize_str(text)
+            key = normalized if normalized else text
+        lookup.append(key_to_new.setdefault(key, len(key_to_new)))
+    return tuple(lookup), len(key_to_new)
+
+
+class NgramHasher:
+    """Token ids -> table rows [B, L, n_layers, n_cols] (int64), given each sequence's last
+    ``max_ngram_size - 1`` compressed ids (the history a cache carries across chunks)."""
+
+    def __init__(self, layout: EngramLayout, token_map, compressed_vocab_size: int, pad_token_id: int):
+        if len(token_map) <= pad_token_id:
+            raise ValueError(f"engram_pad_token_id {pad_token_id} is outside the tokenizer ({len(token_map)} ids)")
+        self.layout = layout
+        self.token_map = np.asarray(token_map, dtype=np.int64)
+        self.pad_id = int(self.token_map[pad_token_id])
+        flat = [[p for per_ngram in layer for p in per_ngram] for layer in layout.primes]
+        self.primes = np.asarray(layout.primes, dtype=np.int64)  # [n_layers, n-1, heads]
+        self.offsets = np.asarray([np.cumsum([0, *f[:-1]]) for f in flat], dtype=np.int64)  # [n_layers, cols]
+        self.multipliers = hash_multipliers(layout.layer_ids, layout.max_ngram_size, compressed_vocab_size)
+
+    @property
+    def history_len(self) -> int:
+        return self.layout.max_ngram_size - 1
+
+    def __call__(self, ids: np.ndarray, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ids [B, L] token ids; history [B, h] compressed ids of the preceding tokens, -1 where
+        the sequence had not started (h = max_ngram_size - 1). -> (rows [B, L, n_layers, cols],
+        new history [B, h])."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self.token_map)):
+            raise ValueError(f"token id outside the tokenizer's {len(self.token_map)} ids")
+        B, L = ids.shape
+        h = self.history_len
+        seq = np.concatenate([history.astype(np.int64), self.token_map[ids]], axis=1)  # [B, h + L]
+        tokens, blocked = [], np.zeros((B, L), dtype=bool)
+        for shift in range(self.layout.max_ngram_size):
+            source = seq[:, h - shift: h - shift + L]
+            blocked = blocked | (source < 0)  # before the sequence start
+            tokens.append(np.where(blocked, self.pad_id, source))
+        tokens = np.stack(tokens, axis=-1)  # [B, L, max_ngram]
+        products = tokens[:, :, None, :] * self.multipliers  # [B, L, n_layers, max_ngram]
+        rolling, hashes = products[..., 0], []
+        for i in range(1, self.layout.max_ngram_size):
+            rolling = np.bitwise_xor(rolling, products[..., i])
+            hashes.append(rolling[..., None] % self.primes[:, i - 1])  # [B, L, n_layers, heads]
+        rows = np.concatenate(hashes, axis=-1) + self.offsets
+        return rows, seq[:, -h:] if h else seq[:, :0]

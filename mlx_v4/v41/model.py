@@ -1,0 +1,187 @@
+"""DeepSeek V4.1 assembly: embed -> hc_mult streams -> (Engram) blocks -> collapse -> norm -> head.
+
+Hyper-connections are V4's (Sinkhorn mixing, paper §2.2), but V4.1 uses each sub-block's ``pre``
+one sub-layer late: a block's attention collapses its input with the previous block's FFN
+``pre`` (one-hot on copy 0 before the first block), its FFN with this block's attention ``pre``,
+and the head with the last FFN's ``pre``; there is no ``hc_head``. Parameter names are the
+official ones, so the release's tensors load by name.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..kernels.hyper_mix import mix_weights
+from ..layers.hyper import HyperConnection, _mixes
+from ..layers.moe import RoutedExperts, SharedExpert
+from ..layers.norm import RMSNorm
+from ..platform import metal_available
+from .attention import Attention
+from .cache import SharedState, V41Cache, make_cache
+from .config import V41Args
+from .engram import Engram
+from .engram_hash import EngramLayout, NgramHasher
+
+
+class ImageInputError(ValueError):
+    """Image inputs, which this port refuses (the vision tower is out of scope)."""
+
+
+class Gate(nn.Module):
+    """Router: ``score(x W^T / gate_temp)`` in float32; ``bias`` picks the top-k, the unbiased scores
+    weigh them (normalised with +1e-20, times the route scale). ``bias_vl`` (image spans) is
+    kept so checkpoints round-trip; text never uses it."""
+
+    def __init__(self, args: V41Args):
+        super().__init__()
+        self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))
+        self.bias = mx.zeros((args.n_routed_experts,))
+        self.bias_vl = mx.zeros((args.n_routed_experts,))
+        self.topk, self.score_func, self.temp = args.num_experts_per_tok, args.scoring_func, args.gate_temp
+        self.norm_topk, self.route_scale = args.norm_topk_prob, args.routed_scaling_factor
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        logits = (x.astype(mx.float32) @ self.weight.astype(mx.float32).T) / self.temp
+        if self.score_func == "softmax":
+            scores = mx.softmax(logits, axis=-1, precise=True)
+        elif self.score_func == "sigmoid":
+            scores = mx.sigmoid(logits)
+        else:
+            scores = mx.sqrt(nn.softplus(logits))
+        indices = mx.argpartition(-(scores + self.bias), kth=self.topk - 1, axis=-1)[..., : self.topk]
+        weights = mx.take_along_axis(scores, indices, axis=-1)
+        if self.norm_topk and self.topk > 1:
+            weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+        return weights * self.route_scale, indices
+
+
+class MoE(nn.Module):
+    def __init__(self, args: V41Args, grouped_dense: bool):
+        super().__init__()
+        self.gate = Gate(args)
+        self.experts = RoutedExperts(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts,
+                                     args.swiglu_limit, grouped_dense)
+        self.shared_experts = SharedExpert(args.hidden_size, args.moe_intermediate_size, args.swiglu_limit)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, indices = self.gate(flat)
+        y = self.experts(flat, indices, weights) + self.shared_experts(flat).astype(mx.float32)
+        return y.astype(x.dtype).reshape(x.shape)
+
+
+def collapse(x: mx.array, pre: mx.array) -> mx.array:
+    """[B, L, hc, D] weighted by pre [B, L, hc] -> [B, L, D] (summed in float32)."""
+    return (pre[..., None] * x.astype(mx.float32)).sum(axis=2).astype(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, args: V41Args, layer: int, cpu: bool):
+        super().__init__()
+        hc, D = args.hc_mult, args.hidden_size
+        n_mix = (2 + hc) * hc
+        for sub in ("attn", "ffn"):
+            setattr(self, f"hc_{sub}_fn", mx.zeros((n_mix, hc * D)))
+            setattr(self, f"hc_{sub}_base", mx.zeros((n_mix,)))
+            setattr(self, f"hc_{sub}_scale", mx.ones((3,)))
+        self.attn_norm = RMSNorm(D, args.rms_norm_eps)
+        self.ffn_norm = RMSNorm(D, args.rms_norm_eps)
+        self.attn = Attention(args, layer)
+        self.ffn = MoE(args, grouped_dense=cpu)
+        if layer in args.engram_layer_ids:
+            self.engram = Engram(D, hc, (args.engram_max_ngram_size - 1) * args.engram_n_heads,
+                                 args.engram_head_dim, args.rms_norm_eps)
+        self._hc = (hc, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps)
+
+    def _mix(self, x: mx.array, sub: str):
+        hc, iters, hc_eps, norm_eps = self._hc
+        _, mixes = _mixes(x, getattr(self, f"hc_{sub}_fn"), norm_eps)
+        return mix_weights(mixes, getattr(self, f"hc_{sub}_base"), getattr(self, f"hc_{sub}_scale"), hc, iters, hc_eps)
+
+    def __call__(self, x: mx.array, pre_mix: mx.array, cache, shared: SharedState):
+        """x [B, L, hc, D], pre_mix [B, L, hc] (the previous FFN's) -> (x, this FFN's pre)."""
+        attn_pre, post, comb = self._mix(x, "attn")
+        h = self.attn(self.attn_norm(collapse(x, pre_mix)), cache, shared)
+        x = HyperConnection.expand(h, x, post, comb)
+        ffn_pre, post, comb = self._mix(x, "ffn")
+        h = self.ffn(self.ffn_norm(collapse(x, attn_pre)))
+        return HyperConnection.expand(h, x, post, comb), ffn_pre
+
+
+class Model(nn.Module):
+    def __init__(self, args: V41Args, token_map=None, cpu: bool | None = None):
+        """``token_map``: (compressed id per token id, compressed vocab size) from the tokenizer,
+        needed when the model has Engram layers (see :func:`engram_hash.compressed_token_map`)."""
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        cpu = not metal_available() if cpu is None else cpu
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [Block(args, i, cpu) for i in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self._hasher = None
+        if args.engram_layer_ids:
+            layout = EngramLayout.build(args.engram_layer_ids, args.engram_max_ngram_size, args.engram_n_heads,
+                                        args.engram_head_dim, args.engram_vocab_size)
+            if layout.table_rows() != list(args.engram_num_embeddings):
+                raise ValueError(f"engram_num_embeddings {args.engram_num_embeddings} do not match the hash layout "
+                                 f"({layout.table_rows()} rows from engram_vocab_size={args.engram_vocab_size})")
+            if token_map is None:
+                raise ValueError("a model with Engram layers needs the tokenizer's compressed token map")
+            ids, size = token_map
+            if size != args.engram_compressed_vocab_size:
+                raise ValueError(f"the tokenizer compresses to {size} ids but engram_compressed_vocab_size is "
+                                 f"{args.engram_compressed_vocab_size}: every Engram hash would be wrong")
+            self._hasher = NgramHasher(layout, ids, size, args.engram_pad_token_id)
+
+    def __call__(self, inputs: mx.array, cache: V41Cache | None = None, last_only: bool = False) -> mx.array:
+        """inputs [B, L] token ids -> logits [B, L, vocab] float32 (or [B, 1, vocab])."""
+        if cache is None:
+            cache = self.make_cache()
+        B, L = inputs.shape
+        ids = np.array(inputs)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.args.vocab_size):
+            raise ValueError(f"token id {int(ids.max() if ids.max() >= self.args.vocab_size else ids.min())} is "
+                             f"outside the model's vocabulary of {self.args.vocab_size}")
+        if (ids == self.args.image_token_id).any():
+            raise ImageInputError(f"image token {self.args.image_token_id} in the input: image inputs are not "
+                                  "supported (mlx-v4 runs the DeepSeek V4.1 text model only)")
+        end = cache.offset + L
+        if end > self.args.max_position_embeddings:
+            raise ValueError(f"position {end} is past max_position_embeddings={self.args.max_position_embeddings}")
+        rows = None
+        if self._hasher is not None:
+            if cache.engram_history is None:
+                cache.engram_history = np.full((B, self._hasher.history_len), -1, dtype=np.int64)
+            rows, cache.engram_history = self._hasher(ids, cache.engram_history)
+        x = self.embed(inputs)
+        x = mx.broadcast_to(x[:, :, None, :], (B, L, self.args.hc_mult, x.shape[-1]))
+        pre = mx.zeros((B, L, self.args.hc_mult)).at[..., 0].add(1.0)  # one-hot: copy 0
+        shared = SharedState()
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            if "engram" in layer:
+                x = layer.engram(x, rows[:, :, self.args.engram_layer_ids.index(i)])
+            x, pre = layer(x, pre, c, shared)
+        if last_only:
+            x, pre = x[:, -1:], pre[:, -1:]
+        x = self.norm(collapse(x, pre))
+        return self.head(x.astype(mx.float32)).astype(mx.float32)
+
+    weights_id: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        import hashlib
+        import json
+
+        from mlx.utils import tree_flatten
+
+        layout = sorted((k, tuple(v.shape), str(v.dtype)) for k, v in tree_flatten(self.parameters()))
+        blob = json.dumps([self.args.to_dict(), self.args.fake_quant, layout, self.weights_id], default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def make_cache(self) -> V41Cache:
+        return make_cache(self.args)

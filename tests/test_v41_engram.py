@@ -1,0 +1,139 @@
+"""Engram tables stay on disk: rows are read with pread, never the table."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+
+import ml_dtypes
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_v4.v41.engram import EngramTable, EngramTableError
+from mlx_v4.weights import read_header
+
+ROWS, DIM = 4 << 20, 256  # a 1 GiB table (+ 32 MiB of scales)
+KNOWN = {3: 0.5, 123457: -3.0, ROWS - 1: 448.0}
+
+
+def sparse_table(path) -> None:
+    """A safetensors file holding one huge FP8 table, sparse on disk but for a few known rows."""
+    header = {"t.weight": {"dtype": "F8_E4M3", "shape": [ROWS, DIM], "data_offsets": [0, ROWS * DIM]},
+              "t.scale": {"dtype": "F8_E8M0", "shape": [ROWS, DIM // 32],
+                          "data_offsets": [ROWS * DIM, ROWS * DIM + ROWS * DIM // 32]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    base = 8 + len(raw)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(base + ROWS * DIM + ROWS * DIM // 32)
+        for row, value in KNOWN.items():
+            f.seek(base + row * DIM)
+            f.write(np.full(DIM, value, ml_dtypes.float8_e4m3fn).view(np.uint8).tobytes())
+            f.seek(base + ROWS * DIM + row * (DIM // 32))
+            f.write(bytes([127 + 2] * (DIM // 32)))  # scale 4
+
+
+@pytest.fixture(scope="module")
+def table_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engram") / "table.safetensors"
+    sparse_table(path)
+    return path
+
+
+def table(path) -> EngramTable:
+    info = read_header(path)
+    return EngramTable(info["t.weight"], info["t.scale"], ROWS, DIM)
+
+
+def test_rows_read_exactly(table_file):
+    t = table(table_file)
+    rows = np.array([[3, 123457], [ROWS - 1, 3]])
+    got = np.array(t.read(rows))
+    assert got.shape == (2, 2, DIM)
+    for (i, j), row in np.ndenumerate(rows):
+        np.testing.assert_array_equal(got[i, j], np.full(DIM, 4 * KNOWN[row], np.float32))
+    assert t.rows_read == 3  # each distinct row once
+
+
+def test_many_rows_read_in_parallel(table_file):
+    rows = np.concatenate([np.random.default_rng(1).integers(0, ROWS, 3000), list(KNOWN)])
+    got = np.array(table(table_file).read(rows))
+    want = np.zeros((len(rows), DIM), np.float32)
+    for i, r in enumerate(rows):
+        want[i] = 4 * KNOWN.get(int(r), 0.0)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_row_out_of_range_is_named(table_file):
+    with pytest.raises(EngramTableError, match=f"row {ROWS} is outside the table's {ROWS} rows"):
+        table(table_file).read(np.array([ROWS]))
+
+
+def test_wrong_shape_is_named(table_file):
+    info = read_header(table_file)
+    with pytest.raises(EngramTableError, match=r"'t.weight' is F8_E4M3 \[4194304, 256\], expected"):
+        EngramTable(info["t.weight"], info["t.scale"], ROWS, 128)
+
+
+def test_table_stays_on_disk(table_file):
+    """In a fresh process, 20,000 lookups spread over a 1 GiB table raise the peak RSS by a few MB."""
+    script = textwrap.dedent(f"""
+        import numpy as np, mlx.core as mx
+        from mlx_v4.v41.engram import EngramTable
+        from mlx_v4.weights import read_header
+
+        def hwm():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) * 1024
+        info = read_header({str(table_file)!r})
+        t = EngramTable(info["t.weight"], info["t.scale"], {ROWS}, {DIM})
+        mx.eval(t.read(np.array([0])))
+        before = hwm()
+        rng = np.random.default_rng(0)
+        for _ in range(20):
+            mx.eval(t.read(rng.integers(0, {ROWS}, (1000,))))
+        print(hwm() - before, t.rows_read)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    grew, rows_read = map(int, out.stdout.split())
+    print(f"peak RSS growth {grew / 2**20:.2f} MiB for {rows_read} rows of a {ROWS * DIM / 2**30:.0f} GiB table")
+    assert rows_read > 19000
+    assert grew < 32 << 20, f"peak RSS grew by {grew / 2**20:.1f} MiB reading a {ROWS * DIM / 2**30:.0f} GiB table"
+
+
+def test_loaded_model_keeps_tables_as_readers():
+    from pathlib import Path
+
+    from mlx.utils import tree_flatten
+
+    import mlx_v4
+
+    model, _ = mlx_v4.load(Path(__file__).parent / "fixtures" / "tiny_v41" / "model", dtype=mx.float32)
+    names = [k for k, _ in tree_flatten(model.parameters())]
+    assert not [n for n in names if "engram.embed" in n]
+    assert isinstance(model.layers[1].engram.table, EngramTable)
+    before = model.layers[1].engram.table.rows_read
+    model(mx.array([[5, 6, 7, 5, 6, 7]]))
+    assert model.layers[1].engram.table.rows_read > before
+
+
+def test_resident_only_within_budget():
+    from pathlib import Path
+
+    from mlx_v4.v41.weights import load_v41
+
+    path = Path(__file__).parent / "fixtures" / "tiny_v41" / "model"
+    lazy, _ = load_v41(path, dtype=mx.float32)
+    small = lazy.layers[1].engram.table.nbytes
+    resident, _ = load_v41(path, dtype=mx.float32, engram_budget_bytes=small)  # room for the first table only
+    assert resident.layers[1].engram.table.resident and not resident.layers[5].engram.table.resident
+    assert not lazy.layers[1].engram.table.resident
+    ids = mx.array([[5, 6, 7, 5, 6, 7, 9]])
+    np.testing.assert_array_equal(np.array(resident(ids)), np.array(lazy(ids)))
+    assert resident.layers[1].engram.table.rows_read == 0 and resident.layers[5].engram.table.rows_read > 0
