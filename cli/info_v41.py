@@ -52,17 +52,11 @@ def plan_v41(model: str, *, recipe: str | None, bits: float | None, context: int
     from mlx_v4.v41.cache import bytes_per_token
     from mlx_v4.v41.config import V41Args, preset
 
-    from .info import RECIPES, MemoryPlan
+    from .info import MemoryPlan, split_bits
 
-    if bits is not None:
-        expert_bits = other_bits = bits + 0.5
-        label = f"{bits:g}-bit"
-    else:
-        recipe = recipe or "native"
-        if recipe not in RECIPES:
-            raise UserError(f"unknown recipe {recipe!r}", f"choose one of {', '.join(RECIPES)}")
-        expert_bits, other_bits = RECIPES[recipe]
-        label = recipe
+    # the same recipe names and bits as convert and `info flash` (quantize/recipes.py)
+    expert_bits, other_bits = split_bits(recipe, bits)
+    label = f"{bits:g}-bit" if bits is not None else (recipe or "native")
     if model == PRESET:
         args, name = preset(PRESET), "DeepSeek V4.1 Flash"
     else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,9 @@ class Model(_model.Model):
         from .platform import default_dtype
         from .weights import OUR_NAMES, build_from_arrays, rename_weights
 
-        if not all(OUR_NAMES.fullmatch(k) for k in weights):  # official or transformers names: dense
+        # an mlx-v4 conversion: our names, routed experts one tensor each (quantize/plan.expert_tensor)
+        ours = re.compile(r"layers\.\d+\.ffn\.experts\.\d+\.w[123]\.(weight|scales|biases)")
+        if not all(OUR_NAMES.fullmatch(k) or ours.fullmatch(k) for k in weights):  # official/transformers: dense
             return rename_weights(weights, self.args, dtype=default_dtype())
         own = self.args.quantization if isinstance(self.args.quantization, dict) else {}
         out, _ = build_from_arrays(weights, self.args, fp8="mxfp8", fp4="mxfp4", dtype=default_dtype(),

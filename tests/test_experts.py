@@ -276,7 +276,7 @@ def test_server_health_and_chat_stats_show_expert_stats():
     from mlx_v4.server import create_app
 
     model, tok = mlx_v4.load(None, expert_budget="100KB")
-    with TestClient(create_app(model, tok)) as client:
+    with TestClient(create_app(model, tok), base_url="http://127.0.0.1") as client:  # a loopback Host
         body = client.post("/v1/chat/completions", json={"model": "deepseek-v4", "messages": [{"role": "user", "content": "hi"}],
                                                           "max_tokens": 3}).json()
         assert body["choices"][0]["message"] is not None, body

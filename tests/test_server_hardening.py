@@ -253,7 +253,7 @@ def test_allowed_hosts_flag(monkeypatch):
         seen["config"] = config
         raise SystemExit(0)
 
-    monkeypatch.setattr(cli_serve, "load_model", lambda ui, model: (None, None, "demo"))
+    monkeypatch.setattr(cli_serve, "load_model", lambda ui, model, expert_budget=None: (None, None, "demo"))
     monkeypatch.setattr("mlx_v4.server.create_app", create_app)
     r = CliRunner().invoke(app, ["serve", "--allowed-hosts", "box.local, 10.0.0.5,"])
     assert r.exit_code == 0, r.output

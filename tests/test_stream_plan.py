@@ -27,14 +27,24 @@ def flash():
     return args, sp.stream_plan(args, context=32768, ssd_gbps=5.0)
 
 
+def _bits(expert_bits: float, other_bits: float):
+    """bits(name, shape) for parameter_bytes: routed experts, other matrices, 16-bit rest."""
+    def bits(name, shape):
+        if ".experts." in name and "shared" not in name:
+            return expert_bits
+        matrix = len(shape) >= 2 and not name.startswith("embed") and "tid2eid" not in name
+        return other_bits if matrix else 16.0
+    return bits
+
+
 def test_flash_plan_arithmetic(flash):
     args, rows = flash
     assert [r.memory_gb for r in rows] == list(sp.MAC_SIZES_GB)
     kv = planned_nbytes(args, 32768)
     sizes = {}
     for recipe, (eb, ob) in sp.STREAM_RECIPES.items():
-        other = parameter_bytes(args, 0.0, ob)[1]
-        sizes[recipe] = (parameter_bytes(args, eb, ob)[1] - other, other)
+        other = parameter_bytes(args, _bits(0.0, ob))[1]
+        sizes[recipe] = (parameter_bytes(args, _bits(eb, ob))[1] - other, other)
     for row in rows:
         for o in row.options:
             experts, other = sizes[o.recipe]
