@@ -81,12 +81,12 @@ def part_bytes(tokens: int, step: int) -> None:
 
 def fill_random(args, cache, tokens: int) -> None:
     """Stand in for prefilling ``tokens`` tokens: append random entries of the real packed formats
-    (the counts a prefill would leave: tokens/4 and tokens/128 entries, tokens/4 index keys) and
+    (the counts a prefill would leave: tokens/ratio entries, tokens/4 index keys) and
     advance the offsets. A decode step's cost depends on these sizes, not on the values."""
     from mlx_v4.layers.fake_quant import quantize_index_key, quantize_kv_entry
 
     for c in cache:
-        ratio = {"csa": 4, "hca": 128}.get(c.kind)  # the schedules' two compression ratios
+        ratio = getattr(c, "ratio", 0)  # 0 for window-only layers
         if ratio:
             for s in range(0, tokens // ratio, 4096):
                 n = min(4096, tokens // ratio - s)

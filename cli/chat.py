@@ -136,7 +136,10 @@ class ChatLoop:
             if not arg:
                 raise UserError("/read needs a file name", "e.g. /read notes.md")
             path = Path(arg).expanduser()
-            text = path.read_text(errors="replace")
+            try:
+                text = path.read_text(errors="replace")
+            except OSError as e:
+                raise UserError(f"/read: cannot read {path} ({e.strerror or e})", "check the file name") from None
             self.attachment = f"File {path.name}:\n```\n{text}\n```\n"
             self.ui.notice(f"attached {path} ({len(text):,} characters); it goes with your next message")
         else:

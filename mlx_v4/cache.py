@@ -1,8 +1,8 @@
 """The V4 KV cache at its real size: one small class per layer kind.
 
 * :class:`WindowCache` (ratio 0): the last ``sliding_window - 1`` KV entries.
-* :class:`HCACache` (ratio 128): the window, every compressed entry, and the compressor's open
-  window (constant size).
+* :class:`HCACache` (ratio 128, or any ratio other than 0 and 4): the window, every compressed
+  entry, and the compressor's open window (constant size).
 * :class:`CSACache` (ratio 4): the same plus the lightning indexer's keys and its compressor.
 
 Entries are stored in the form the model already rounded them to (paper §2.3.4; official
@@ -23,66 +23,24 @@ them, rebuilding the window and compressor state at that position exactly, witho
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .cache_file import (  # noqa: F401  (CACHE_FORMAT_VERSION, CacheFileError: the public names)
+    CACHE_FORMAT_VERSION,
+    CHECKSUM_PLACEHOLDER,
+    CacheFileError,
+    CacheMismatchError,
+    digest,
+    expected_arrays,
+    meta_int,
+    meta_json,
+    read_cache_header,
+)
+from .entry_store import EntryStore
+from .formats import dequantize_kv_entry
 from .layers.compressor import CompressorState
-from .layers.fake_quant import dequantize_kv_entry
-
-_GROW = 256  # minimum entries added to an append-only store when it fills
-_GROW_FACTOR = 0.25  # ...or this fraction of its size, so copies stay O(n) overall
-
-
-class EntryStore:
-    """Append-only rows [B, n, ...] kept in one or more parallel arrays (the packed parts)."""
-
-    def __init__(self):
-        self.parts: list[mx.array] | None = None
-        self.length = 0
-        self.planned = 0  # rows to allocate at the first append (see reserve())
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self.parts is None else self.parts[0].shape[1]
-
-    def reserve(self, capacity: int, like: tuple[mx.array, ...]) -> None:
-        """Grow to hold ``capacity`` rows shaped like ``like`` (one row each)."""
-        if capacity <= self.capacity:
-            return
-        grow = capacity - self.capacity
-        fresh = [mx.zeros((p.shape[0], grow, *p.shape[2:]), dtype=p.dtype) for p in like]
-        self.parts = fresh if self.parts is None else [
-            mx.concatenate([old, new], axis=1) for old, new in zip(self.parts, fresh)]
-
-    def append(self, parts: tuple[mx.array, ...]) -> None:
-        n = parts[0].shape[1]
-        if n == 0:
-            return
-        if self.parts is None and self.planned >= n:
-            self.reserve(self.planned, parts)
-        elif self.length + n > self.capacity:
-            need = self.length + n - self.capacity
-            step = max(_GROW, int(self.capacity * _GROW_FACTOR))
-            self.reserve(self.capacity + step * math.ceil(need / step), parts)
-        for buf, p in zip(self.parts, parts):
-            buf[:, self.length: self.length + n] = p
-        self.length += n
-
-    def view(self, end: int | None = None) -> list[mx.array]:
-        end = self.length if end is None else end
-        return [] if self.parts is None else [p[:, :end] for p in self.parts]
-
-    def truncate(self, length: int) -> None:
-        if length > self.length:
-            raise ValueError(f"cannot truncate {self.length} entries to {length}")
-        self.length = length
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated (capacity, not just the filled rows)."""
-        return 0 if self.parts is None else sum(p.nbytes for p in self.parts)
 
 
 @dataclass
@@ -236,13 +194,15 @@ class WindowCache:
 
 
 class HCACache(WindowCache):
-    """Window plus compressed entries (ratio 128; base of the ratio-4 cache)."""
+    """Window plus compressed entries (ratio 128 or another non-overlapping ratio; base of the
+    ratio-4 cache)."""
 
     kind = "hca"
     ratio = 128
 
-    def __init__(self, window: int, rope_dim: int, packed: bool):
+    def __init__(self, window: int, rope_dim: int, packed: bool, ratio: int = 128):
         super().__init__(window, rope_dim, packed)
+        self.ratio = ratio  # positions per compressed entry
         self.entries = EntryStore()
         self.compressor = CompressorState()
 
@@ -301,8 +261,8 @@ class CSACache(HCACache):
     ratio = 4
     _COMPRESSORS = {"compressor": "entries", "index_compressor": "index_keys"}
 
-    def __init__(self, window: int, rope_dim: int, packed: bool):
-        super().__init__(window, rope_dim, packed)
+    def __init__(self, window: int, rope_dim: int, packed: bool, ratio: int = 4):
+        super().__init__(window, rope_dim, packed, ratio)
         self.index_keys = EntryStore()
         self.index_compressor = CompressorState()
 
@@ -340,8 +300,12 @@ def make_cache(args, packed: bool | None = None) -> list[WindowCache]:
     packed = args.fake_quant if packed is None else packed
     if packed and not args.fake_quant:
         raise ValueError("a packed cache needs fake_quant=True: unrounded values do not fit FP8/FP4")
-    return [LAYER_CACHES[args.layer_kind(i)](args.sliding_window, args.qk_rope_head_dim, packed)
-            for i in range(args.num_hidden_layers)]
+    out = []
+    for i in range(args.num_hidden_layers):
+        kind = args.layer_kind(i)
+        extra = {"ratio": args.compress_ratios[i]} if kind != "window" else {}
+        out.append(LAYER_CACHES[kind](args.sliding_window, args.qk_rope_head_dim, packed, **extra))
+    return out
 
 
 # ---- whole-model helpers (the surface the generator, chat, server and CLI use) -------------
@@ -352,7 +316,7 @@ def reserve(cache: list[WindowCache], tokens: int, batch: int = 1) -> None:
     for c in cache:
         if not isinstance(c, HCACache):
             continue
-        ratio = 4 if isinstance(c, CSACache) else 128
+        ratio = c.ratio
         stores = [c.entries] + ([c.index_keys] if isinstance(c, CSACache) else [])
         for store in stores:
             if store.parts is None:
@@ -404,18 +368,9 @@ def cache_breakdown(cache: list[WindowCache]) -> dict[str, int]:
 
 # ---- persistence -----------------------------------------------------------------------------
 
-CACHE_FORMAT_VERSION = 1
-
-
-class CacheFileError(ValueError):
-    """A saved cache that cannot be used with this model."""
-
-
 _STATE_FIELDS = ("kv", "score", "prev_kv", "prev_score")
 #: Checkpoints kept in a saved file (the newest ones): each costs one window + compressor state.
 SAVED_CHECKPOINTS = 8
-
-
 def _state_arrays(prefix: str, window: list[mx.array], comp: CompressorState | None,
                   index_comp: CompressorState | None) -> dict[str, mx.array]:
     out = {f"{prefix}window.{k}": p for k, p in enumerate(window)}
@@ -441,13 +396,14 @@ def _layer_arrays(i: int, c: WindowCache) -> dict[str, mx.array]:
 def save_cache(path, cache: list[WindowCache], *, tokens: list[int], fingerprint: str,
                meta: dict | None = None) -> None:
     """Write the cache, the token ids it covers and the model fingerprint to one safetensors
-    file, atomically (temp file, fsync, rename)."""
+    file, atomically (temp file, fsync, rename), with a checksum of its contents."""
     if hasattr(cache, "engram_history"):  # DeepSeek V4.1: its own layout (mlx_v4/v41/cache.py)
         from .v41.cache import save_v41_cache
 
         return save_v41_cache(path, cache, tokens=tokens, fingerprint=fingerprint, meta=meta)
     import json
     import os
+    import struct
     from pathlib import Path
 
     path = Path(path)
@@ -463,46 +419,91 @@ def save_cache(path, cache: list[WindowCache], *, tokens: list[int], fingerprint
         "checkpoints": json.dumps([{str(off): [c.checkpoints[off].n_entries, c.checkpoints[off].n_index]
                                     for off in sorted(o for o in c.checkpoints if o != c.offset)[-SAVED_CHECKPOINTS:]}
                                    for c in cache]),
+        "checksum": CHECKSUM_PLACEHOLDER,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = f.read(n)
+            at = header.find(CHECKSUM_PLACEHOLDER.encode())
+            digest_ = digest(f, header, 8 + n)
+            f.seek(8 + at)
+            f.write(digest_.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_cache(path, model) -> tuple[list[WindowCache], list[int], dict]:
     """Read a file written by :func:`save_cache` for ``model``; returns (cache, tokens, meta).
-    Refuses a file from another model, quantization or format version."""
+    Refuses (CacheMismatchError) a file from another model, quantization or format version, and
+    (CacheFileError, naming the file and field) a damaged or crafted one: checksum, header,
+    metadata, and every array's name, dtype and shape are checked before anything is used."""
     if str(getattr(model, "model_type", "")).startswith("deepseek_v41"):  # mlx_v4/v41/cache.py
         from .v41.cache import load_v41_cache
 
         return load_v41_cache(path, model)
-    import json
     from pathlib import Path
 
     path = Path(path)
     if not path.exists():
         raise CacheFileError(f"{path}: no such cache file")
-    try:
-        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
-    except Exception as e:  # mlx raises RuntimeError/ValueError for unreadable files
-        raise CacheFileError(f"{path}: not a readable safetensors cache file ({e})") from None
-    if metadata.get("format") != "mlx-v4-cache":
-        raise CacheFileError(f"{path}: not an mlx-v4 cache file")
-    version = metadata.get("format_version")
-    if version != str(CACHE_FORMAT_VERSION):
-        raise CacheFileError(f"{path}: cache format version {version}, this mlx-v4 reads {CACHE_FORMAT_VERSION}")
+    metadata, tensors = read_cache_header(path)
     if metadata.get("fingerprint") != model.fingerprint:
-        raise CacheFileError(
+        raise CacheMismatchError(
             f"{path}: made by a different model or quantization (fingerprint {metadata.get('fingerprint')}, "
             f"this model {model.fingerprint})")
     cache = model.make_cache()
     kinds = ",".join(c.kind for c in cache)
     if metadata.get("kinds") != kinds or metadata.get("packed") != str(bool(cache and cache[0].packed)):
-        raise CacheFileError(f"{path}: layer layout does not match this model")
-    offset = int(metadata["offset"])
+        raise CacheMismatchError(f"{path}: layer layout does not match this model")
+    args = model.args
+    offset = meta_int(path, metadata, "offset")
+    if offset > args.max_position_embeddings:
+        raise CacheFileError(f"{path}: metadata field 'offset' ({offset}) exceeds the model's context")
+    meta = meta_json(path, metadata, "meta", dict, "{}")
+    saved_checkpoints = meta_json(path, metadata, "checkpoints", list, "[]") or [{} for _ in cache]
+    if len(saved_checkpoints) != len(cache) or not all(isinstance(d, dict) for d in saved_checkpoints):
+        raise CacheFileError(f"{path}: metadata field 'checkpoints' must list one object per layer")
+
+    expected = {"tokens": (("I32",), (offset,), offset > 0)}
+    checkpoints = []
+    for i, c in enumerate(cache):
+        expected |= expected_arrays(args, c, i, f"{i}.", offset, None, None)
+        layer = {}
+        for off, counts in saved_checkpoints[i].items():
+            ok = off.isdigit() and isinstance(counts, list) and len(counts) == 2
+            o = int(off) if ok else -1
+            ratio = getattr(c, "ratio", 0)
+            if not ok or not o < offset or counts != [o // ratio if ratio else 0, o // 4 if c.kind == "csa" else 0]:
+                raise CacheFileError(f"{path}: metadata field 'checkpoints' has a bad entry {off!r}: {counts!r} "
+                                     f"(layer {i})")
+            expected |= expected_arrays(args, c, i, f"{i}.ckpt{o}.", o, *counts)
+            layer[o] = counts
+        checkpoints.append(layer)
+    for name, (dtype, shape) in tensors.items():
+        if name not in expected:
+            raise CacheFileError(f"{path}: unexpected tensor '{name}'")
+        dtypes, want, _ = expected[name]
+        if dtype not in dtypes or shape != want:
+            raise CacheFileError(f"{path}: tensor '{name}' is {dtype} {list(shape)}, expected "
+                                 f"{'/'.join(dtypes)} {list(want)}")
+    missing = [name for name, (_, _, required) in expected.items() if required and name not in tensors]
+    if missing:
+        raise CacheFileError(f"{path}: missing tensor '{missing[0]}'")
+    try:
+        arrays = mx.load(str(path), format="safetensors")
+    except Exception as e:  # mlx raises RuntimeError/ValueError for unreadable files
+        raise CacheFileError(f"{path}: not a readable safetensors cache file ({e})") from None
+    tokens = arrays["tokens"].tolist() if "tokens" in arrays else []
+    if tokens and not 0 <= min(tokens) <= max(tokens) < args.vocab_size:
+        raise CacheFileError(f"{path}: tensor 'tokens' holds ids outside the vocabulary")
 
     def parts(prefix: str) -> list[mx.array]:
         out, k = [], 0
@@ -513,8 +514,6 @@ def load_cache(path, model) -> tuple[list[WindowCache], list[int], dict]:
 
     def state(prefix: str) -> CompressorState:
         return CompressorState(*(arrays.get(f"{prefix}.{k}") for k in _STATE_FIELDS))
-
-    saved_checkpoints = json.loads(metadata.get("checkpoints", "[]")) or [{} for _ in cache]
 
     for i, c in enumerate(cache):
         c.offset = offset
@@ -527,17 +526,14 @@ def load_cache(path, model) -> tuple[list[WindowCache], list[int], dict]:
             if keys := parts(f"{i}.index"):
                 c.index_keys.append(tuple(keys))
             c.index_compressor = state(f"{i}.index_compressor")
-        for off, (n_entries, n_index) in saved_checkpoints[i].items():
+        for off, (n_entries, n_index) in checkpoints[i].items():
             p = f"{i}.ckpt{off}"
-            c.checkpoints[int(off)] = _Snapshot(
-                int(off), parts(f"{p}.window"),
+            c.checkpoints[off] = _Snapshot(
+                off, parts(f"{p}.window"),
                 state(f"{p}.compressor") if isinstance(c, HCACache) else None,
                 state(f"{p}.index_compressor") if isinstance(c, CSACache) else None, n_entries, n_index)
         c.checkpoint()
-    tokens = arrays["tokens"].tolist() if "tokens" in arrays else []
-    if len(tokens) != offset:
-        raise CacheFileError(f"{path}: holds {len(tokens)} token ids for {offset} positions")
-    return cache, tokens, json.loads(metadata.get("meta", "{}"))
+    return cache, tokens, meta
 
 
 # ---- arithmetic for planners ------------------------------------------------------------------
@@ -558,10 +554,10 @@ def planned_nbytes(args, tokens: int, batch: int = 1, layers=None) -> int:
     main, index = entry_nbytes(args)
     total = 0
     for i in (range(args.num_hidden_layers) if layers is None else layers):
-        kind = args.layer_kind(i)
+        kind, r = args.layer_kind(i), args.compress_ratios[i]
         total += min(tokens, args.sliding_window - 1) * main
         if kind == "hca":
-            total += (tokens // 128) * main + 2 * 4 * (tokens % 128) * args.head_dim
+            total += (tokens // r) * main + 2 * 4 * (tokens % r) * args.head_dim
         elif kind == "csa":
             total += (tokens // 4) * (main + index)
             # open windows (<= 3 rows of 2 series) and the previous window's first half, fp32
@@ -575,6 +571,6 @@ def bytes_per_token(args) -> float:
     main, index = entry_nbytes(args)
     per = 0.0
     for i in range(args.num_hidden_layers):
-        kind = args.layer_kind(i)
-        per += (main + index) / 4 if kind == "csa" else (main / 128 if kind == "hca" else 0.0)
+        kind, r = args.layer_kind(i), args.compress_ratios[i]
+        per += (main + index) / 4 if kind == "csa" else (main / r if kind == "hca" else 0.0)
     return per

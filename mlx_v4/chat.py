@@ -365,24 +365,97 @@ class ChatSession:
 
     @classmethod
     def load(cls, path: str | Path, model, tokenizer, **overrides) -> ChatSession:
-        """Resume a session written by :meth:`save` (settings may be overridden)."""
+        """Resume a session written by :meth:`save` (settings may be overridden). A damaged or
+        hand-edited session file raises :class:`SessionFileError` naming the file and field."""
         from .cache import load_cache
 
         path = Path(path)
-        side = path.with_suffix(".json")
-        try:
-            state = json.loads(side.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{side}: cannot read the chat session file ({e})") from None
-        if state.get("format") != "mlx-v4-chat":
-            raise ValueError(f"{side}: not an mlx-v4 chat session file")
-        s = dict(state["settings"])
-        sampling = s.pop("sampling", {})
-        s.update(overrides)
-        session = cls(model, tokenizer, **s, **sampling)
-        session.messages = list(state["messages"])
+        settings, sampling, messages = read_session_file(path.with_suffix(".json"))
+        settings.update(overrides)
+        session = cls(model, tokenizer, **settings, **sampling)
+        session.messages = messages
         cache, tokens, _ = load_cache(path, model)
         session.cache, session._tokens = cache, list(tokens)
         # the saved checkpoints (turn boundaries) come back with the cache, plus its end
         session._marks = sorted(cache[0].checkpoints) if cache else [cache_offset(cache)]
         return session
+
+
+class SessionFileError(ValueError):
+    """A chat session file (the ``.json`` beside the cache) that cannot be used."""
+
+
+def _optional(kind):
+    return (kind, type(None))
+
+
+#: settings field -> accepted types (what :meth:`ChatSession.settings` writes)
+_SETTINGS = {"system": _optional(str), "thinking": (bool,), "reasoning_effort": _optional(str),
+             "tools": (list,), "max_tokens": (int,), "prefill_step_size": (int,), "sampling": (dict,)}
+_SAMPLING = {"temperature": _optional((int, float)), "top_p": _optional((int, float)),
+             "min_p": _optional((int, float)), "top_k": _optional(int), "seed": _optional(int),
+             "stop": (str, list, type(None))}
+
+
+def _type_name(kinds) -> str:
+    flat = [k for kind in kinds for k in (kind if isinstance(kind, tuple) else (kind,))]
+    return " or ".join(dict.fromkeys("null" if k is type(None) else k.__name__ for k in flat))
+
+
+def _check_fields(side: Path, where: str, obj: dict, spec: dict) -> None:
+    for key, value in obj.items():
+        if key not in spec:
+            raise SessionFileError(f"{side}: unknown field '{where}{key}'")
+        kinds = tuple(k for kind in spec[key] for k in (kind if isinstance(kind, tuple) else (kind,)))
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise SessionFileError(f"{side}: field '{where}{key}' must be {_type_name(spec[key])}, "
+                                   f"not {type(value).__name__}")
+
+
+def read_session_file(side: str | Path) -> tuple[dict, dict, list[dict]]:
+    """Validate a session ``.json`` written by :meth:`ChatSession.save`; returns (settings,
+    sampling, messages). Raises :class:`SessionFileError` naming the file and the field."""
+    side = Path(side)
+    try:
+        state = json.loads(side.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise SessionFileError(f"{side}: cannot read the chat session file ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != "mlx-v4-chat":
+        raise SessionFileError(f"{side}: not an mlx-v4 chat session file (expected an object with "
+                               "\"format\": \"mlx-v4-chat\")")
+    if state.get("version") != 1:
+        raise SessionFileError(f"{side}: chat session version {state.get('version')!r}, this mlx-v4 reads 1")
+    for key in ("settings", "messages"):
+        if key not in state:
+            raise SessionFileError(f"{side}: missing field '{key}'")
+    settings, messages = state["settings"], state["messages"]
+    if not isinstance(settings, dict):
+        raise SessionFileError(f"{side}: field 'settings' must be an object, not {type(settings).__name__}")
+    _check_fields(side, "settings.", settings, _SETTINGS)
+    settings = dict(settings)
+    sampling = settings.pop("sampling", {})
+    _check_fields(side, "settings.sampling.", sampling, _SAMPLING)
+    for key in ("max_tokens", "prefill_step_size"):
+        if key in settings and settings[key] <= 0:
+            raise SessionFileError(f"{side}: field 'settings.{key}' must be positive, got {settings[key]}")
+    if not isinstance(messages, list):
+        raise SessionFileError(f"{side}: field 'messages' must be a list, not {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise SessionFileError(f"{side}: field 'messages[{i}]' must be an object with a string 'role'")
+        if not isinstance(m.get("content"), (str, type(None))):
+            raise SessionFileError(f"{side}: field 'messages[{i}].content' must be a string")
+    # what rendering will need: roles, tool calls and tool definitions in the recipe's shapes
+    for i, m in enumerate(messages):
+        try:
+            _message(m)
+        except KeyError as e:
+            raise SessionFileError(f"{side}: field 'messages[{i}]': missing key {e}") from None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise SessionFileError(f"{side}: field 'messages[{i}]': {e}") from None
+    for i, t in enumerate(settings.get("tools", [])):
+        try:
+            _tool_definition(t)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise SessionFileError(f"{side}: field 'settings.tools[{i}]': {e}") from None
+    return settings, sampling, list(messages)

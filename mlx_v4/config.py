@@ -47,6 +47,47 @@ _SCHEMA_KEYS = {"layer_types", "mlp_layer_types", "compress_rates", "rope_parame
                 "n_mtp_layers"}
 
 
+KV_FP8_BLOCK = 64  # the KV cache's FP8 block (layers/fake_quant.py FP8_BLOCK)
+INDEX_FP4_BLOCK = 32  # the indexer keys' FP4 block (layers/fake_quant.py FP4_BLOCK)
+
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                  "qk_rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "n_routed_experts",
+                  "num_experts_per_tok", "n_shared_experts", "moe_intermediate_size", "sliding_window",
+                  "index_n_heads", "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters",
+                  "max_position_embeddings")
+_POSITIVE_FLOATS = ("routed_scaling_factor", "hc_eps", "rope_theta", "compress_rope_theta", "rms_norm_eps")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}={value!r} must be an integer")
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be {'positive' if minimum == 1 else '>= ' + str(minimum)}")
+
+
+def _check_float(name: str, value, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a finite number")
+    if value < 0 or (positive and value == 0):
+        raise ConfigError(f"{name}={value} must be {'positive' if positive else '>= 0'}")
+
+
+def _check_rope_scaling(rs) -> None:
+    if rs is None:
+        return
+    if not isinstance(rs, dict):
+        raise ConfigError(f"rope_scaling={rs!r} must be an object")
+    if rs.get("type", rs.get("rope_type")) != "yarn":
+        return
+    for key in ("factor", "original_max_position_embeddings"):
+        if key not in rs:
+            raise ConfigError(f"rope_scaling (yarn) needs '{key}'")
+        _check_float(f"rope_scaling.{key}", rs[key], positive=True)
+    for key in ("beta_fast", "beta_slow"):
+        if key in rs:
+            _check_float(f"rope_scaling.{key}", rs[key], positive=True)
+
+
 @dataclass
 class ModelArgs:
     model_type: str = "deepseek_v4"
@@ -81,7 +122,8 @@ class ModelArgs:
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 1048576
     rms_norm_eps: float = 1e-6
-    # One ratio per main layer (0 window-only, 4 CSA, 128 HCA); the MTP entry is split off.
+    # One ratio per main layer (0 window-only, 4 CSA, 128 HCA, or any other ratio >= 1 without
+    # overlap or indexer, like HCA); the MTP entry is split off.
     compress_ratios: list[int] = field(default_factory=list)
     num_nextn_predict_layers: int = 1
     bos_token_id: int = 0
@@ -109,7 +151,8 @@ class ModelArgs:
         return [i for i, r in enumerate(self.compress_ratios) if r == 0]
 
     def layer_kind(self, layer: int) -> str:
-        """'window', 'csa' (ratio 4, with indexer) or 'hca' (ratio 128)."""
+        """'window' (ratio 0), 'csa' (ratio 4: overlapping windows, indexer) or 'hca' (any other
+        ratio, 128 in the release: every visible entry is attended)."""
         r = self.compress_ratios[layer]
         return "window" if r == 0 else ("csa" if r == 4 else "hca")
 
@@ -120,21 +163,31 @@ class ModelArgs:
         self.validate()
 
     def validate(self) -> None:
+        """Refuse, with the field named, every value that would otherwise fail later (in a
+        reshape, a weight shape or a kernel) or compute something other than V4."""
         if self.model_type != "deepseek_v4":
             raise ConfigError(
                 f"model_type {self.model_type!r} is not supported: mlx-v4 runs 'deepseek_v4' "
                 "(DeepSeek V4 Flash and Pro) only"
             )
+        for name in _POSITIVE_INTS:
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("num_hash_layers", "num_nextn_predict_layers", "bos_token_id", "eos_token_id"):
+            _check_int(name, getattr(self, name), minimum=0)
+        for name in _POSITIVE_FLOATS:
+            _check_float(name, getattr(self, name), positive=True)
+        _check_float("swiglu_limit", self.swiglu_limit, positive=False)
         if not self.compress_ratios:
             self.compress_ratios = [0] * self.num_hidden_layers
-        if len(self.compress_ratios) != self.num_hidden_layers:
-            raise ConfigError(
-                f"compress_ratios has {len(self.compress_ratios)} entries for num_hidden_layers="
-                f"{self.num_hidden_layers}"
-            )
-        bad = sorted({r for r in self.compress_ratios if r not in (0, 4, 128)})
-        if bad:
-            raise ConfigError(f"compress_ratios contains unsupported ratios {bad}: V4 uses 0, 4 and 128")
+        if not isinstance(self.compress_ratios, list) or len(self.compress_ratios) != self.num_hidden_layers:
+            n = len(self.compress_ratios) if isinstance(self.compress_ratios, list) else "not a list of"
+            raise ConfigError(f"compress_ratios has {n} entries for num_hidden_layers={self.num_hidden_layers}")
+        # The official Compressor is generic in its ratio (only ratio 4 overlaps and has an
+        # indexer; every other ratio attends to all visible entries, as 128 does).
+        for i, r in enumerate(self.compress_ratios):
+            _check_int(f"compress_ratios[{i}]", r, minimum=0)
+        if self.mtp_compress_ratio is not None:
+            _check_int("compress_ratios (MTP entry)", self.mtp_compress_ratio, minimum=0)
         if self.scoring_func not in ("sqrtsoftplus", "sigmoid", "softmax"):
             raise ConfigError(f"scoring_func {self.scoring_func!r} is not one of sqrtsoftplus, sigmoid, softmax")
         if self.n_shared_experts != 1:
@@ -143,10 +196,29 @@ class ModelArgs:
             raise ConfigError(
                 f"qk_rope_head_dim={self.qk_rope_head_dim} must be even and below head_dim={self.head_dim}"
             )
+        if self.nope_head_dim % KV_FP8_BLOCK:
+            # the non-RoPE KV dims are rounded to FP8 in blocks of 64 (official act_quant(kv, 64))
+            raise ConfigError(
+                f"head_dim={self.head_dim}: the non-RoPE KV dims (head_dim - qk_rope_head_dim = "
+                f"{self.nope_head_dim}) must be a multiple of {KV_FP8_BLOCK}, the FP8 block of the KV cache"
+            )
         if (self.num_attention_heads * self.head_dim) % self.o_groups:
             raise ConfigError(f"o_groups={self.o_groups} does not divide the {self.num_attention_heads} heads")
-        if self.index_head_dim & (self.index_head_dim - 1):
-            raise ConfigError(f"index_head_dim={self.index_head_dim} must be a power of two (Hadamard rotation)")
+        if self.index_head_dim & (self.index_head_dim - 1) or self.index_head_dim % INDEX_FP4_BLOCK:
+            # Hadamard rotation, then FP4 in blocks of 32 (official fp4_act_quant(k, 32))
+            raise ConfigError(f"index_head_dim={self.index_head_dim} must be a power of two (Hadamard rotation) "
+                              f"and a multiple of {INDEX_FP4_BLOCK} (its FP4 block)")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} exceeds n_routed_experts="
+                              f"{self.n_routed_experts}")
+        if self.num_hash_layers > self.num_hidden_layers:
+            raise ConfigError(f"num_hash_layers={self.num_hash_layers} exceeds num_hidden_layers="
+                              f"{self.num_hidden_layers}")
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(self, name) >= self.vocab_size:
+                raise ConfigError(f"{name}={getattr(self, name)} is outside the vocabulary (vocab_size="
+                                  f"{self.vocab_size})")
+        _check_rope_scaling(self.rope_scaling)
         if self.expert_dtype not in (None, "fp4", "fp8", "bf16"):
             raise ConfigError(f"expert_dtype {self.expert_dtype!r} is not one of fp4, fp8, bf16")
         ragged = self.gemm_input_widths_not_blocked()
@@ -236,6 +308,8 @@ class ModelArgs:
             raise ConfigError(f"{path}: no config.json here; is this a model directory?") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: not a JSON object")
         try:
             return cls.from_dict(raw, overrides)
         except ConfigError as e:
@@ -284,7 +358,12 @@ class ModelArgs:
 
 def _layer_ratios(cfg: dict[str, Any], n_layers: int) -> list[int]:
     if "compress_ratios" in cfg:
-        ratios = [int(r) for r in cfg["compress_ratios"]]
+        raw = cfg["compress_ratios"]
+        if not isinstance(raw, list):
+            raise ConfigError(f"compress_ratios={raw!r} must be a list of integers")
+        ratios = [int(r) if isinstance(r, float) and r.is_integer() else r for r in raw]
+        for i, r in enumerate(ratios):
+            _check_int(f"compress_ratios[{i}]", r, minimum=0)
         if len(ratios) < n_layers:
             raise ConfigError(f"compress_ratios has {len(ratios)} entries, fewer than num_hidden_layers={n_layers}")
         return ratios

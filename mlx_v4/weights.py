@@ -47,6 +47,14 @@ class WeightsError(ValueError):
     """A checkpoint we cannot load; the message names the file and tensor."""
 
 
+class ModelNotFoundError(WeightsError):
+    """The model path does not exist (and is not a repo id we can find)."""
+
+
+class DownloadError(WeightsError):
+    """The Hugging Face Hub refused or failed the download (gated repo, network)."""
+
+
 # ---- renames: regex (matched at the start of a name, up to a '.' or the end) -> template ----
 _L = r"model\.layers\.(\d+)\."
 RENAMES: list[tuple[str, str]] = [
@@ -141,9 +149,9 @@ def resolve_model_path(path_or_repo: str, *, allow_download: bool = True) -> Pat
     if p.is_dir():
         return p.resolve()
     if p.exists():
-        raise WeightsError(f"{p}: is a file, not a model directory")
+        raise ModelNotFoundError(f"{p}: is a file, not a model directory")
     if s.startswith((".", "/", "~")) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s):
-        raise WeightsError(f"{s!r}: no such directory or repo id")
+        raise ModelNotFoundError(f"{s!r}: no such directory or repo id")
     from huggingface_hub import constants, errors, snapshot_download
 
     env_offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
@@ -152,13 +160,13 @@ def resolve_model_path(path_or_repo: str, *, allow_download: bool = True) -> Pat
         return Path(snapshot_download(s, allow_patterns=HUB_PATTERNS, local_files_only=offline or not allow_download))
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
         why = "HF_HUB_OFFLINE is set" if offline else "downloading is disabled"
-        raise WeightsError(f"{s!r}: no such directory, and the repo is not in the Hugging Face cache ({why})") from None
+        raise ModelNotFoundError(f"{s!r}: no such directory, and the repo is not in the Hugging Face cache ({why})") from None
     except errors.GatedRepoError:
-        raise WeightsError(f"{s!r}: the repo is gated; accept its terms on huggingface.co and log in") from None
+        raise DownloadError(f"{s!r}: the repo is gated; accept its terms on huggingface.co and log in") from None
     except (errors.RepositoryNotFoundError, errors.HFValidationError):
-        raise WeightsError(f"{s!r}: no such directory or repo id (not on the Hugging Face Hub either)") from None
+        raise ModelNotFoundError(f"{s!r}: no such directory or repo id (not on the Hugging Face Hub either)") from None
     except (errors.HfHubHTTPError, OSError) as e:
-        raise WeightsError(f"{s!r}: download from the Hugging Face Hub failed: {e}") from None
+        raise DownloadError(f"{s!r}: download from the Hugging Face Hub failed: {e}") from None
 
 
 def read_header(path: str | Path) -> dict[str, TensorInfo]:

@@ -8,7 +8,8 @@ Depends on mlx_v4 (its readers in weights.py), never the reverse.
 
 import mlx_v4  # noqa: F401  (first: its BLAS preload must run before .convert imports mlx.core)
 
-from .convert import MANIFEST, MARKER, ConvertResult, convert, is_complete
+from .convert import ConvertResult, convert
+from .marker import MANIFEST, MARKER, is_complete
 from .recipes import (
                       MXFP4,
                       MXFP8,

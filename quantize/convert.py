@@ -2,13 +2,19 @@
 
 Order of work, so that no failure leaves something that looks finished:
 
-1. a finished ``dst`` (completion marker) for the same request is a no-op (unless ``force``);
+1. a finished ``dst`` (completion marker) for the same request is a no-op (unless ``force``),
+   once every shard has been checked against the marker and the index; a damaged output is
+   converted again, keeping the shards that are sound;
 2. the source is resolved (a Hub repo id is downloaded, resumably), every header validated and
    every output tensor planned: bad input fails here, before anything is written;
-3. the resume manifest ``.mlx-v4-progress.json`` records finished shards; shards are written
-   one by one (temp name, fsync, rename), skipping those a previous run finished;
+3. the resume manifest ``.mlx-v4-progress.json`` records finished shards and every file the
+   converter may create; shards are written one by one (temp name, fsync, rename), skipping
+   those a previous run finished;
 4. tokenizer files, the chat template and mlx-lm's model file (``mlx_v4.mlx_lm_hook``), README.md,
    config.json, the index, and last the marker ``.mlx-v4-complete``.
+
+Only files the converter recorded as its own are deleted or overwritten (``--force``, resuming):
+a user's file in ``dst`` is left alone, or the conversion stops and names it (see marker.py).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from mlx_v4.weights import INDEX_FILE, resolve_model_path
 
 from . import card
 from .io import TEMP_SUFFIX, Reader, ShardWriter, write_atomic, write_json
+from .marker import FINISH_FILES, MANIFEST, MARKER, is_complete, owned_files, read_json, verify_output
 from .plan import (
     Source,
     chunk_src_bytes,
@@ -44,8 +51,6 @@ from .recipes import DEFAULT_RECIPE, ConvertError, Override, Quant, get_recipe
 
 log = logging.getLogger("mlx_v4.quantize")
 
-MARKER = ".mlx-v4-complete"
-MANIFEST = ".mlx-v4-progress.json"
 FORMAT_VERSION = 1
 #: Copied from the source when present (tokenizer, generation defaults). The tokenizer pair, the
 #: chat template and mlx-lm's model file are then written by mlx_v4.mlx_lm_hook.model_files.
@@ -93,12 +98,14 @@ def _calibration(recipe: str, calibration) -> tuple[str | None, str | None]:
     return text, hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        d = json.loads(path.read_text())
-        return d if isinstance(d, dict) else None
-    except (OSError, ValueError):
-        return None
+def _delete_owned(dst: Path, record: dict | None) -> None:
+    """Delete the files ``record`` (a marker or manifest) says the converter wrote, and the marker;
+    keep a fresh manifest so that ``dst`` stays recognisably ours (user files stay)."""
+    for name in owned_files(record, EXTRA_FILES):
+        (dst / name).unlink(missing_ok=True)
+        (dst / ("." + name + TEMP_SUFFIX)).unlink(missing_ok=True)
+    (dst / MARKER).unlink(missing_ok=True)
+    write_json(dst / MANIFEST, {"plan": None, "done": {}, "written": []})
 
 
 def _prepare_dst(dst: Path, force: bool) -> None:
@@ -111,7 +118,17 @@ def _prepare_dst(dst: Path, force: bool) -> None:
         raise ConvertError(f"{dst}: directory is not empty and is not an mlx-v4 conversion; choose a new "
                            "or empty directory")
     if force and ours:
-        shutil.rmtree(dst)
+        _delete_owned(dst, read_json(dst / MARKER) or read_json(dst / MANIFEST))
+
+
+def _reopen(dst: Path, marker: dict, sound: dict[str, int], problem: str) -> None:
+    """A finished output that fails verification becomes a resumable one: the sound shards go
+    back into a manifest (reused if the plan still matches) and the marker is removed."""
+    log.warning("%s: %s says the conversion finished, but %s; converting again (sound shards are kept)",
+                dst, MARKER, problem)
+    write_json(dst / MANIFEST, {"plan": marker.get("plan"), "request": marker.get("request"), "done": sound,
+                                "written": sorted(owned_files(marker, EXTRA_FILES))})
+    (dst / MARKER).unlink()
 
 
 def convert(src: str | Path, dst: str | Path, *, recipe: str = DEFAULT_RECIPE, group_size: int = 64,
@@ -138,14 +155,19 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str = DEFAULT_RECIPE, g
     request = _request(src, rec.name, group_size, override, max_shard_bytes, calib_id)
     _prepare_dst(dst, force)
     result = ConvertResult(dst, rec.name)
-    marker = _read_json(dst / MARKER)
+    marker = read_json(dst / MARKER)
     if marker is not None:
-        if marker.get("request") != request:
-            raise ConvertError(f"{dst}: holds a finished conversion of {marker.get('request', {}).get('source')!r} "
-                               f"(recipe {marker.get('request', {}).get('recipe')!r}); pass force=True (--force) "
-                               "to replace it")
-        log.info("%s: already converted (%s); nothing to do", dst, MARKER)
-        _add_model_files(dst)
+        was = marker.get("request") if isinstance(marker.get("request"), dict) else {}
+        if was != request:
+            raise ConvertError(f"{dst}: holds a finished conversion of {was.get('source')!r} "
+                               f"(recipe {was.get('recipe')!r}); pass force=True (--force) to replace it")
+        sound, problem = verify_output(dst, marker)
+        if problem is not None:
+            _reopen(dst, marker, sound, problem)
+            marker = None
+    if marker is not None:
+        log.info("%s: already converted (%s, every shard checked); nothing to do", dst, MARKER)
+        _add_model_files(dst, marker)
         result.noop = True
         source_dir = None
     else:
@@ -179,16 +201,28 @@ def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_byte
     phash = plan_hash(src, shards, request)
 
     dst.mkdir(parents=True, exist_ok=True)
-    for tmp in dst.glob(f".*{TEMP_SUFFIX}"):  # leftovers of a killed run
-        tmp.unlink()
-    manifest = _read_json(dst / MANIFEST) or {}
-    done = manifest.get("done", {}) if manifest.get("plan") == phash else {}
-    names = {s.name for s in shards}
-    for f in dst.glob("model-*.safetensors"):
-        if f.name not in names or f.name not in done or f.stat().st_size != done[f.name]:
-            f.unlink()  # another plan's shard, or one not recorded as finished
-    done = {k: v for k, v in done.items() if (dst / k).is_file()}
-    manifest = {"plan": phash, "request": request, "done": done}
+    manifest = read_json(dst / MANIFEST) or {}
+    names = [s.name for s in shards]
+    outputs = (names + [n for n in EXTRA_FILES if (src.path / n).is_file()] + list(model_files(src.path))
+               + list(FINISH_FILES))
+    written = owned_files(manifest)
+    if "written" not in manifest:  # a manifest from before `written` (only the converter wrote here)
+        written |= {n for n in outputs if (dst / n).is_file()}
+    foreign = [n for n in outputs if (dst / n).exists() and n not in written]
+    if foreign:
+        raise ConvertError(f"{dst / foreign[0]}: exists and was not written by the converter; move it away "
+                           "(it is not deleted or overwritten) and run again")
+    for name in written | {MANIFEST, MARKER}:  # leftovers of a killed run
+        (dst / ("." + name + TEMP_SUFFIX)).unlink(missing_ok=True)
+    done = manifest.get("done") if manifest.get("plan") == phash and isinstance(manifest.get("done"), dict) else {}
+    done = {k: v for k, v in done.items() if k in names and k in written and (dst / k).is_file()
+            and (dst / k).stat().st_size == v}
+    for name in sorted(written):
+        if name.endswith(".safetensors") and name not in done:
+            (dst / name).unlink(missing_ok=True)  # another plan's shard, or one not recorded as finished
+    # every file this run may create is recorded before it is created
+    written = (written - {n for n in written if not (dst / n).exists()}) | set(outputs)
+    manifest = {"plan": phash, "request": request, "done": done, "written": sorted(written)}
     write_json(dst / MANIFEST, manifest)
 
     todo = [s for s in shards if s.name not in done]
@@ -228,7 +262,7 @@ def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_byte
                 on_shard(s.name)
     reader.close()
     result.bytes_read = reader.bytes_read
-    _finish(src, dst, rec, request, shards, phash)
+    _finish(src, dst, rec, request, shards, phash, manifest)
 
 
 def _quantizer(job, e: int, a: int, moments):
@@ -250,7 +284,7 @@ def _quantizer(job, e: int, a: int, moments):
     return quantize
 
 
-def _finish(src: Source, dst: Path, rec, request, shards, phash) -> None:
+def _finish(src: Source, dst: Path, rec, request, shards, phash, manifest: dict) -> None:
     for name in EXTRA_FILES:
         f = src.path / name
         if f.is_file():
@@ -282,25 +316,28 @@ def _finish(src: Source, dst: Path, rec, request, shards, phash) -> None:
     total = sum(j.out_bytes for s in shards for j in s.jobs)
     write_json(dst / INDEX_FILE, {"metadata": {"total_size": total, "format": "mlx"}, "weight_map": weight_map})
     write_json(dst / MARKER, {"request": request, "plan": phash, "files": sorted(s.name for s in shards),
+                              "sizes": manifest["done"], "written": manifest["written"],
                               "completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     (dst / MANIFEST).unlink(missing_ok=True)
 
 
-def _add_model_files(dst: Path) -> None:
+def _add_model_files(dst: Path, marker: dict) -> None:
     """A conversion finished by an mlx-v4 that did not write mlx-lm's files gets them (its own
-    tokenizer files are kept), so running convert again makes it open in mlx-lm."""
-    config = _read_json(dst / "config.json")
+    tokenizer files are kept), so running convert again makes it open in mlx-lm. Only files that
+    are absent or the converter's own are written; they are recorded in the marker."""
+    config = read_json(dst / "config.json")
     if config is None or config.get("model_file") == HOOK_FILE and (dst / HOOK_FILE).is_file():
         return
-    for name, data in model_files(dst).items():
+    owned = owned_files(marker, EXTRA_FILES)
+    files = {n: d for n, d in model_files(dst).items() if n in owned or not (dst / n).exists()}
+    if HOOK_FILE not in files:
+        log.warning("%s: %s exists and was not written by the converter; mlx-lm's files not added", dst, HOOK_FILE)
+        return
+    write_json(dst / MARKER, marker | {"written": sorted(owned | set(files))})  # recorded before written
+    for name, data in files.items():
         write_atomic(dst / name, data)
     write_json(dst / "config.json", config | {"model_file": HOOK_FILE})
     log.info("%s: added mlx-lm's model file, chat template and tokenizer files", dst)
-
-
-def is_complete(path: str | Path) -> bool:
-    """Whether ``path`` holds a finished conversion (its completion marker, written last)."""
-    return _read_json(Path(path) / MARKER) is not None
 
 
 __all__ = ["convert", "ConvertResult", "is_complete", "MARKER", "MANIFEST"]

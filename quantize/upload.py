@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .marker import MANIFEST, MARKER, is_complete
 from .recipes import ConvertError
 
 log = logging.getLogger("mlx_v4.quantize")
@@ -15,8 +16,6 @@ def upload(path: str | Path, repo_id: str, *, private: bool = False, token: str 
     finished conversion is uploaded; local bookkeeping files stay behind."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
-
-    from .convert import MANIFEST, MARKER, is_complete
 
     path = Path(path)
     if not is_complete(path):

@@ -105,7 +105,7 @@ def test_load_refuses_other_model_and_version(model, tmp_path):
         load_cache(path, other)
     arrays, md = mx.load(str(path), return_metadata=True)
     mx.save_safetensors(str(path), arrays, metadata=md | {"format_version": "99"})
-    with pytest.raises(CacheFileError, match="cache format version 99, this mlx-v4 reads 1"):
+    with pytest.raises(CacheFileError, match="cache format version 99, this mlx-v4 reads 2"):
         load_cache(path, model)
     with pytest.raises(CacheFileError, match="no such cache file"):
         load_cache(tmp_path / "missing.safetensors", model)
@@ -195,3 +195,168 @@ def test_saved_checkpoints_survive_load(model, tmp_path):
     rewind(loaded, 150)
     rewind(cache, 150)
     np.testing.assert_array_equal(np.array(model(ids[:, 150:300], loaded)), np.array(model(ids[:, 150:300], cache)))
+
+
+# ---- damaged and crafted files (issue 15, item 10) -----------------------------------------------
+
+def _split(path):
+    """(header dict, data bytes) of a safetensors file."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _write(path, header, data, *, sign=True):
+    """Write a safetensors file from parts, with a valid checksum as an attacker who knows the
+    format would compute it (sha256 over the header with the placeholder, then the data)."""
+    import hashlib
+    import json
+    import struct
+
+    header = json.loads(json.dumps(header))
+    placeholder = "sha256:" + "0" * 64
+    if sign and isinstance(header, dict) and isinstance(header.get("__metadata__"), dict):
+        header["__metadata__"]["checksum"] = placeholder
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    if sign and placeholder.encode() in body:
+        digest = "sha256:" + hashlib.sha256(body + data).hexdigest()
+        body = body.replace(placeholder.encode(), digest.encode())
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+    """A cache with a checkpoint, as save_cache writes it: (bytes, path to rewrite)."""
+    ids = _ids(140, seed=8)
+    cache = make_cache(model.args)
+    model(ids[:, :70], cache)
+    checkpoint(cache)
+    model(ids[:, 70:], cache)
+    path = tmp_path_factory.mktemp("saved") / "c.safetensors"
+    save_cache(path, cache, tokens=ids[0].tolist(), fingerprint=model.fingerprint)
+    return path.read_bytes()
+
+
+def test_garbage_in_the_data_region_is_detected(model, saved, tmp_path):
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(saved)
+    load_cache(path, model)  # the untouched file loads
+    raw = bytearray(saved)
+    raw[-100] ^= 0x55  # one flipped byte, in some tensor's data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CacheFileError, match=r"c\.safetensors: contents do not match the checksum"):
+        load_cache(path, model)
+    path.write_bytes(saved[: len(saved) - 10])
+    with pytest.raises(CacheFileError, match=r"c\.safetensors: truncated: tensor '.*' ends at data byte"):
+        load_cache(path, model)
+    path.write_bytes(saved[:6])
+    with pytest.raises(CacheFileError, match="truncated or not a safetensors file"):
+        load_cache(path, model)
+
+
+def _edit_meta(key, value):
+    def edit(header, data):
+        header["__metadata__"][key] = value
+        return header, data
+    return edit
+
+
+def _edit_tensor(name, **changes):
+    def edit(header, data):
+        header[name] |= changes
+        return header, data
+    return edit
+
+
+def _drop(name):
+    def edit(header, data):
+        del header[name]
+        return header, data
+    return edit
+
+
+def _add_tensor(header, data):
+    header["9.extra.0"] = {"dtype": "U8", "shape": [1], "data_offsets": [len(data), len(data) + 1]}
+    return header, data + b"\x00"
+
+
+def _token_out_of_vocab(header, data):
+    begin = header["tokens"]["data_offsets"][0]
+    return header, data[:begin] + (10 ** 6).to_bytes(4, "little") + data[begin + 4:]
+
+
+def _kv_width(header, data):
+    # a window tensor re-declared one row narrower: same bytes, another shape
+    t = header["1.window.0"]
+    b, n, w = t["shape"]
+    t["shape"] = [b, n * w // 32, 32]
+    return header, data
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_edit_meta("offset", "many"), "metadata field 'offset' is missing or not a non-negative integer"),
+    (_edit_meta("offset", "-3"), "metadata field 'offset' is missing or not a non-negative integer"),
+    (_edit_meta("offset", "99999999"), "metadata field 'offset' (99999999) exceeds the model's context"),
+    (_edit_meta("meta", "{not json"), "metadata field 'meta' is not valid JSON"),
+    (_edit_meta("meta", "[1]"), "metadata field 'meta' must be a JSON dict"),
+    (_edit_meta("checkpoints", "[1, 2]"), "metadata field 'checkpoints' must list one object per layer"),
+    (_edit_meta("checkpoints", '[{"70": [0, 0]}, {"70": [3, 0]}, {}, {}]'),
+     "metadata field 'checkpoints' has a bad entry '70': [3, 0] (layer 1)"),
+    (_edit_meta("checkpoints", '[{"x": [0, 0]}, {}, {}, {}]'), "metadata field 'checkpoints' has a bad entry 'x'"),
+    (_edit_meta("checksum", "md5:1"), "metadata field 'checksum' is missing or malformed"),
+    (_edit_meta("kinds", "window,window,window,window"), "layer layout does not match this model"),
+    (_edit_tensor("1.window.1", dtype="F32", data_offsets=None), "corrupt header entry for tensor '1.window.1'"),
+    (_edit_tensor("1.window.1", shape=[1, 69, 2]), "corrupt header: tensor '1.window.1'"),
+    (_edit_tensor("1.window.1", data_offsets=[10 ** 9, 10 ** 9 + 127]), "truncated: tensor '1.window.1' ends"),
+    (_edit_tensor("1.window.1", dtype="I64"), "corrupt header: tensor '1.window.1' (I64"),
+    (_kv_width, "tensor '1.window.0' is U8 [1, 254, 32], expected U8 [1, 127, 64]"),
+    (_drop("1.entries.0"), "missing tensor '1.entries.0'"),
+    (_drop("tokens"), "missing tensor 'tokens'"),
+    (_add_tensor, "unexpected tensor '9.extra.0'"),
+    (_token_out_of_vocab, "tensor 'tokens' holds ids outside the vocabulary"),
+])
+def test_crafted_files_raise_cache_file_error(model, saved, tmp_path, edit, message):
+    src = tmp_path / "src.safetensors"
+    src.write_bytes(saved)
+    header, data = edit(*_split(src))
+    path = tmp_path / "c.safetensors"
+    _write(path, header, data, sign="checksum" not in message)
+    with pytest.raises(CacheFileError) as err:
+        load_cache(path, model)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"{not json" + b" " * 7, "corrupt header (invalid JSON"),
+    (b"[1, 2, 3]" + b" " * 7, "corrupt header (not a JSON object)"),
+    (b'{"__metadata__": {"format": 1}}', "not an mlx-v4 cache file (no string metadata)"),
+    (b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}', "not an mlx-v4 cache file"),
+    (b"\xff\xfe" + b" " * 6, "corrupt header (invalid JSON"),
+])
+def test_corrupt_headers_raise_cache_file_error(model, tmp_path, raw, message):
+    import struct
+
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x00")
+    with pytest.raises(CacheFileError) as err:
+        load_cache(path, model)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value), str(err.value)
+
+
+def test_version_1_files_are_refused_with_the_reason(model, saved, tmp_path):
+    from mlx_v4.cache import CacheMismatchError
+
+    src = tmp_path / "src.safetensors"
+    src.write_bytes(saved)
+    header, data = _split(src)
+    header["__metadata__"]["format_version"] = "1"
+    del header["__metadata__"]["checksum"]
+    path = tmp_path / "old.safetensors"
+    _write(path, header, data, sign=False)
+    with pytest.raises(CacheMismatchError, match=r"cache format version 1, this mlx-v4 reads 2 \(a file from "
+                                                 r"before content checksums: save it again\)"):
+        load_cache(path, model)

@@ -201,3 +201,77 @@ def test_a_role_tag_ends_the_turn(tok):
     answer = "".join(e.text for e in events if isinstance(e, Answer))
     finish = [e for e in events if isinstance(e, Finish)][-1]
     assert answer == "A class." and finish.reason == "stop"
+
+
+# ---- damaged session files (issue 15, item 8) ---------------------------------------------------
+
+def _good_state():
+    return {"format": "mlx-v4-chat", "version": 1,
+            "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            "settings": {"system": "sys", "thinking": False, "reasoning_effort": None, "tools": [],
+                         "max_tokens": 4, "prefill_step_size": 512, "sampling": {"temperature": 0.0}}}
+
+
+def _with(path, value):
+    state = _good_state()
+    *parents, last = path
+    node = state
+    for key in parents:
+        node = node[key]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return state
+
+
+@pytest.mark.parametrize("state, words", [
+    ([1, 2], "not an mlx-v4 chat session file"),
+    ("text", "not an mlx-v4 chat session file"),
+    (_with(["version"], 7), "chat session version 7, this mlx-v4 reads 1"),
+    (_with(["settings"], KeyError), "missing field 'settings'"),
+    (_with(["messages"], KeyError), "missing field 'messages'"),
+    (_with(["settings"], [1]), "field 'settings' must be an object, not list"),
+    (_with(["settings", "max_tokens"], "4"), "field 'settings.max_tokens' must be int, not str"),
+    (_with(["settings", "max_tokens"], True), "field 'settings.max_tokens' must be int, not bool"),
+    (_with(["settings", "max_tokens"], 0), "field 'settings.max_tokens' must be positive, got 0"),
+    (_with(["settings", "thinking"], "yes"), "field 'settings.thinking' must be bool, not str"),
+    (_with(["settings", "colour"], "red"), "unknown field 'settings.colour'"),
+    (_with(["settings", "sampling"], 3), "field 'settings.sampling' must be dict, not int"),
+    (_with(["settings", "sampling", "temperature"], "hot"),
+     "field 'settings.sampling.temperature' must be int or float or null, not str"),
+    (_with(["settings", "sampling", "beam"], 2), "unknown field 'settings.sampling.beam'"),
+    (_with(["settings", "tools"], [{"type": "function", "function": {}}]),
+     "field 'settings.tools[0]': tool definition needs a function name"),
+    (_with(["messages"], {"role": "user"}), "field 'messages' must be a list, not dict"),
+    (_with(["messages"], ["hi"]), "field 'messages[0]' must be an object with a string 'role'"),
+    (_with(["messages"], [{"role": "wizard", "content": "x"}]), "field 'messages[0]': unknown message role"),
+    (_with(["messages"], [{"role": "user", "content": 5}]), "field 'messages[0].content' must be a string"),
+    (_with(["messages"], [{"role": "assistant", "content": "x", "tool_calls": [{"id": 1}]}]),
+     "field 'messages[0]': missing key 'name'"),
+])
+def test_damaged_session_file_is_one_clear_error(tmp_path, state, words):
+    from mlx_v4.chat import SessionFileError
+
+    (tmp_path / "s.json").write_text(json.dumps(state))
+    with pytest.raises(SessionFileError) as err:
+        ChatSession.load(tmp_path / "s.safetensors", None, None)  # refused before the model is used
+    assert str(err.value).startswith(f"{tmp_path / 's.json'}: ") and words in str(err.value), str(err.value)
+
+
+def test_unreadable_session_file(tmp_path):
+    from mlx_v4.chat import SessionFileError, read_session_file
+
+    (tmp_path / "s.json").write_text('{"format": "mlx-v4-chat", ')
+    with pytest.raises(SessionFileError, match=r"s\.json: cannot read the chat session file"):
+        read_session_file(tmp_path / "s.json")
+    (tmp_path / "s.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(SessionFileError, match=r"s\.json: cannot read the chat session file"):
+        read_session_file(tmp_path / "s.json")
+    with pytest.raises(SessionFileError, match=r"missing\.json: cannot read"):
+        read_session_file(tmp_path / "missing.json")
+    state = _good_state()
+    (tmp_path / "s.json").write_text(json.dumps(state))
+    settings, sampling, messages = read_session_file(tmp_path / "s.json")
+    assert sampling == {"temperature": 0.0} and messages == state["messages"]
+    assert settings == {k: v for k, v in state["settings"].items() if k != "sampling"}

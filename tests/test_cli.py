@@ -88,7 +88,9 @@ def test_generate_bad_input_is_one_line(fake, args, words):
 
 
 def test_generate_missing_prompt_file(fake):
-    one_line_error(run("generate", "--model", fake, "--prompt-file", fake / "nope.txt"), "nope.txt")
+    r = run("generate", "--model", fake, "--prompt-file", fake / "nope.txt")
+    one_line_error(r, "nope.txt", "(check the path)")
+    assert "model directory" not in r.stderr  # not the hint for a missing model (issue 15, item 12)
 
 
 # ---- chat (fake library) -----------------------------------------------------------------------
@@ -154,7 +156,8 @@ def test_chat_read_attaches_file(fake):
     r = run("chat", "--model", fake, "--no-think", input=f"/read {f}\nsummarise\n/read {fake}/none.md\n")
     assert r.exit_code == 0, r.output
     assert "alpha beta" in r.stdout and "summarise" in r.stdout
-    assert "none.md" in r.stderr
+    assert f"/read: cannot read {fake}/none.md (No such file or directory) (check the file name)" in r.stderr
+    assert "model directory" not in r.stderr  # not the hint for a missing model (issue 15, item 12)
 
 
 def test_chat_system_and_reset(fake):
@@ -363,3 +366,26 @@ def test_convert_demo_default_native(tmp_path):
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())
     assert cfg["mlx_v4_conversion"]["recipe"] == "native" and (tmp_path / "d" / cfg["model_file"]).is_file()
+
+
+# ---- misleading hints (issue 15, item 12) -------------------------------------------------------
+
+def test_missing_convert_src_says_the_path_does_not_exist(tmp_path):
+    r = run("convert", tmp_path / "no-such-src", tmp_path / "out")
+    one_line_error(r, "no-such-src", "no such directory", "pass an existing model directory")
+    assert "re-download" not in r.stderr
+
+
+def test_truncated_session_is_not_called_another_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_V4_HOME", str(tmp_path))
+    r = run("chat", "--no-think", "--max-tokens", 4, "--temp", 0, input="Hi\n/save t\n/exit\n")
+    assert r.exit_code == 0, r.output
+    saved = tmp_path / "sessions" / "t.safetensors"
+    side, text = saved.with_suffix(".json"), saved.with_suffix(".json").read_text()
+    side.write_text("[]")  # a damaged session file (issue 15, item 8)
+    one_line_error(run("chat", "--resume", "t", input="/exit\n"), str(side), "not an mlx-v4 chat session file")
+    side.write_text(text)
+    saved.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
+    r = run("chat", "--resume", "t", input="/exit\n")
+    one_line_error(r, str(saved), "damaged or incomplete")
+    assert "another model" not in r.stderr

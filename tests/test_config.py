@@ -75,7 +75,28 @@ def test_yarn_only_on_compressed_layers():
     ({"model_type": "llama"}, "model_type 'llama' is not supported: mlx-v4 runs 'deepseek_v4'"),
     ({"model_type": "deepseek_v41"}, "DeepSeek V4.1 (Engram, shared KV, vision) is a different architecture"),
     ({"engram_layer_ids": [1, 14]}, "config field 'engram_layer_ids' (Engram n-gram memory (DeepSeek V4.1))"),
-    ({"compress_ratios": [0, 2] * 22}, "compress_ratios contains unsupported ratios [2]"),
+    ({"compress_ratios": [0, -4] * 22}, "compress_ratios[1]=-4 must be >= 0"),
+    ({"compress_ratios": [0, "4"] * 22}, "compress_ratios[1]='4' must be an integer"),
+    ({"compress_ratios": "0,4"}, "compress_ratios='0,4' must be a list of integers"),
+    # issue 15, item 7: the non-RoPE KV dims are rounded to FP8 in blocks of 64
+    ({"head_dim": 96}, "head_dim=96: the non-RoPE KV dims (head_dim - qk_rope_head_dim = 32) must be a "
+                       "multiple of 64"),
+    ({"head_dim": 160, "qk_rope_head_dim": 64}, "(head_dim - qk_rope_head_dim = 96) must be a multiple of 64"),
+    ({"index_head_dim": 16}, "index_head_dim=16 must be a power of two (Hadamard rotation) and a multiple of 32"),
+    ({"index_head_dim": 96}, "index_head_dim=96 must be a power of two"),
+    ({"num_experts_per_tok": 300}, "num_experts_per_tok=300 exceeds n_routed_experts=256"),
+    ({"num_hash_layers": 50}, "num_hash_layers=50 exceeds num_hidden_layers=43"),
+    ({"hidden_size": 0}, "hidden_size=0 must be positive"),
+    ({"sliding_window": "128"}, "sliding_window='128' must be an integer"),
+    ({"index_topk": 512.5}, "index_topk=512.5 must be an integer"),
+    ({"hc_mult": True}, "hc_mult=True must be an integer"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps=0 must be positive"),
+    ({"rope_theta": float("nan")}, "rope_theta=nan must be a finite number"),
+    ({"swiglu_limit": -1}, "swiglu_limit=-1 must be >= 0"),
+    ({"eos_token_id": 200000}, "eos_token_id=200000 is outside the vocabulary (vocab_size=129280)"),
+    ({"rope_scaling": {"type": "yarn", "factor": 16}}, "rope_scaling (yarn) needs 'original_max_position_embeddings'"),
+    ({"rope_scaling": {"type": "yarn", "factor": "x", "original_max_position_embeddings": 4}},
+     "rope_scaling.factor='x' must be a finite number"),
     ({"num_key_value_heads": 8}, "num_key_value_heads=8: V4 shares one 512-d KV head"),
     ({"compress_ratios": [0, 4]}, "compress_ratios has 2 entries, fewer than num_hidden_layers=43"),
 ])
@@ -85,11 +106,24 @@ def test_bad_configs_name_the_field(change, message):
     assert message in str(e.value)
 
 
+def test_generic_compression_ratios_are_accepted():
+    """The official Compressor takes any ratio (only 4 overlaps and has an indexer)."""
+    a = ModelArgs.from_dict(OFFICIAL | {"compress_ratios": [0, 2, 8, 16, 64, 1] + [4, 128] * 18 + [4, 32]})
+    assert [a.layer_kind(i) for i in range(7)] == ["window", "hca", "hca", "hca", "hca", "hca", "csa"]
+    assert a.compress_ratios[:6] == [0, 2, 8, 16, 64, 1] and a.mtp_compress_ratio == 32
+
+
 def test_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match=f"{tmp_path}/config.json: no config.json here"):
         ModelArgs.from_file(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        ModelArgs.from_file(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="config.json: not a JSON object"):
+        ModelArgs.from_file(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(OFFICIAL | {"head_dim": 96}))
+    with pytest.raises(ConfigError, match="config.json: head_dim=96: the non-RoPE KV dims"):
         ModelArgs.from_file(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(OFFICIAL | {"model_type": "gpt2"}))
     with pytest.raises(ConfigError, match="config.json: model_type 'gpt2' is not supported"):

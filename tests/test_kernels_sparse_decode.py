@@ -9,7 +9,7 @@ import pytest
 from metal_emu import emu
 
 from mlx_v4.kernels import sparse_decode as sd
-from mlx_v4.layers.attention import attend
+from mlx_v4.kernels.attend import attend
 from mlx_v4.layers.fake_quant import quantize_kv_entry
 
 pytestmark = pytest.mark.skipif(not emu.have_compiler(), reason="no C++20 compiler for the Metal emulator")

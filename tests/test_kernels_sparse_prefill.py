@@ -7,7 +7,7 @@ import pytest
 from metal_emu import clcheck, emu, nvrtc
 
 from mlx_v4.kernels import sparse_prefill as sp
-from mlx_v4.layers.attention import attend
+from mlx_v4.kernels.attend import attend
 from mlx_v4.layers.fake_quant import quantize_kv_entry
 
 pytestmark = pytest.mark.skipif(not emu.have_compiler(), reason="no C++20 compiler for the Metal emulator")

@@ -143,3 +143,22 @@ def test_mlx_lm_generate_step_drives_the_model():
         ours.append(t)
         t = int(mx.argmax(model(mx.array([[t]]), cache)[0, -1]))
     assert theirs == ours
+
+
+@pytest.mark.parametrize("fake_quant", [False, True], ids=["exact", "fake_quant"])
+def test_generic_compression_ratios_decode_equals_full_forward(fake_quant):
+    """Ratios other than 0/4/128 (the official Compressor is generic): token-by-token and
+    uneven chunks equal the full forward, and the cache holds (t + 1) // ratio entries."""
+    from mlx_v4.cache import cache_nbytes, planned_nbytes, reserve
+
+    args = tiny_args(compress_ratios=[8, 2, 4, 16, 0], fake_quant=fake_quant)
+    model = random_model(args, seed=9)
+    ids = _ids(150, seed=6)
+    full = model(ids)
+    _close(run_chunks(model, ids, [40] + [1] * 110), full, fake_quant=fake_quant)
+    _close(run_chunks(model, ids, [3, 7, 1, 130, 9]), full, fake_quant=fake_quant)
+    cache = model.make_cache()
+    reserve(cache, 150)
+    model(ids, cache)
+    assert [c.entries.length for c in cache] == [150 // 8, 150 // 2, 150 // 4, 150 // 16]
+    assert abs(cache_nbytes(cache) - planned_nbytes(args, 150)) / planned_nbytes(args, 150) < 0.02

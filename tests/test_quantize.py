@@ -421,3 +421,96 @@ def test_transformers_names_fp32_source(tmp_path):
     ta, tb = _tensors(a.path), _tensors(b.path)
     assert all(mx.array_equal(ta[k], tb[k]) for k in ta)
     mlx_v4.load(a.path)
+
+
+# ---- the marker is verified; only the converter's own files are deleted (issue 15, item 11) ------
+def test_damaged_output_is_converted_again_not_called_finished(source, tmp_path, caplog):
+    dst = tmp_path / "out"
+    first = convert(source[0], dst, recipe="8bit", max_shard_bytes=SHARD, progress=False)
+    shards = sorted(first.shards_written)
+    assert len(shards) >= 3
+    mtimes = {f.name: f.stat().st_mtime_ns for f in dst.iterdir()}
+    (dst / shards[1]).unlink()
+    with caplog.at_level("WARNING", logger="mlx_v4.quantize"):
+        r = convert(source[0], dst, recipe="8bit", max_shard_bytes=SHARD, progress=False)
+    assert f"shard {shards[1]} is missing; converting again" in caplog.text
+    assert not r.noop and r.shards_written == [shards[1]] and sorted(r.shards_reused) == shards[:1] + shards[2:]
+    assert all((dst / n).stat().st_mtime_ns == mtimes[n] for n in r.shards_reused)
+    assert is_complete(dst) and not (dst / MANIFEST).exists()
+    mlx_v4.load(dst)
+    # a truncated shard (size differs from what was written)
+    with open(dst / shards[0], "r+b") as f:
+        f.truncate(f.seek(0, 2) - 16)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mlx_v4.quantize"):
+        r = convert(source[0], dst, recipe="8bit", max_shard_bytes=SHARD, progress=False)
+    assert f"shard {shards[0]} has " in caplog.text and " were written; converting again" in caplog.text
+    assert r.shards_written == [shards[0]], (r.shards_written, r.shards_reused)
+    # a shard whose header no longer lists what the index says
+    weight_map = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+    victim = next(t for t, f in weight_map.items() if f == shards[2])
+    weight_map[victim] = shards[0]
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mlx_v4.quantize"):
+        r = convert(source[0], dst, recipe="8bit", max_shard_bytes=SHARD, progress=False)
+    assert f"tensor '{victim}' is not in {shards[0]} as model.safetensors.index.json says" in caplog.text
+    assert not r.noop and r.shards_written == [] and is_complete(dst)
+    assert json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"][victim] == shards[2]
+    assert convert(source[0], dst, recipe="8bit", max_shard_bytes=SHARD, progress=False).noop
+
+
+def test_cli_reconverts_after_a_shard_is_deleted(source, tmp_path, caplog):
+    from mlx_v4.cli.app import app
+    from typer.testing import CliRunner
+
+    dst = tmp_path / "out"
+    args = ["convert", str(source[0]), str(dst), "--recipe", "bf16"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    next(dst.glob("model-*.safetensors")).unlink()
+    with caplog.at_level("WARNING", logger="mlx_v4.quantize"):
+        r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0 and "already converted" not in r.output and f"wrote {dst}" in r.output
+    assert "model-00001-of-00001.safetensors is missing; converting again" in caplog.text
+    assert is_complete(dst) and all((dst / f).is_file() for f in json.loads((dst / MARKER).read_text())["files"])
+
+
+def test_force_and_resume_keep_user_files(source, tmp_path):
+    dst = tmp_path / "out"
+
+    def killed(name):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(source[0], dst, recipe="8bit", max_shard_bytes=SHARD, on_shard=killed, progress=False)
+    # the user drops files into the half-finished output, one named like a stale shard
+    user = {"notes.txt": "mine", "model-00099-of-00099.safetensors": "not a shard", ".hidden.partial": "x"}
+    for name, text in user.items():
+        (dst / name).write_text(text)
+    r = convert(source[0], dst, recipe="8bit", max_shard_bytes=SHARD, progress=False)
+    assert is_complete(dst) and len(r.shards_reused) == 1
+    assert {n: (dst / n).read_text() for n in user} == user
+    ours = set(json.loads((dst / MARKER).read_text())["written"])
+    assert not ours & set(user) and {"config.json", "README.md", *r.shards_written} <= ours
+    forced = convert(source[0], dst, recipe="bf16", max_shard_bytes=SHARD, force=True, progress=False)
+    assert forced.shards_written and not forced.shards_reused and is_complete(dst)
+    assert {n: (dst / n).read_text() for n in user} == user
+    left = {f.name for f in dst.iterdir()} - set(user) - {MARKER}
+    assert left == set(json.loads((dst / MARKER).read_text())["written"])  # no stale 8bit shard left
+    # a user file where the converter would write is never overwritten: the run stops and names it
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / MANIFEST).write_text(json.dumps({"plan": None, "done": {}, "written": []}))
+    (other / "config.json").write_text("{}")
+    with pytest.raises(ConvertError, match=r"other/config\.json: exists and was not written by the converter"):
+        convert(source[0], other, recipe="bf16", max_shard_bytes=SHARD, progress=False)
+    assert (other / "config.json").read_text() == "{}"
+
+
+def test_crafted_manifest_cannot_delete_outside_names(source, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (tmp_path / "precious.safetensors").write_text("keep")
+    (dst / MANIFEST).write_text(json.dumps({"plan": None, "done": {}, "written": ["../precious.safetensors"]}))
+    convert(source[0], dst, recipe="bf16", max_shard_bytes=SHARD, progress=False, force=True)
+    assert (tmp_path / "precious.safetensors").read_text() == "keep" and is_complete(dst)

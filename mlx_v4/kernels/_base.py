@@ -3,8 +3,8 @@
 Every kernel body is written in the Metal dialect so that one string serves three consumers:
 ``mx.fast.metal_kernel`` on a Mac, the CPU emulator in ``tests/metal_emu`` (which captures
 the source MLX generates and runs it as C++), and ``mx.fast.cuda_kernel`` through the small
-compatibility prelude in :data:`CUDA_PRELUDE`. Portable-body rules (see
-``/work/shared/research/metal_kernels.md`` section 4): scalars arrive as shape-(1,) arrays,
+compatibility prelude in :data:`CUDA_PRELUDE`. Portable-body rules (``docs/kernels.md``):
+scalars arrive as shape-(1,) arrays,
 local pointers are ``auto``, maths is done in ``float``, SIMD collectives only in
 simdgroup-uniform control flow, threads are bounds-checked, threadgroup memory <= 32 KB.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-# Decoders for the packed cache formats (mlx_v4/layers/fake_quant.py), valid Metal, C++ and
+# Decoders for the packed cache formats (the MLX twins: mlx_v4/formats.py), valid Metal, C++ and
 # CUDA. Not covered: e4m3 NaN codes (the quantizer saturates, it never writes them) and the
 # E8M0 bytes 0 / 255 (scales never reach 2**-127 or NaN: amax is floored).
 DECODE_HEADER = r"""

@@ -9,6 +9,8 @@ runs one thread per token with the [hc, hc] matrix in registers.
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 
 from ._base import CUDA_PRELUDE, KernelSpec, metal_runner
@@ -61,11 +63,29 @@ SPEC = KernelSpec(name="v4_hyper_mix", input_names=("mixes", "base", "scale", "e
                   output_names=("pre", "post", "comb"), source=SOURCE, header=CUDA_PRELUDE)
 
 
+def sinkhorn(logits: mx.array, iters: int, eps: float) -> mx.array:
+    """[..., hc, hc] logits -> approximately doubly-stochastic matrix (official hc_split_sinkhorn)."""
+    comb = mx.softmax(logits, axis=-1, precise=True) + eps
+    comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)
+        comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+    return comb
+
+
+@partial(mx.compile, shapeless=False)
+def mix_weights(mixes, base, scale, hc: int, iters: int, hc_eps: float):
+    """mixes [..., (2+hc)*hc] -> (pre [..., hc], post [..., hc], comb [..., hc, hc]): the definition
+    kernel 4 computes (the official ``hc_split_sinkhorn``)."""
+    pre = mx.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + hc_eps
+    post = 2 * mx.sigmoid(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
+    comb = mixes[..., 2 * hc:].reshape(*mixes.shape[:-1], hc, hc) * scale[2] + base[2 * hc:].reshape(hc, hc)
+    return pre, post, sinkhorn(comb, iters, hc_eps)
+
+
 def hyper_mix_reference(mixes, base, scale, *, hc: int, iters: int, eps: float):
     """mixes [..., (2+hc)*hc] -> (pre [..., hc], post [..., hc], comb [..., hc, hc])."""
-    from ..layers.hyper import _mix_weights
-
-    return _mix_weights(mixes, base, scale, hc, iters, eps)
+    return mix_weights(mixes, base, scale, hc, iters, eps)
 
 
 def hyper_mix_kernel(mixes, base, scale, *, hc: int, iters: int, eps: float, threads: int = 64,

@@ -274,7 +274,7 @@ def indexer_scores_reference(q, w, packed, scales, *, n_keys: int, offset: int) 
 
     q [B, L, H, d] fp32 (RoPE'd, rotated, FP4-rounded); w [B, L, H] fp32 (already scaled by
     d^-0.5 * H^-0.5); packed uint8 [B, C, d/2], scales uint8 [B, C, d/32] with C >= n_keys."""
-    from ..layers.fake_quant import dequantize_fp4
+    from ..formats import dequantize_fp4
 
     B, L, H, d = q.shape
     keys = dequantize_fp4(packed[:, :n_keys], scales[:, :n_keys])  # [B, N, d]

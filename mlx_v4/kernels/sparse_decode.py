@@ -187,8 +187,8 @@ def sparse_decode_reference(q, window, codes, scales, rope, indices, sinks, *, s
 
     q [B, H, D]; window [B, W, D]; codes [B, N, nope] uint8; scales [B, N, nope/64] uint8;
     rope [B, N, D - nope] bf16; indices [B, K] int32 (-1 = none); sinks [H] -> [B, H, D]."""
-    from ..layers.attention import attend
-    from ..layers.fake_quant import dequantize_kv_entry
+    from ..formats import dequantize_kv_entry
+    from .attend import attend
 
     B, H, D = q.shape
     K = indices.shape[1]

@@ -97,14 +97,14 @@ def _check(q, window, codes, rope):
 def sparse_prefill_reference(q, window, codes, scales, rope, indices, sinks, *, scale: float, offset: int,
                              sliding_window: int, ratio: int, n_entries: int) -> mx.array:
     """The definition: per-query window mask, gathered (or all visible) dequantized entries,
-    then :func:`mlx_v4.layers.attention.attend`.
+    then :func:`mlx_v4.kernels.attend.attend`.
 
     q [B, L, H, D]; window [B, W, D] (W >= L, last L rows are this chunk); codes [B, C, nope]
     uint8, scales [B, C, nope/64] uint8, rope [B, C, D - nope] bf16 (C >= n_entries rows, the
     first n_entries valid); indices [B, L, K] int32 (-1 = none) or None (every visible entry,
     ``i < (t + 1) // ratio``); sinks [H] -> [B, L, H, D] in q's dtype."""
-    from ..layers.attention import attend
-    from ..layers.fake_quant import dequantize_kv_entry
+    from ..formats import dequantize_kv_entry
+    from .attend import attend
 
     B, L, H, D = q.shape
     W = window.shape[1]

@@ -21,6 +21,10 @@ import math
 
 import mlx.core as mx
 
+# The decoders live in mlx_v4/formats.py, shared with the kernels' references (re-exported here).
+from ..formats import dequantize_fp4, dequantize_fp8, dequantize_kv_entry  # noqa: F401
+from ..formats import pow2 as _pow2
+
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 FP8_BLOCK = 64  # per-block scale of the KV fake-quant (not the 128 of the weights)
@@ -33,11 +37,6 @@ def _pow2_ceil_exponent(x: mx.array) -> mx.array:
     bits = x.astype(mx.float32).view(mx.uint32)
     exponent = ((bits >> 23) & 0xFF).astype(mx.int32) - 127
     return exponent + ((bits & 0x7FFFFF) != 0).astype(mx.int32)
-
-
-def _pow2(e: mx.array) -> mx.array:
-    """2**e for integer e in the normal float32 range, exactly."""
-    return ((e + 127).astype(mx.uint32) << 23).view(mx.float32)
 
 
 def block_scale_exponent(x: mx.array, block: int, fmt_max: float, amax_floor: float) -> mx.array:
@@ -61,22 +60,9 @@ def quantize_fp8(x: mx.array, block: int = FP8_BLOCK) -> tuple[mx.array, mx.arra
     return codes, (e + 127).astype(mx.uint8)
 
 
-def dequantize_fp8(codes: mx.array, scale: mx.array, dtype=mx.float32) -> mx.array:
-    """Inverse of :func:`quantize_fp8` (exact)."""
-    n = codes.shape[-1]
-    block = n // scale.shape[-1]
-    v = mx.from_fp8(codes, dtype=mx.float32).reshape(*codes.shape[:-1], -1, block)
-    v = v * _pow2(scale.astype(mx.int32) - 127)[..., None]
-    return v.reshape(codes.shape).astype(dtype)
-
-
 def fake_quant_fp8(x: mx.array, block: int = FP8_BLOCK) -> mx.array:
     """The value the official ``act_quant(x, 64, "ue8m0", inplace=True)`` leaves in x."""
     return dequantize_fp8(*quantize_fp8(x, block), dtype=x.dtype)
-
-
-# e2m1 magnitudes by code 0..7; ties round to the even code (as an IEEE-style cast does).
-_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def _e2m1_code(v: mx.array) -> mx.array:
@@ -101,20 +87,6 @@ def quantize_fp4(x: mx.array, block: int = FP4_BLOCK) -> tuple[mx.array, mx.arra
     nibble = nibble.reshape(*x.shape[:-1], -1, 2)
     packed = nibble[..., 0] | (nibble[..., 1] << 4)
     return packed, (e + 127).astype(mx.uint8)
-
-
-_E2M1_TABLE = mx.array(list(_E2M1_VALUES) + [-v for v in _E2M1_VALUES], dtype=mx.float32)
-
-
-def dequantize_fp4(packed: mx.array, scale: mx.array, dtype=mx.float32) -> mx.array:
-    """Inverse of :func:`quantize_fp4` (exact)."""
-    lo, hi = packed & 0x0F, packed >> 4
-    codes = mx.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], -1)
-    v = _E2M1_TABLE[codes.astype(mx.int32)]
-    n = v.shape[-1]
-    block = n // scale.shape[-1]
-    v = v.reshape(*v.shape[:-1], -1, block) * _pow2(scale.astype(mx.int32) - 127)[..., None]
-    return v.reshape(*packed.shape[:-1], n).astype(dtype)
 
 
 def fake_quant_fp4(x: mx.array, block: int = FP4_BLOCK) -> mx.array:
@@ -199,10 +171,6 @@ def quantize_kv_entry(x: mx.array, rope_dim: int) -> tuple[mx.array, tuple[mx.ar
     rope = x[..., -rope_dim:].astype(mx.bfloat16)
     values = mx.concatenate([dequantize_fp8(codes, scale, x.dtype), rope.astype(x.dtype)], axis=-1)
     return values, (codes, scale, rope)
-
-
-def dequantize_kv_entry(codes: mx.array, scale: mx.array, rope: mx.array, dtype=mx.float32) -> mx.array:
-    return mx.concatenate([dequantize_fp8(codes, scale, dtype), rope.astype(dtype)], axis=-1)
 
 
 def quantize_index_key(x: mx.array) -> tuple[mx.array, tuple[mx.array, mx.array]]:

@@ -13,22 +13,10 @@ learned projection of the RMS-normalised, flattened streams yields three mixings
 
 from __future__ import annotations
 
-from functools import partial
-
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..kernels.hyper_mix import hyper_mix
-
-
-def sinkhorn(logits: mx.array, iters: int, eps: float) -> mx.array:
-    """[..., hc, hc] logits -> approximately doubly-stochastic matrix (official hc_split_sinkhorn)."""
-    comb = mx.softmax(logits, axis=-1, precise=True) + eps
-    comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)
-        comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
-    return comb
+from ..kernels.hyper_mix import hyper_mix, mix_weights
 
 
 def _mixes(x: mx.array, fn: mx.array, norm_eps: float) -> tuple[mx.array, mx.array]:
@@ -39,14 +27,6 @@ def _mixes(x: mx.array, fn: mx.array, norm_eps: float) -> tuple[mx.array, mx.arr
     return xf, (xf @ fn.T) * rsqrt
 
 
-@partial(mx.compile, shapeless=False)
-def _mix_weights(mixes, base, scale, hc: int, iters: int, hc_eps: float):
-    pre = mx.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + hc_eps
-    post = 2 * mx.sigmoid(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
-    comb = mixes[..., 2 * hc:].reshape(*mixes.shape[:-1], hc, hc) * scale[2] + base[2 * hc:].reshape(hc, hc)
-    return pre, post, sinkhorn(comb, iters, hc_eps)
-
-
 def _collapse(x, fn, base, scale, hc: int, iters: int, hc_eps: float, norm_eps: float,
               use_kernel: bool = False):
     xf, mixes = _mixes(x, fn, norm_eps)
@@ -54,7 +34,7 @@ def _collapse(x, fn, base, scale, hc: int, iters: int, hc_eps: float, norm_eps: 
         pre, post, comb = hyper_mix(mixes, base, scale, hc=hc, iters=iters, eps=hc_eps, use_kernel=True)
     else:
         # Sinkhorn is ~60 tiny ops: compiled, they fuse into a few kernels (decode is launch-bound).
-        pre, post, comb = _mix_weights(mixes, base, scale, hc, iters, hc_eps)
+        pre, post, comb = mix_weights(mixes, base, scale, hc, iters, hc_eps)
     y = (pre[..., None] * xf.reshape(x.shape)).sum(axis=2)
     return y.astype(x.dtype), post, comb
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from ..cache import EntryStore
+from ..entry_store import EntryStore
 from .quant import dequantize_entry, dequantize_index, dequantize_window
 
 
@@ -319,7 +319,7 @@ def load_v41_cache(path, model) -> tuple[V41Cache, list[int], dict]:
     -> (cache checkpointed at its end, tokens, meta)."""
     import json
 
-    from ..cache import CacheFileError
+    from ..cache_file import CacheFileError
 
     try:
         arrays, meta = mx.load(str(path), return_metadata=True)

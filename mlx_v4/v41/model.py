@@ -13,7 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..layers.hyper import HyperConnection, _mix_weights, _mixes
+from ..kernels.hyper_mix import mix_weights
+from ..layers.hyper import HyperConnection, _mixes
 from ..layers.moe import RoutedExperts, SharedExpert
 from ..layers.norm import RMSNorm
 from ..platform import metal_available
@@ -97,7 +98,7 @@ class Block(nn.Module):
     def _mix(self, x: mx.array, sub: str):
         hc, iters, hc_eps, norm_eps = self._hc
         _, mixes = _mixes(x, getattr(self, f"hc_{sub}_fn"), norm_eps)
-        return _mix_weights(mixes, getattr(self, f"hc_{sub}_base"), getattr(self, f"hc_{sub}_scale"), hc, iters, hc_eps)
+        return mix_weights(mixes, getattr(self, f"hc_{sub}_base"), getattr(self, f"hc_{sub}_scale"), hc, iters, hc_eps)
 
     def __call__(self, x: mx.array, pre_mix: mx.array, cache, shared: SharedState):
         """x [B, L, hc, D], pre_mix [B, L, hc] (the previous FFN's) -> (x, this FFN's pre)."""
