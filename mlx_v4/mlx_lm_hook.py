@@ -66,9 +66,13 @@ class Model(_model.Model):
         from .weights import OUR_NAMES, build_from_arrays, rename_weights
 
         # an mlx-v4 conversion: our names, routed experts one tensor each (quantize/plan.expert_tensor)
-        ours = re.compile(r"layers\.\d+\.ffn\.experts\.\d+\.w[123]\.(weight|scales|biases)")
+        ours = re.compile(r"(layers|mtp)\.\d+\.ffn\.experts\.\d+\.w[123]\.(weight|scales|biases)")
         if not all(OUR_NAMES.fullmatch(k) or ours.fullmatch(k) for k in weights):  # official/transformers: dense
             return rename_weights(weights, self.args, dtype=default_dtype())
+        if any(k.startswith("mtp.") for k in weights) and not getattr(self, "mtp", None):
+            from .draft.mtp import attach_mtp
+
+            attach_mtp(self)  # the release's drafter, kept so the model equals mlx_v4.load's
         own = self.args.quantization if isinstance(self.args.quantization, dict) else {}
         out, _ = build_from_arrays(weights, self.args, fp8="mxfp8", fp4="mxfp4", dtype=default_dtype(),
                                    own=own if own.get("bits") else {})

@@ -119,6 +119,8 @@ class ScriptedModel:
     def step_batch(self, token_rows, caches):
         """The batched step (Model.step_batch): one call, logits [R, vocab] at each row's end."""
         self.calls += 1
+        if self.interrupt_at_call is not None and self.calls == self.interrupt_at_call:
+            raise KeyboardInterrupt
         if self.on_call is not None:
             self.on_call(self)
         return mx.stack([self._feed([int(t) for t in r], c)[0, -1] for r, c in zip(token_rows, caches)])
