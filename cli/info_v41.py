@@ -52,7 +52,7 @@ def plan_v41(model: str, *, recipe: str | None, bits: float | None, context: int
     from mlx_v4.v41.cache import bytes_per_token
     from mlx_v4.v41.config import V41Args, preset
 
-    from .info import MemoryPlan, split_bits
+    from .memory_plan import MemoryPlan, split_bits
 
     # the same recipe names and bits as convert and `info flash` (quantize/recipes.py)
     expert_bits, other_bits = split_bits(recipe, bits)

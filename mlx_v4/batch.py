@@ -20,6 +20,7 @@ import itertools
 import mlx.core as mx
 import mlx.nn as nn
 
+from .config import PositionError
 from .platform import metal_available
 
 #: On the CPU backend MLX's quantized matmul dequantizes the weights again for every row, so a
@@ -38,8 +39,6 @@ def step_batch(model, token_rows, caches) -> mx.array:
     """``token_rows[r]`` (a list or 1-D array of ids, length >= 1) continues ``caches[r]``
     (one per-layer cache list per sequence). -> logits [R, vocab] float32 at each row's last
     token. Every cache advances by its row's length."""
-    from .model import PositionError
-
     if len(token_rows) != len(caches):
         raise ValueError(f"{len(token_rows)} token rows for {len(caches)} caches")
     if not token_rows:

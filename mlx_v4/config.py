@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 
+class PositionError(ValueError):
+    """A request that runs past the model's maximum context (max_position_embeddings)."""
+
+
 class ConfigError(ValueError):
     """A config.json that is not a DeepSeek V4 checkpoint we can run."""
 

@@ -11,16 +11,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import make_cache
-from .config import ModelArgs
+from .config import ModelArgs, PositionError  # noqa: F401  (PositionError: its public home was here)
 from .layers.attention import Attention
 from .layers.hyper import HyperConnection, HyperHead
 from .layers.moe import MoE
 from .layers.norm import RMSNorm
 from .platform import metal_available
-
-
-class PositionError(ValueError):
-    """A request that runs past the model's maximum context."""
 
 
 class DecoderLayer(nn.Module):

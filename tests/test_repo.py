@@ -137,11 +137,7 @@ def test_library_never_imports_cli_or_quantize():
 
 # Circles that exist and are known, each with what breaking it takes. The test fails on any new
 # circle, and when one of these is broken (then delete it here).
-KNOWN_CIRCLES = [
-    # plan_v41 needs MemoryPlan and RECIPES from info.py, which dispatches V4.1 models to it:
-    # moving MemoryPlan and RECIPES into a module of their own breaks it.
-    ["mlx_v4.cli.info", "mlx_v4.cli.info_v41"],
-]
+KNOWN_CIRCLES: list[list[str]] = []
 
 
 def test_no_import_circles():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from mlx_v4.cli import stream_plan as sp
 from mlx_v4.cli.app import app
-from mlx_v4.cli.info import parameter_bytes
+from mlx_v4.cli.memory_plan import parameter_bytes
 from typer.testing import CliRunner
 
 from mlx_v4.cache import planned_nbytes

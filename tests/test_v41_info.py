@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from cli.info import plan
+from mlx_v4.cli.info import plan
 from mlx_v4.v41.cache import bytes_per_token
 from mlx_v4.v41.config import preset
 

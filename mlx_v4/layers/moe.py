@@ -124,6 +124,15 @@ class RoutedExperts(nn.Module):
         return y.reshape(T, k, -1)
 
 
+def route_scores(logits: mx.array, score_func: str) -> mx.array:
+    """Router logits [T, E] float32 -> scores: softmax, sigmoid or V4's sqrt(softplus)."""
+    if score_func == "softmax":
+        return mx.softmax(logits, axis=-1, precise=True)
+    if score_func == "sigmoid":
+        return mx.sigmoid(logits)
+    return mx.sqrt(nn.softplus(logits))
+
+
 class Gate(nn.Module):
     def __init__(self, args, hash_routed: bool):
         super().__init__()
@@ -138,13 +147,7 @@ class Gate(nn.Module):
 
     def __call__(self, x: mx.array, token_ids: mx.array) -> tuple[mx.array, mx.array]:
         """x [T, D], token_ids [T] -> (weights [T, k] fp32, expert ids [T, k])."""
-        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
-        if self.score_func == "softmax":
-            scores = mx.softmax(logits, axis=-1, precise=True)
-        elif self.score_func == "sigmoid":
-            scores = mx.sigmoid(logits)
-        else:
-            scores = mx.sqrt(nn.softplus(logits))
+        scores = route_scores(x.astype(mx.float32) @ self.weight.astype(mx.float32).T, self.score_func)
         if self.hash_routed:
             indices = self.tid2eid[token_ids]
         else:

@@ -31,24 +31,7 @@ class BatchEngine(Engine):
                          prefill_chunk=prefill_chunk, max_queue=max_queue)
 
     def _serve(self) -> None:  # run by Engine._loop, which answers the waiting requests if it dies
-        while True:
-            with self.cv:
-                while not (self.pending or self.active or self._calls or self.stopping):
-                    self.cv.wait()
-                calls = list(self._calls)
-                self._calls.clear()
-                if self.stopping and not self.active:
-                    for job in self.pending:
-                        self._safe_emit(job, ("error", 503, "the server is shutting down"))
-                    self.pending.clear()
-                    for task in calls:
-                        task()
-                    return
-                admit = []
-                while self.pending and len(self.active) + len(admit) < self.max_active:
-                    admit.append(self.pending.popleft())
-            for task in calls:
-                task()
+        while (admit := self._next_work()) is not None:
             for job in admit:
                 self._admit(job)
             for run in list(self.active):

@@ -167,25 +167,30 @@ class Engine:
             for job in stranded:
                 self._safe_emit(job, ("error", 503, "the engine has stopped; see the server log"))
 
+    def _next_work(self) -> list[Job] | None:
+        """Wait for work; run the queued calls; -> the jobs to admit now (first come, first
+        served, up to max_active), or None once the engine is stopping and idle."""
+        with self.cv:
+            while not (self.pending or self.active or self._calls or self.stopping):
+                self.cv.wait()
+            calls = list(self._calls)
+            self._calls.clear()
+            if self.stopping and not self.active:
+                for job in self.pending:
+                    self._safe_emit(job, ("error", 503, "the server is shutting down"))
+                self.pending.clear()
+                for task in calls:
+                    task()
+                return None
+            admit = []
+            while self.pending and len(self.active) + len(admit) < self.max_active:
+                admit.append(self.pending.popleft())
+        for task in calls:
+            task()
+        return admit
+
     def _serve(self) -> None:
-        while True:
-            with self.cv:
-                while not (self.pending or self.active or self._calls or self.stopping):
-                    self.cv.wait()
-                calls = list(self._calls)
-                self._calls.clear()
-                if self.stopping and not self.active:
-                    for job in self.pending:
-                        self._safe_emit(job, ("error", 503, "the server is shutting down"))
-                    self.pending.clear()
-                    for task in calls:
-                        task()
-                    return
-                admit = []
-                while self.pending and len(self.active) + len(admit) < self.max_active:
-                    admit.append(self.pending.popleft())
-            for task in calls:
-                task()
+        while (admit := self._next_work()) is not None:
             for job in admit:
                 if job.cancelled:
                     self.cancelled += 1

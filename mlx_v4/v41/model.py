@@ -15,7 +15,7 @@ import numpy as np
 
 from ..kernels.hyper_mix import mix_weights
 from ..layers.hyper import HyperConnection, _mixes
-from ..layers.moe import RoutedExperts, SharedExpert
+from ..layers.moe import RoutedExperts, SharedExpert, route_scores
 from ..layers.norm import RMSNorm
 from ..platform import metal_available
 from .attention import Attention
@@ -43,13 +43,7 @@ class Gate(nn.Module):
         self.norm_topk, self.route_scale = args.norm_topk_prob, args.routed_scaling_factor
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        logits = (x.astype(mx.float32) @ self.weight.astype(mx.float32).T) / self.temp
-        if self.score_func == "softmax":
-            scores = mx.softmax(logits, axis=-1, precise=True)
-        elif self.score_func == "sigmoid":
-            scores = mx.sigmoid(logits)
-        else:
-            scores = mx.sqrt(nn.softplus(logits))
+        scores = route_scores((x.astype(mx.float32) @ self.weight.astype(mx.float32).T) / self.temp, self.score_func)
         indices = mx.argpartition(-(scores + self.bias), kth=self.topk - 1, axis=-1)[..., : self.topk]
         weights = mx.take_along_axis(scores, indices, axis=-1)
         if self.norm_topk and self.topk > 1:
