@@ -335,29 +335,8 @@ class ModelArgs:
     def rope_inv_freq(self, compressed: bool) -> list[float]:
         """Per-pair inverse frequencies. Window-only layers: theta=rope_theta, no YaRN.
         Compressed layers: theta=compress_rope_theta with YaRN (attention factor 1)."""
-        dim = self.qk_rope_head_dim
         base = self.compress_rope_theta if compressed else self.rope_theta
-        freqs = [1.0 / (base ** (i / dim)) for i in range(0, dim, 2)]
-        rs = self.rope_scaling or {}
-        if not compressed or rs.get("type", rs.get("rope_type")) != "yarn":
-            return freqs
-        factor = float(rs["factor"])
-        orig = int(rs["original_max_position_embeddings"])
-        beta_fast, beta_slow = float(rs.get("beta_fast", 32)), float(rs.get("beta_slow", 1))
-
-        def correction_dim(rot):
-            return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
-
-        low = max(math.floor(correction_dim(beta_fast)), 0)
-        high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
-        if low == high:
-            high += 0.001
-        out = []
-        for i, f in enumerate(freqs):
-            ramp = min(max((i - low) / (high - low), 0.0), 1.0)
-            smooth = 1.0 - ramp
-            out.append(f / factor * (1 - smooth) + f * smooth)
-        return out
+        return rope_inv_freq(self.qk_rope_head_dim, base, self.rope_scaling if compressed else None)
 
 
 def _layer_ratios(cfg: dict[str, Any], n_layers: int) -> list[int]:
@@ -438,3 +417,29 @@ def preset(name: str, **overrides) -> ModelArgs:
     if name not in PRESETS:
         raise ConfigError(f"no preset {name!r}; choose one of {sorted(PRESETS)}")
     return ModelArgs.from_dict(PRESETS[name](), overrides)
+
+
+def rope_inv_freq(dim: int, base: float, rope_scaling: dict | None) -> list[float]:
+    """Inverse frequencies of ``dim`` RoPE dims at theta ``base``, YaRN-corrected when
+    ``rope_scaling`` is a yarn entry with its original length (V4 and V4.1 compressed layers;
+    attention factor 1, as the official code)."""
+    freqs = [1.0 / (base ** (i / dim)) for i in range(0, dim, 2)]
+    rs = rope_scaling or {}
+    orig = int(rs.get("original_max_position_embeddings") or 0)
+    if rs.get("type", rs.get("rope_type")) != "yarn" or orig <= 0:
+        return freqs
+    factor = float(rs["factor"])
+    beta_fast, beta_slow = float(rs.get("beta_fast", 32)), float(rs.get("beta_slow", 1))
+
+    def correction_dim(rot):
+        return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    out = []
+    for i, f in enumerate(freqs):
+        smooth = 1.0 - min(max((i - low) / (high - low), 0.0), 1.0)
+        out.append(f / factor * (1 - smooth) + f * smooth)
+    return out

@@ -16,6 +16,7 @@ import time
 import urllib.request
 
 import mlx.core as mx
+import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
 from mlx_v4.quantize import convert
@@ -26,8 +27,6 @@ from mlx_v4.generation import Token, stream_generate
 from mlx_v4.mlx_lm_hook import HOOK_FILE
 from mlx_v4.testing import official
 from mlx_v4.testing.tiny import TINY_CONFIG
-
-mlx_lm = pytest.importorskip("mlx_lm")
 
 
 @pytest.fixture(scope="module")

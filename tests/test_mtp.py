@@ -12,9 +12,9 @@ import pytest
 import mlx_v4
 from mlx_v4.draft.mtp import MTPBlock, MTPError, attach_mtp, mtp_layer_args
 from mlx_v4.model import Model
+from mlx_v4.testing import official
 from mlx_v4.testing.tiny import tiny_args
 
-official = pytest.importorskip("mlx_v4.testing.official")
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny"
 
 

@@ -22,9 +22,9 @@ import time
 
 import pytest
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette", reason="the server tests need the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("uvicorn", reason="the server tests need the serve extra: pip install -e '.[serve]'")
+httpx = pytest.importorskip("httpx", reason="the server tests need httpx (the test extra)")
 
 import mlx.core as mx  # noqa: E402
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette", reason="the server tests need the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("uvicorn", reason="the server tests need the serve extra: pip install -e '.[serve]'")
+httpx = pytest.importorskip("httpx", reason="the server tests need httpx (the test extra)")
 
 from _fake_model import ScriptedModel  # noqa: E402
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from mlx_v4.cli.info import plan
+
 from mlx_v4.v41.cache import bytes_per_token
 from mlx_v4.v41.config import preset
 

@@ -110,16 +110,5 @@ class BatchEngine(Engine):
             self.active.remove(run)
         self._end(run, store=store)
 
-    def _fail(self, run: _Run, e: Exception | None) -> None:
-        """End ``run`` with a 500 for its client (logged; a cache file it resumed from is dropped, as
-        :meth:`Engine._fail` does); nothing it raises may stop the worker."""
-        log.error("request %s failed", run.job.prep.rid, exc_info=e)
-        self.failed += 1
-        msg = f"generation failed: {type(e).__name__}: {e}" if e is not None else "generation failed"
-        self._safe_emit(run.job, ("error", 500, msg))
-        if run.source is not None:  # a cache read back from disk may be what broke: not again
-            self.pool.discard(run.source, f"a request resumed from it failed ({type(e).__name__}: {e})")
-        try:
-            self._drop(run, store=False)
-        except Exception:
-            log.exception("cleaning up request %s failed", run.job.prep.rid)
+    def _release_failed(self, run: _Run) -> None:  # Engine._fail's cleanup: leave the batch too
+        self._drop(run, store=False)

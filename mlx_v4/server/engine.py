@@ -207,17 +207,22 @@ class Engine:
                 if done and run in self.active:
                     self.active.remove(run)
 
-    def _fail(self, run: _Run, e: Exception) -> None:
+    def _fail(self, run: _Run, e: Exception | None) -> None:
         """End ``run`` with a 500 for its client; nothing it raises may stop the worker."""
         log.error("request %s failed", run.job.prep.rid, exc_info=e)
         self.failed += 1
-        self._safe_emit(run.job, ("error", 500, f"generation failed: {type(e).__name__}: {e}"))
+        why = f"{type(e).__name__}: {e}" if e is not None else "unknown error"
+        self._safe_emit(run.job, ("error", 500, f"generation failed: {why}"))
         if run.source is not None:  # a cache read back from disk may be what broke: not again
-            self.pool.discard(run.source, f"a request resumed from it failed ({type(e).__name__}: {e})")
+            self.pool.discard(run.source, f"a request resumed from it failed ({why})")
         try:
-            self._end(run, store=False)
+            self._release_failed(run)
         except Exception:
             log.exception("cleaning up request %s failed", run.job.prep.rid)
+
+    def _release_failed(self, run: _Run) -> None:
+        """Free a failed run's slot and lease without storing its cache."""
+        self._end(run, store=False)
 
     @staticmethod
     def _safe_emit(job: Job, item: tuple) -> None:

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..config import ConfigError, rope_inv_freq
 
 MODEL_TYPES = ("deepseek_v41", "deepseek_v41_text")
 
@@ -244,26 +243,8 @@ class V41Args:
     def rope_inv_freq(self, compressed: bool) -> list[float]:
         """Window-only layers: theta ``rope_theta``, no YaRN. Compressed layers (their queries,
         window, compressed entries and indexer alike): ``compress_rope_theta`` with YaRN."""
-        dim = self.qk_rope_head_dim
         base = self.compress_rope_theta if compressed else self.rope_theta
-        freqs = [1.0 / (base ** (i / dim)) for i in range(0, dim, 2)]
-        rs = self.rope_scaling or {}
-        orig = int(rs.get("original_max_position_embeddings") or 0)
-        if not compressed or rs.get("type", rs.get("rope_type")) != "yarn" or orig <= 0:
-            return freqs
-        factor = float(rs["factor"])
-        beta_fast, beta_slow = float(rs.get("beta_fast", 32)), float(rs.get("beta_slow", 1))
-
-        def corrected_dim(rotations):
-            return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-        low = max(math.floor(corrected_dim(beta_fast)), 0)
-        high = min(math.ceil(corrected_dim(beta_slow)), dim - 1)
-        out = []
-        for i, f in enumerate(freqs):
-            smooth = 1 - min(max((i - low) / max(high - low, 1e-3), 0.0), 1.0)
-            out.append(f / factor * (1 - smooth) + f * smooth)
-        return out
+        return rope_inv_freq(self.qk_rope_head_dim, base, self.rope_scaling if compressed else None)
 
 
 def _flash() -> dict[str, Any]:
