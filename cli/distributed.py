@@ -25,10 +25,11 @@ TimeoutOpt = Annotated[float, typer.Option("--dist-timeout", help=TIMEOUT_HELP)]
 def group_if_launched(parallel: str, layers: str | None, timeout: float = 300.0):
     """The world group under mlx.launch with more than one rank, else None (options checked)."""
     from mlx_v4 import distributed as dist
+    from mlx_v4 import split_plan
 
     from .common import UserError
 
-    if parallel not in dist.MODES:
+    if parallel not in split_plan.MODES:
         raise UserError(f"unknown --parallel {parallel!r}", "use --parallel pipeline or --parallel tensor")
     if not dist.launched():
         return None

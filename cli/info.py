@@ -147,9 +147,9 @@ class RankPlan:
 
 def split_plan(model: str, *, machines: int, memory: str, parallel: str, layers: str | None, context: int,
                recipe: str | None, bits: float | None) -> tuple[str, list[RankPlan]]:
-    """Per-machine weights and KV for a pipeline or tensor split (see mlx_v4.distributed)."""
+    """Per-machine weights and KV for a pipeline or tensor split (see mlx_v4.split_plan)."""
     from mlx_v4 import config
-    from mlx_v4 import distributed as dist
+    from mlx_v4 import split_plan as planner
 
     one = plan(model, recipe=recipe, bits=bits, context=context)
     if model in config.PRESETS:
@@ -160,8 +160,8 @@ def split_plan(model: str, *, machines: int, memory: str, parallel: str, layers:
         directory = mlx_v4.DEMO_MODEL_PATH if model in ("demo", "") else _checkpoint(model)[0]
         args = config.ModelArgs.from_file(directory)
     expert_bits, other_bits = split_bits(recipe, bits)
-    split = dist.plan_split(args, machines, parallel, layers)
-    shares = dist.plan_ranks(args, split, context, expert_bits=expert_bits, other_bits=other_bits,
+    split = planner.plan_split(args, machines, parallel, layers)
+    shares = planner.plan_ranks(args, split, context, expert_bits=expert_bits, other_bits=other_bits,
                              total_bytes=one.weights_bytes)
     sizes = parse_memory(memory, machines)
     rows = [RankPlan(s.rank, f"{s.layers[0]}-{s.layers[1] - 1}" if parallel == "pipeline" else f"all (1/{machines})",
