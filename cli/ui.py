@@ -232,6 +232,8 @@ class UI:
                           f"{human_bytes(experts['budget_bytes'])} ({experts['resident_experts']} experts)")
             table.add_row("expert hits", f"{experts['hits']:,} hits, {experts['misses']:,} misses "
                           f"({experts['hit_rate']:.1%}), {human_bytes(experts['bytes_read'])} read")
+            if (engram := experts.get("engram")) is not None:
+                table.add_row("Engram tables", engram_summary(engram))
         if stats is None and not breakdown and not context:
             table.add_row("", "nothing generated yet")
         self.err.print(table)
@@ -317,16 +319,24 @@ class UI:
                        soft_wrap=True)
 
     def expert_stats(self, stats: dict, tokens: int | None = None) -> None:
-        table = Table(title=f"Routed experts read on demand ({stats['policy']})", show_header=False)
+        title = "Routed experts read on demand" + (" (with Engram tables)" if "engram" in stats else "")
+        table = Table(title=f"{title} ({stats['policy']})", show_header=False)
         table.add_column(style="bold")
         table.add_column(justify="right")
         table.add_row("budget", f"{human_bytes(stats['budget_bytes'])} of {human_bytes(stats['total_bytes'])}")
-        table.add_row("resident", f"{human_bytes(stats['resident_bytes'])} ({stats['resident_experts']} experts)")
+        tables = stats.get("engram", {}).get("resident_tables", 0)
+        table.add_row("resident", f"{human_bytes(stats['resident_bytes'])} ({stats['resident_experts']} experts"
+                      + (f" + {tables} Engram tables)" if tables else ")"))
         table.add_row("hit rate", f"{stats['hit_rate']:.1%} ({stats['hits']:,} hits, {stats['misses']:,} misses)")
         table.add_row("read", f"{human_bytes(stats['bytes_read'])} in {stats['reads']:,} reads, "
                       f"{stats['read_seconds']:.2f} s")
         if tokens:
             table.add_row("read per token", human_bytes(stats["bytes_read"] / tokens))
+        if (engram := stats.get("engram")) is not None:  # DeepSeek V4.1: its tables share the budget
+            table.add_row("Engram tables", engram_summary(engram))
+            table.add_row("Engram read", f"{human_bytes(engram['bytes_read'])} in {engram['reads']:,} reads, "
+                          f"{engram['read_seconds']:.2f} s" + (f", {human_bytes(engram['bytes_read'] / tokens)} "
+                                                               "per token" if tokens else ""))
         self.out.print(table)
 
     def bench_table(self, model_name: str, rows: list[dict]) -> None:
@@ -364,3 +374,10 @@ def _draft_totals(rows: list[dict]) -> dict:
     total["plain_tps"] = decoded / max(total["plain_seconds"], 1e-9)
     total["draft_tps"] = decoded / max(total["draft_seconds"], 1e-9)
     return total
+
+
+def engram_summary(engram: dict) -> str:
+    """The Engram part of the expert store's stats, in one line."""
+    held = (f"{engram['resident_tables']} of {engram['tables']} resident ({human_bytes(engram['resident_bytes'])})"
+            if engram["resident_tables"] else f"{engram['tables']} on disk ({human_bytes(engram['total_bytes'])})")
+    return f"{held}; rows {engram['hits']:,} from memory, {engram['misses']:,} read from disk"
