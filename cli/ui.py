@@ -262,7 +262,8 @@ class UI:
         for note in plan.notes:
             self.out.print(Text(note, style="dim"), soft_wrap=True)
 
-    def stream_plan(self, title: str, rows, memory_gb: int, context: int, ssd_gbps: float) -> None:
+    def stream_plan(self, title: str, rows, memory_gb: int, context: int, ssd_gbps: float,
+                    notes: list[str] = ()) -> None:
         from .stream_plan import DEFAULT_TARGET_TPS
 
         table = Table(title=f"{title}: recipe and expert budget per Mac (KV at {context:,} tokens)")
@@ -299,6 +300,8 @@ class UI:
                             "Suggested: the best quality that keeps every expert resident or projects "
                             f"{DEFAULT_TARGET_TPS:g}+ tok/s, else the fastest.",
                             style="dim"), soft_wrap=True)
+        for note in notes:
+            self.out.print(Text(note, style="dim"), soft_wrap=True)
 
     def split_plan(self, title: str, context: int, rows) -> None:
         table = Table(title=f"Split plan: {title}")

@@ -100,6 +100,19 @@ def test_logits_bit_identical_to_resident(reference, sizes, case):
     assert s["resident_bytes"] == s["resident_experts"] * model.expert_store.specs[0].slot_bytes + engram["resident_bytes"]
 
 
+def test_mx_formats_stream_bit_identical():
+    """Experts kept as mxfp4 (as on Metal): slots are the stack's views, evicted and read again."""
+    kw = dict(dtype=mx.float32, fp4="mxfp4", fp8="mxfp8")
+    resident, _ = load_v41(MODEL, **kw)
+    want = run_checked(resident)
+    probe, _ = load_v41(MODEL, expert_budget=1 << 40, **kw)
+    spec = probe.expert_store.specs[0]
+    assert spec.quant["w1"]["mode"] == "mxfp4" and spec.slot_bytes == spec.read_bytes  # stored as read
+    model, _ = load_v41(MODEL, expert_budget=probe.expert_store.minimum * 3, **kw)
+    assert mx.array_equal(run_checked(model), want).item()
+    assert model.expert_store.stats()["evictions"] > 0 and model.fingerprint == resident.fingerprint
+
+
 def test_without_a_budget_experts_resident_and_engram_on_disk(reference):
     _, want = reference
     model, _ = load_model(MODEL, dtype=mx.float32)
