@@ -286,3 +286,17 @@ def test_engram_table_admitted_only_beside_every_expert(sizes):
     assert all(isinstance(t, EngramTable) for t in store.tables.values())
     store.reset_stats()
     assert store.stats()["engram"]["misses"] == 0
+
+
+def test_chat_stats_show_engram_reads(capsys):
+    import mlx_v4
+    from mlx_v4.cli.chat import ChatLoop
+    from mlx_v4.cli.ui import UI
+
+    model, tok = mlx_v4.load(MODEL, dtype=mx.float32, expert_budget="60KB")
+    run_checked(model, chunks=[60])
+    ChatLoop(UI(interactive=False), model, tok, mlx_v4.ChatSession(model, tok), {}).show_stats()
+    err = " ".join(capsys.readouterr().err.split())  # the table wraps at the console's width
+    engram = model.expert_store.stats()["engram"]
+    assert "expert hits" in err and "Engram tables" in err
+    assert f"2 on disk (18.0 KB); rows 0 from memory, {engram['misses']:,} read from disk" in err
