@@ -18,6 +18,9 @@ computes with the resident ones while the misses are read, then computes the mis
   chunk needs once), in groups that fit the budget when they do not all fit at once.
 * Eviction policy: ``lru`` or ``lfu`` (frequency with dynamic aging, seeded by the request
   counts of experts not resident); benchmarks/expert_stream.py measures both.
+* Other on-disk tables share the budget (DeepSeek V4.1's Engram, :meth:`ExpertStore.admit_tables`):
+  whole tables, resident only beside every expert and never evicted; their row reads are in
+  :meth:`ExpertStore.stats`. Where each expert lives is planned in :mod:`mlx_v4.expert_plan`.
 """
 
 from __future__ import annotations
