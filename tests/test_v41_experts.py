@@ -21,7 +21,7 @@ import pytest
 from mlx_v4 import experts
 from mlx_v4.experts import ExpertBudgetError
 from mlx_v4.loader import load_model
-from mlx_v4.v41.engram import EngramTable
+from mlx_v4.v41.engram import EngramTable, EngramTableError
 from mlx_v4.v41.weights import load_v41
 
 MODEL = Path(__file__).parent / "fixtures" / "tiny_v41" / "model"
@@ -289,9 +289,10 @@ def test_engram_table_admitted_only_beside_every_expert(sizes):
 
 
 def test_chat_stats_show_engram_reads(capsys):
-    import mlx_v4
     from mlx_v4.cli.chat import ChatLoop
     from mlx_v4.cli.ui import UI
+
+    import mlx_v4
 
     model, tok = mlx_v4.load(MODEL, dtype=mx.float32, expert_budget="60KB")
     run_checked(model, chunks=[60])
@@ -300,3 +301,27 @@ def test_chat_stats_show_engram_reads(capsys):
     engram = model.expert_store.stats()["engram"]
     assert "expert hits" in err and "Engram tables" in err
     assert f"2 on disk (18.0 KB); rows 0 from memory, {engram['misses']:,} read from disk" in err
+
+
+def test_truncated_engram_table_names_the_file_and_leaves_the_cache_intact(tmp_path, sizes):
+    path = tmp_path / "ckpt"
+    shutil.copytree(MODEL, path)
+    model, _ = load_model(path, dtype=mx.float32, expert_budget=sizes["minimum"])
+    cache = model.make_cache()
+    mx.eval(model(IDS[:, :40], cache))
+    shard = Path(model.layers[5].engram.table.path)
+    original = shard.read_bytes()
+    shard.write_bytes(original[:300])  # the header and a few rows: every other row is past the end
+    before = [(c.offset, [np.array(a) for a in c.state]) for c in cache]
+    history = cache.engram_history.copy()
+    with pytest.raises(EngramTableError) as e:
+        model(IDS[:, 40:41], cache)
+    assert str(shard) in str(e.value) and "truncated" in str(e.value)
+    assert np.array_equal(cache.engram_history, history)  # the step's n-gram history was rewound too
+    for c, (offset, state) in zip(cache, before):
+        assert c.offset == offset and all(np.array_equal(np.array(a), b) for a, b in zip(c.state, state))
+    shard.write_bytes(original)  # back: the conversation carries on as if nothing happened
+    resident, _ = load_v41(MODEL, dtype=mx.float32)
+    ref = resident.make_cache()
+    resident(IDS[:, :40], ref)
+    assert mx.array_equal(model(IDS[:, 40:44], cache), resident(IDS[:, 40:44], ref)).item()
