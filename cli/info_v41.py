@@ -87,6 +87,7 @@ def engram_read_per_token(args) -> tuple[int, float]:
 def stream_plan_v41(model: str, memory_gb: int, *, context: int, ssd_gbps: float, sizes_gb):
     """`info v41-flash --memory`: the expert budget per Mac for the release's FP4/FP8 weights
     (the "native" recipe: V4.1 conversions are not planned here) -> (title, rows, notes)."""
+    from mlx_v4.experts import format_bytes
     from mlx_v4.v41.cache import bytes_per_token
 
     from .stream_plan import FIXED_OVERHEAD, GPU_FRACTION, STREAM_RECIPES, _sizes, stream_plan
@@ -108,7 +109,7 @@ def stream_plan_v41(model: str, memory_gb: int, *, context: int, ssd_gbps: float
     tables = float(sum(args.engram_num_embeddings)) * args.engram_head_dim * 33 / 32
     n_rows, row_bytes = engram_read_per_token(args)
     where = f"from {holds[0]} GB up" if holds else "on none of these Macs"
-    notes = [f"Engram tables: {tables / 1e9:.0f} GB on disk, in the same budget as the experts: a table is held "
+    notes = [f"Engram tables: {format_bytes(tables)} on disk, in the same budget as the experts: a table is held "
              f"in memory only once every routed expert fits and it fits after them ({where}), since a byte of "
              f"budget saves far more reads as experts. Each token reads {n_rows} Engram rows "
              f"({row_bytes / 1e3:.1f} KB in {n_rows} small random reads the OS page cache partly absorbs), "

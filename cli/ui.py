@@ -289,7 +289,9 @@ class UI:
         else:
             c = mine.choice
             budget = "every expert resident" if c.resident else f"--expert-budget {c.budget / 1e9:.0f}GB"
-            self.out.print(Text(f"{memory_gb} GB: convert with --recipe {c.recipe}, run with {budget}.", style="bold"))
+            how = ("run the release's weights as they are, with" if c.recipe == "native"
+                   else f"convert with --recipe {c.recipe}, run with")
+            self.out.print(Text(f"{memory_gb} GB: {how} {budget}.", style="bold"))
             for o in mine.options:
                 speed = "resident" if o.resident else (f"{o.tps:.2f} tok/s*" if o.tps else "does not fit")
                 self.out.print(Text(f"  {o.recipe}: experts {human_bytes(o.expert_bytes)}, {speed}", style="dim"))

@@ -49,5 +49,5 @@ def test_v41_memory_cli():
     r = CliRunner(env={"COLUMNS": "160"}).invoke(app, ["info", "v41-flash", "--memory", "256GB"])
     assert r.exit_code == 0, r.output
     assert "DeepSeek V4.1 Flash: recipe and expert budget per Mac" in r.stdout
-    assert "256 GB: convert with --recipe native, run with --expert-budget" in r.stdout
-    assert "PROJECTION" in r.stdout and "Engram tables: 203 GB on disk, in the same budget" in r.stdout
+    assert "256 GB: run the release's weights as they are, with --expert-budget 189GB." in r.stdout
+    assert "PROJECTION" in r.stdout and "Engram tables: 202.76 GB on disk, in the same budget" in r.stdout
