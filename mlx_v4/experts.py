@@ -205,8 +205,7 @@ class ExpertStore:
         for name, table in tables.items():
             self.tables[name] = table
             if not table.resident and self.total_bytes + self.table_bytes + table.nbytes <= self.budget:
-                with self._lock:
-                    self._make_room(table.nbytes, set())  # slots read so far may have to go
+                with self._lock:  # every expert fits beside it: no slot ever has to go for it
                     table.make_resident()
                     self.table_bytes += table.nbytes
                     self.resident_bytes += table.nbytes

@@ -60,7 +60,8 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
     """-> (model, model directory). Without ``expert_budget`` every routed expert is resident and
     Engram tables stay on disk, read row by row, except those that fit (in layer order) within
     ``engram_budget_bytes``. With it (bytes, a size or "auto", as :func:`mlx_v4.load`), routed
-    experts and Engram tables share that one budget in an expert store (mlx_v4/v41/streaming.py)."""
+    experts and Engram tables share that one budget in an expert store (mlx_v4/v41/streaming.py),
+    which decides which tables are resident (``engram_budget_bytes`` then does not apply)."""
     from ..experts import parse_budget
 
     budget = parse_budget(expert_budget)  # a bad value fails before anything is read
