@@ -144,10 +144,11 @@ def test_budget_below_one_layers_experts_is_one_clear_error(sizes):
     from mlx_v4.cli.app import app
     from typer.testing import CliRunner
 
-    r = CliRunner().invoke(app, ["bench", "-m", str(MODEL), "--expert-budget", "1KB", "--contexts", "8", "--gen", "1"])
-    assert r.exit_code == 1 and "Traceback" not in r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "below the minimum" in lines[0] and "--expert-budget" in lines[0], r.stderr
+    for command in (["bench", "--contexts", "8", "--gen", "1"], ["generate", "-p", "hi"], ["chat"], ["serve"]):
+        r = CliRunner().invoke(app, [*command, "-m", str(MODEL), "--expert-budget", "1KB"], input="")
+        assert r.exit_code == 1 and "Traceback" not in r.output, command  # the flag reached V4.1's loader
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "below the minimum" in lines[0] and "--expert-budget" in lines[0], r.stderr
 
 
 def test_bench_shows_engram_reads():
