@@ -326,3 +326,18 @@ def test_truncated_engram_table_names_the_file_and_leaves_the_cache_intact(tmp_p
     ref = resident.make_cache()
     resident(IDS[:, :40], ref)
     assert mx.array_equal(model(IDS[:, 40:44], cache), resident(IDS[:, 40:44], ref)).item()
+
+
+def test_server_health_shows_engram_reads():
+    from starlette.testclient import TestClient
+
+    import mlx_v4
+    from mlx_v4.server import create_app
+
+    model, tok = mlx_v4.load(MODEL, dtype=mx.float32, expert_budget="60KB")
+    run_checked(model, chunks=[20])
+    with TestClient(create_app(model, tok), base_url="http://127.0.0.1") as client:
+        health = client.get("/health").json()
+    assert health["experts"]["budget_bytes"] == 60_000
+    assert health["experts"]["engram"] == model.expert_store.stats()["engram"]
+    assert health["experts"]["engram"]["misses"] > 0
