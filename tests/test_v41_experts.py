@@ -341,3 +341,21 @@ def test_server_health_shows_engram_reads():
     assert health["experts"]["budget_bytes"] == 60_000
     assert health["experts"]["engram"] == model.expert_store.stats()["engram"]
     assert health["experts"]["engram"]["misses"] > 0
+
+
+def test_expert_tensor_of_the_wrong_shape_is_named():
+    from mlx_v4.v41.streaming import ExpertConversion, plan_experts
+    from mlx_v4.weights import WeightsError, scan_checkpoint
+
+    infos = scan_checkpoint(MODEL)
+    pairs = [(f"layers.0.ffn.experts.{e}.w1.weight", f"layers.0.ffn.experts.{e}.w1.scale") for e in range(8)]
+    convert = ExpertConversion("dequantize", mx.float32)
+    specs = plan_experts(infos, {(0, "w1"): pairs, (0, "w2"): [(w.replace("w1", "w2"), s.replace("w1", "w2"))
+                                                               for w, s in pairs],
+                                 (0, "w3"): [(w.replace("w1", "w3"), s.replace("w1", "w3")) for w, s in pairs]},
+                         {(0, "w1"): (32, 64), (0, "w2"): (64, 32), (0, "w3"): (32, 64)}, 8, convert)
+    assert specs[0].arrays["w1.weight"] == ((32, 64), mx.float32)
+    with pytest.raises(WeightsError) as e:  # a config whose hidden size disagrees with the tensors
+        plan_experts(infos, {(0, "w1"): pairs}, {(0, "w1"): (32, 128)}, 8, convert)
+    assert str(e.value) == (f"{infos[pairs[0][0]].file}: expert tensor 'layers.0.ffn.experts.0.w1.weight' is I8 "
+                            "[32, 32], expected packed FP4 (I8) [32, 64]")
