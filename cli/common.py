@@ -202,8 +202,11 @@ def load_model(ui, model: str | None, expert_budget: str | None = None):
     if store is not None:
         from .ui import human_bytes
 
+        tables = store.stats().get("engram")
+        also = "" if tables is None else (f" and {human_bytes(tables['total_bytes'])} of Engram tables "
+                                          f"({tables['resident_tables']} of {tables['tables']} resident)")
         ui.notice(f"routed experts read from disk on demand: {human_bytes(store.budget)} budget for "
-                  f"{human_bytes(store.total_bytes)} of experts")
+                  f"{human_bytes(store.total_bytes)} of experts{also}")
     return m, tok, path
 
 

@@ -209,14 +209,21 @@ def _stream_plan(model: str, memory: str, context: int, ssd_gbps: float) -> None
     """--memory on one machine: recipe and expert budget per Mac size (cli/stream_plan.py)."""
     from mlx_v4 import config
 
+    from .info_v41 import is_v41_model, stream_plan_v41
     from .stream_plan import MAC_SIZES_GB, stream_plan
     from .ui import UI
 
-    if model not in config.PRESETS:
-        raise UserError(f"--memory plans flash or pro, not {model!r}", "e.g. mlx-v4 info flash --memory 64GB")
+    v41 = is_v41_model(model)
+    if model not in config.PRESETS and not v41:
+        raise UserError(f"--memory plans flash, pro or v41-flash, not {model!r}", "e.g. mlx-v4 info flash --memory 64GB")
     if ssd_gbps <= 0:
         raise UserError("--ssd-gbps must be positive", "e.g. --ssd-gbps 5")
     gb = round(parse_memory(memory, 1)[0] / 2**30)
+    if v41:  # DeepSeek V4.1: experts and Engram tables under one budget (cli/info_v41.py)
+        name, rows, notes = stream_plan_v41(model, gb, context=context, ssd_gbps=ssd_gbps,
+                                            sizes_gb=sorted(set(MAC_SIZES_GB) | {gb, 384, 512}))
+        UI().stream_plan(name, rows, gb, context, ssd_gbps, notes=notes)
+        return
     args = config.preset(model)
     if context > args.max_position_embeddings:
         raise UserError(f"--context {context} is past this model's maximum {args.max_position_embeddings}",

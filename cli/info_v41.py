@@ -3,7 +3,8 @@
 The Engram tables (about 197B parameters, 2 x ~101 GB as released) are read from disk on demand
 (mlx_v4.v41.engram), so they are listed apart and not counted in memory. The KV cache is the
 packed V4.1 layout: windows on every layer plus the entries of the four kv sources
-(mlx_v4.v41.cache.bytes_per_token).
+(mlx_v4.v41.cache.bytes_per_token). ``--memory`` plans the expert budget (cli/stream_plan.py's
+projection): routed experts and Engram tables share it, tables only once every expert fits.
 """
 
 from __future__ import annotations
@@ -47,20 +48,85 @@ def parameter_bytes(args, expert_bits: float, other_bits: float) -> tuple[float,
     return count, nbytes, engram
 
 
+def load_args(model: str):
+    """-> (V41Args, display name) of the preset or a checkpoint directory."""
+    from mlx_v4.v41.config import V41Args, preset
+
+    if model == PRESET:
+        return preset(PRESET), "DeepSeek V4.1 Flash"
+    return V41Args.from_file(Path(model).expanduser()), model
+
+
+def parameter_counts(args) -> tuple[int, int, int]:
+    """(routed expert weights, other matrix weights, the rest) as cli/stream_plan counts V4's; the
+    Engram tables are not parameters of the model (they stay on disk)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_v4.v41.model import Model
+
+    token_map = (range(args.engram_compressed_vocab_size), args.engram_compressed_vocab_size)
+    experts = matrices = rest = 0
+    for name, p in tree_flatten(Model(args, token_map if args.engram_layer_ids else None).parameters()):
+        n = math.prod(p.shape)
+        if ".experts." in name and "shared" not in name:
+            experts += n
+        elif p.ndim >= 2 and not name.startswith("embed"):
+            matrices += n
+        else:
+            rest += n
+    return experts, matrices, rest
+
+
+def engram_read_per_token(args) -> tuple[int, float]:
+    """(rows, bytes) read from the Engram tables per token: one row per n-gram size and head on
+    each Engram layer (FP8 codes + one E8M0 byte per 32)."""
+    rows = (args.engram_max_ngram_size - 1) * args.engram_n_heads * len(args.engram_layer_ids)
+    return rows, rows * args.engram_head_dim * 33 / 32
+
+
+def stream_plan_v41(model: str, memory_gb: int, *, context: int, ssd_gbps: float, sizes_gb):
+    """`info v41-flash --memory`: the expert budget per Mac for the release's FP4/FP8 weights
+    (the "native" recipe: V4.1 conversions are not planned here) -> (title, rows, notes)."""
+    from mlx_v4.experts import format_bytes
+    from mlx_v4.v41.cache import bytes_per_token
+
+    from .stream_plan import FIXED_OVERHEAD, GPU_FRACTION, STREAM_RECIPES, _sizes, stream_plan
+
+    args, name = load_args(model)
+    if context > args.max_position_embeddings:
+        raise UserError(f"--context {context} is past this model's maximum {args.max_position_embeddings}",
+                        "choose a smaller --context")
+    per = bytes_per_token(args)
+    kv = per["total"] * context + per["window_constant"]
+    counts = parameter_counts(args)
+    rows = stream_plan(args, context=context, ssd_gbps=ssd_gbps, sizes_gb=sizes_gb, kv=kv, counts=counts,
+                       recipes={"native": STREAM_RECIPES["native"]})
+    # a table is resident only when it fits after every expert (ExpertStore.admit_tables)
+    experts, other = _sizes(counts, *STREAM_RECIPES["native"])
+    smallest = min(args.engram_num_embeddings, default=0) * args.engram_head_dim * 33 / 32
+    holds = [r.memory_gb for r in rows if GPU_FRACTION * r.memory_gb * 2**30 - other * 1.03 - kv - FIXED_OVERHEAD
+             - experts * 1.03 >= smallest > 0]
+    tables = float(sum(args.engram_num_embeddings)) * args.engram_head_dim * 33 / 32
+    n_rows, row_bytes = engram_read_per_token(args)
+    where = f"from {holds[0]} GB up" if holds else "on none of these Macs"
+    notes = [f"Engram tables: {format_bytes(tables)} on disk, in the same budget as the experts: a table is held "
+             f"in memory only once every routed expert fits and it fits after them ({where}), since a byte of "
+             f"budget saves far more reads as experts. Each token reads {n_rows} Engram rows "
+             f"({row_bytes / 1e3:.1f} KB in {n_rows} small random reads the OS page cache partly absorbs), "
+             "not included in read/tok*."]
+    return name, rows, notes
+
+
 def plan_v41(model: str, *, recipe: str | None, bits: float | None, context: int):
     from mlx_v4 import platform
     from mlx_v4.v41.cache import bytes_per_token
-    from mlx_v4.v41.config import V41Args, preset
 
     from .memory_plan import MemoryPlan, split_bits
 
     # the same recipe names and bits as convert and `info flash` (quantize/recipes.py)
     expert_bits, other_bits = split_bits(recipe, bits)
     label = f"{bits:g}-bit" if bits is not None else (recipe or "native")
-    if model == PRESET:
-        args, name = preset(PRESET), "DeepSeek V4.1 Flash"
-    else:
-        args, name = V41Args.from_file(Path(model).expanduser()), model
+    args, name = load_args(model)
     if context > args.max_position_embeddings:
         raise UserError(f"--context {context} is past this model's maximum {args.max_position_embeddings}",
                         "choose a smaller --context")
@@ -70,6 +136,8 @@ def plan_v41(model: str, *, recipe: str | None, bits: float | None, context: int
     notes = [
         f"Engram tables: {engram / 1e9:.0f}B parameters ({engram * 8.25 / 8 / 1e9:.0f} GB as FP8) stay on disk "
         "and are read row by row; not counted above.",
+        f"Smaller Mac? Routed experts stream from SSD within one budget with the Engram tables: "
+        f"mlx-v4 info {model} --memory 256GB.",
         f"KV cache grows {per_token['total']:.0f} bytes per token (compressed {per_token['compressed']:.0f}, "
         f"index keys {per_token['index_keys']:.0f}; shared across layers) plus "
         f"{per_token['window_constant'] / 1e6:.1f} MB of windows.",

@@ -111,17 +111,20 @@ def option(args, recipe: str, memory: float, kv: float, ssd_bytes_per_s: float, 
 
 
 def stream_plan(args, *, context: int, ssd_gbps: float = DEFAULT_SSD_GBPS,
-                target_tps: float = DEFAULT_TARGET_TPS, sizes_gb=MAC_SIZES_GB) -> list[Row]:
+                target_tps: float = DEFAULT_TARGET_TPS, sizes_gb=MAC_SIZES_GB, kv: float | None = None,
+                counts: tuple[int, int, int] | None = None, recipes: dict | None = None) -> list[Row]:
     """Per Mac size: every recipe's option and the suggested one: the best quality that keeps
-    every expert resident or is projected at ``target_tps`` or more, else the fastest that fits."""
+    every expert resident or is projected at ``target_tps`` or more, else the fastest that fits.
+    ``kv``, ``counts`` (see :func:`parameter_counts`) and ``recipes`` default to V4's."""
     from mlx_v4.cache import planned_nbytes
 
-    kv = planned_nbytes(args, context)
-    counts = parameter_counts(args)
-    sizes = {r: _sizes(counts, *bits) for r, bits in STREAM_RECIPES.items()}
+    kv = planned_nbytes(args, context) if kv is None else kv
+    counts = parameter_counts(args) if counts is None else counts
+    recipes = STREAM_RECIPES if recipes is None else recipes
+    sizes = {r: _sizes(counts, *bits) for r, bits in recipes.items()}
     rows = []
     for gb in sizes_gb:
-        opts = [option(args, r, gb * 2**30, kv, ssd_gbps * 1e9, sizes[r]) for r in STREAM_RECIPES]
+        opts = [option(args, r, gb * 2**30, kv, ssd_gbps * 1e9, sizes[r]) for r in recipes]
         fitting = [o for o in opts if o.fits]
         choice = (next((o for o in fitting if o.resident or (o.tps and o.tps >= target_tps)), None)
                   or max(fitting, key=lambda o: o.tps or 0.0, default=None))

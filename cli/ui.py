@@ -232,6 +232,8 @@ class UI:
                           f"{human_bytes(experts['budget_bytes'])} ({experts['resident_experts']} experts)")
             table.add_row("expert hits", f"{experts['hits']:,} hits, {experts['misses']:,} misses "
                           f"({experts['hit_rate']:.1%}), {human_bytes(experts['bytes_read'])} read")
+            if (engram := experts.get("engram")) is not None:
+                table.add_row("Engram tables", engram_summary(engram))
         if stats is None and not breakdown and not context:
             table.add_row("", "nothing generated yet")
         self.err.print(table)
@@ -260,7 +262,8 @@ class UI:
         for note in plan.notes:
             self.out.print(Text(note, style="dim"), soft_wrap=True)
 
-    def stream_plan(self, title: str, rows, memory_gb: int, context: int, ssd_gbps: float) -> None:
+    def stream_plan(self, title: str, rows, memory_gb: int, context: int, ssd_gbps: float,
+                    notes: list[str] = ()) -> None:
         from .stream_plan import DEFAULT_TARGET_TPS
 
         table = Table(title=f"{title}: recipe and expert budget per Mac (KV at {context:,} tokens)")
@@ -286,7 +289,9 @@ class UI:
         else:
             c = mine.choice
             budget = "every expert resident" if c.resident else f"--expert-budget {c.budget / 1e9:.0f}GB"
-            self.out.print(Text(f"{memory_gb} GB: convert with --recipe {c.recipe}, run with {budget}.", style="bold"))
+            how = ("run the release's weights as they are, with" if c.recipe == "native"
+                   else f"convert with --recipe {c.recipe}, run with")
+            self.out.print(Text(f"{memory_gb} GB: {how} {budget}.", style="bold"))
             for o in mine.options:
                 speed = "resident" if o.resident else (f"{o.tps:.2f} tok/s*" if o.tps else "does not fit")
                 self.out.print(Text(f"  {o.recipe}: experts {human_bytes(o.expert_bytes)}, {speed}", style="dim"))
@@ -297,6 +302,8 @@ class UI:
                             "Suggested: the best quality that keeps every expert resident or projects "
                             f"{DEFAULT_TARGET_TPS:g}+ tok/s, else the fastest.",
                             style="dim"), soft_wrap=True)
+        for note in notes:
+            self.out.print(Text(note, style="dim"), soft_wrap=True)
 
     def split_plan(self, title: str, context: int, rows) -> None:
         table = Table(title=f"Split plan: {title}")
@@ -317,16 +324,24 @@ class UI:
                        soft_wrap=True)
 
     def expert_stats(self, stats: dict, tokens: int | None = None) -> None:
-        table = Table(title=f"Routed experts read on demand ({stats['policy']})", show_header=False)
+        title = "Routed experts read on demand" + (" (with Engram tables)" if "engram" in stats else "")
+        table = Table(title=f"{title} ({stats['policy']})", show_header=False)
         table.add_column(style="bold")
         table.add_column(justify="right")
         table.add_row("budget", f"{human_bytes(stats['budget_bytes'])} of {human_bytes(stats['total_bytes'])}")
-        table.add_row("resident", f"{human_bytes(stats['resident_bytes'])} ({stats['resident_experts']} experts)")
+        tables = stats.get("engram", {}).get("resident_tables", 0)
+        table.add_row("resident", f"{human_bytes(stats['resident_bytes'])} ({stats['resident_experts']} experts"
+                      + (f" + {tables} Engram tables)" if tables else ")"))
         table.add_row("hit rate", f"{stats['hit_rate']:.1%} ({stats['hits']:,} hits, {stats['misses']:,} misses)")
         table.add_row("read", f"{human_bytes(stats['bytes_read'])} in {stats['reads']:,} reads, "
                       f"{stats['read_seconds']:.2f} s")
         if tokens:
             table.add_row("read per token", human_bytes(stats["bytes_read"] / tokens))
+        if (engram := stats.get("engram")) is not None:  # DeepSeek V4.1: its tables share the budget
+            table.add_row("Engram tables", engram_summary(engram))
+            table.add_row("Engram read", f"{human_bytes(engram['bytes_read'])} in {engram['reads']:,} reads, "
+                          f"{engram['read_seconds']:.2f} s" + (f", {human_bytes(engram['bytes_read'] / tokens)} "
+                                                               "per token" if tokens else ""))
         self.out.print(table)
 
     def bench_table(self, model_name: str, rows: list[dict]) -> None:
@@ -364,3 +379,10 @@ def _draft_totals(rows: list[dict]) -> dict:
     total["plain_tps"] = decoded / max(total["plain_seconds"], 1e-9)
     total["draft_tps"] = decoded / max(total["draft_seconds"], 1e-9)
     return total
+
+
+def engram_summary(engram: dict) -> str:
+    """The Engram part of the expert store's stats, in one line."""
+    held = (f"{engram['resident_tables']} of {engram['tables']} resident ({human_bytes(engram['resident_bytes'])})"
+            if engram["resident_tables"] else f"{engram['tables']} on disk ({human_bytes(engram['total_bytes'])})")
+    return f"{held}; rows {engram['hits']:,} from memory, {engram['misses']:,} read from disk"

@@ -36,7 +36,9 @@ def load(path_or_repo: str | Path | None = None, *, model_config: dict | None = 
     keeps the routed experts in their checkpoint files and reads the ones the router picks into
     slots that never exceed that many bytes (logits are bit-identical); ``"auto"`` fits them in
     the memory left after the other weights and a planned KV cache. ``expert_policy``: "lfu"
-    (default) or "lru". ``model.expert_store.stats()`` reports hits, misses and bytes read."""
+    (default) or "lru". ``model.expert_store.stats()`` reports hits, misses and bytes read.
+    DeepSeek V4.1: the same budget also covers the Engram tables (resident only if they fit
+    beside every routed expert; else, and without a budget, their rows are read from disk)."""
     from .loader import load_model
     from .tokenizer import load_tokenizer
 

@@ -18,6 +18,9 @@ computes with the resident ones while the misses are read, then computes the mis
   chunk needs once), in groups that fit the budget when they do not all fit at once.
 * Eviction policy: ``lru`` or ``lfu`` (frequency with dynamic aging, seeded by the request
   counts of experts not resident); benchmarks/expert_stream.py measures both.
+* Other on-disk tables share the budget (DeepSeek V4.1's Engram, :meth:`ExpertStore.admit_tables`):
+  whole tables, resident only beside every expert and never evicted; their row reads are in
+  :meth:`ExpertStore.stats`. Where each expert lives is planned in :mod:`mlx_v4.expert_plan`.
 """
 
 from __future__ import annotations
@@ -29,23 +32,26 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .expert_plan import (  # noqa: F401 (Conversion and the planners are re-exported)
+    _ITEM,
+    _MX_DTYPE,
+    Conversion,
+    _LayerSpec,
+    _Run,
+    plan_expert_layers,
+    plan_layers,
+)
 from .expert_policy import DEFAULT_POLICY, POLICIES, make_policy  # noqa: F401 (re-exported)
 from .layers.moe import RoutedExperts
-from .weights import TensorInfo, WeightsError, materialise, plan_checkpoint
+from .weights import TensorInfo, WeightsError
 
-_EXPERT_STACK = re.compile(r"layers\.(\d+)\.ffn\.experts\.(w[123])\.weight")
-_MX_DTYPE = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "I8": mx.int8, "U8": mx.uint8,
-             "F8_E4M3": mx.uint8, "F8_E5M2": mx.uint8, "F8_E8M0": mx.uint8, "I16": mx.int16, "U16": mx.uint16,
-             "I32": mx.int32, "U32": mx.uint32, "I64": mx.int64, "U64": mx.uint64}
-_ITEM = {"BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2,
-         "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9,
           "T": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -80,111 +86,6 @@ def format_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
-
-
-# ---- where each expert lives on disk ----------------------------------------------------------
-@dataclass(frozen=True)
-class _Run:
-    """Adjacent bytes of one expert in one file: a single read."""
-
-    file: Path
-    offset: int
-    nbytes: int
-
-
-@dataclass
-class _ExpertSource:
-    runs: list[_Run]
-    entries: dict[str, object]  # "w1" -> weights' planned entry holding just this expert's tensors
-
-
-@dataclass
-class _LayerSpec:
-    experts: list[_ExpertSource]
-    arrays: dict[str, tuple[tuple[int, ...], mx.Dtype]]  # "w1.weight" -> (shape, dtype) of one expert
-    quant: dict[str, dict | None]  # "w1" -> quantization parameters (None: dense)
-    slot_bytes: int
-    read_bytes: int  # bytes read per miss
-
-    @property
-    def reads_per_expert(self) -> int:
-        return max(len(e.runs) for e in self.experts)
-
-
-def _tensors(part) -> list[TensorInfo]:
-    return [t for t in (part.w, part.scale, part.scales, part.biases) if t is not None]
-
-
-def _slice_expert(info: TensorInfo, e: int) -> TensorInfo:
-    """Expert ``e`` of a stacked tensor [E, ...] (its bytes are contiguous)."""
-    per = _ITEM[info.dtype] * math.prod(info.shape[1:])
-    return replace(info, shape=info.shape[1:], offset=info.offset + e * per)
-
-
-def _runs(infos: list[TensorInfo]) -> list[_Run]:
-    spans = sorted({(t.file, t.offset, _ITEM[t.dtype] * math.prod(t.shape)) for t in infos},
-                   key=lambda s: (str(s[0]), s[1]))
-    runs: list[_Run] = []
-    for f, off, n in spans:
-        last = runs[-1] if runs else None
-        if last is not None and last.file == f and last.offset + last.nbytes >= off:
-            runs[-1] = _Run(f, last.offset, max(last.nbytes, off + n - last.offset))
-        else:
-            runs.append(_Run(f, off, n))
-    return runs
-
-
-@dataclass
-class Conversion:
-    """How the loader converts tensors (so a slot is bit-identical to the resident stack)."""
-
-    fp8: str
-    fp4: str
-    dtype: mx.Dtype
-    block: tuple[int, int]
-    own: dict
-
-    def __call__(self, name: str, entry, get) -> tuple[dict[str, mx.array], dict | None]:
-        return materialise(name, entry, get, fp8=self.fp8, fp4=self.fp4, dtype=self.dtype, block=self.block,
-                           own=self.own)
-
-
-def plan_layers(infos: dict[str, TensorInfo], args, convert: Conversion) -> dict[int, _LayerSpec]:
-    """The routed experts of a checkpoint, per layer: where each expert's tensors are, and the
-    shapes, dtypes and quantization they load as."""
-    entries, _ = plan_checkpoint(infos, args)
-    E = args.n_routed_experts
-    by_layer: dict[int, dict[str, object]] = {}
-    for name, entry in entries.items():
-        if m := _EXPERT_STACK.fullmatch(name):
-            by_layer.setdefault(int(m.group(1)), {})[m.group(2)] = entry
-    specs = {}
-    for layer, mats in sorted(by_layer.items()):
-        if set(mats) != {"w1", "w2", "w3"}:
-            raise WeightsError(f"layer {layer}: routed experts need w1, w2 and w3; the checkpoint has {sorted(mats)}")
-        experts = []
-        for e in range(E):
-            per: dict[str, object] = {}
-            for w, entry in mats.items():
-                if len(entry.parts) == E:  # one tensor per expert (official, mlx-v4 contiguous)
-                    part = entry.parts[e]
-                else:  # one stacked tensor [E, ...] (mlx-v4 stacked, transformers)
-                    p = entry.parts[0]
-                    part = replace(p, **{f: _slice_expert(getattr(p, f), e) for f in ("w", "scale", "scales", "biases")
-                                         if getattr(p, f) is not None})
-                per[w] = replace(entry, parts=[part])
-            experts.append(_ExpertSource(_runs([t for en in per.values() for t in _tensors(en.parts[0])]), per))
-        shapes, quant = {}, {}
-        for w, entry in experts[0].entries.items():
-            arrays, q = convert(f"layers.{layer}.ffn.experts.{w}.weight", entry,
-                                lambda i: mx.zeros(i.shape, _MX_DTYPE[i.dtype]))  # lazy: shapes only
-            quant[w] = q
-            for k, a in arrays.items():
-                shapes[f"{w}.{k.rsplit('.', 1)[1]}"] = (tuple(a.shape), a.dtype)
-        slot = sum(math.prod(s) * d.size for s, d in shapes.values())
-        read = max(sum(r.nbytes for r in ex.runs) for ex in experts)
-        specs[layer] = _LayerSpec(experts, shapes, quant, max(slot, read), read)
-    return specs
 
 
 _SHARED: list[bool] = []
@@ -244,6 +145,8 @@ class ExpertStore:
         self.reserved = 0
         self.pinned: set = set()
         self.pending: dict[tuple[int, int], _Pending] = {}
+        self.tables: dict = {}  # name -> an on-disk table (V4.1 Engram) counted in this budget
+        self.table_bytes = 0  # of those, the bytes held resident (never evicted)
         self._stats = _Stats()
         self._fds: dict[Path, int] = {}
         self._stale_fds: list[int] = []
@@ -257,17 +160,55 @@ class ExpertStore:
         """All routed experts as they would be resident."""
         return sum(s.slot_bytes * len(s.experts) for s in self.specs.values())
 
+    @property
+    def expert_budget(self) -> int:
+        """The part of the budget expert slots may use (all of it but resident tables)."""
+        return self.budget - self.table_bytes
+
     def stats(self) -> dict:
+        """Expert hits/misses/reads; ``resident_bytes`` is everything held (experts and tables,
+        always <= ``budget_bytes``); ``engram``, when tables are registered, their row reads."""
         s = self._stats
         asked = s.hits + s.misses
-        return {"hits": s.hits, "misses": s.misses, "hit_rate": s.hits / asked if asked else 0.0,
-                "bytes_read": s.bytes_read, "reads": s.reads, "evictions": s.evictions,
-                "read_seconds": round(s.read_seconds, 4), "resident_bytes": self.resident_bytes,
-                "resident_experts": len(self.slots), "budget_bytes": self.budget, "minimum_bytes": self.minimum,
-                "total_bytes": self.total_bytes, "policy": self.policy.name}
+        out = {"hits": s.hits, "misses": s.misses, "hit_rate": s.hits / asked if asked else 0.0,
+               "bytes_read": s.bytes_read, "reads": s.reads, "evictions": s.evictions,
+               "read_seconds": round(s.read_seconds, 4), "resident_bytes": self.resident_bytes,
+               "resident_experts": len(self.slots), "budget_bytes": self.budget, "minimum_bytes": self.minimum,
+               "total_bytes": self.total_bytes, "policy": self.policy.name}
+        if self.tables:
+            rows = [t.stats() for t in self.tables.values()]
+            hits, misses = sum(r["hits"] for r in rows), sum(r["misses"] for r in rows)
+            out["engram"] = {
+                "tables": len(rows), "resident_tables": sum(t.resident for t in self.tables.values()),
+                "resident_bytes": self.table_bytes, "total_bytes": sum(t.nbytes for t in self.tables.values()),
+                "hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+                "bytes_read": sum(r["bytes_read"] for r in rows), "reads": sum(r["reads"] for r in rows),
+                "read_seconds": round(sum(r["read_seconds"] for r in rows), 4)}
+        return out
 
     def reset_stats(self) -> None:
         self._stats = _Stats()
+        for t in self.tables.values():
+            t.reset_stats()
+
+    def admit_tables(self, tables: dict) -> None:
+        """Register on-disk tables (V4.1 Engram: ``nbytes``, ``resident``, ``make_resident()``,
+        ``stats()``, ``reset_stats()``); in order, one is read into memory only if it fits in
+        the budget beside every routed expert, else its rows stay on disk (pread per lookup).
+
+        Why experts first, whole tables or nothing: per byte held, a resident expert saves about
+        top-k / n_experts of its own size in reads per token (V4.1: 6/384), a resident Engram
+        table a few rows of its hundreds of millions (~1e-8), so a byte of budget is worth far
+        more to experts. Rows are a few hundred bytes at hashed, scattered offsets: the OS page
+        cache already keeps the hot ones without counting against this budget, so a row cache
+        here would only add bookkeeping to every lookup."""
+        for name, table in tables.items():
+            self.tables[name] = table
+            if not table.resident and self.total_bytes + self.table_bytes + table.nbytes <= self.budget:
+                with self._lock:  # every expert fits beside it: no slot ever has to go for it
+                    table.make_resident()
+                    self.table_bytes += table.nbytes
+                    self.resident_bytes += table.nbytes
 
     def layout(self) -> list[tuple[str, tuple[int, ...], str]]:
         """The parameters the resident model would have for the routed experts (fingerprints)."""
@@ -294,7 +235,7 @@ class ExpertStore:
         spec = self.specs[layer]
         hits = [e for e in needed if (layer, e) in self.slots]
         misses = [e for e in needed if (layer, e) not in self.slots]
-        capacity = self.budget // spec.slot_bytes
+        capacity = self.expert_budget // spec.slot_bytes
         if len(needed) <= capacity:
             return [g for g in (hits, misses) if g]
         size = max(1, capacity // 2)  # one group computes while the next one is read
@@ -305,7 +246,7 @@ class ExpertStore:
         for e in needed:
             self.policy.touch((layer, e))
         groups = self._groups(layer, needed)
-        capacity = self.budget // self.specs[layer].slot_bytes
+        capacity = self.expert_budget // self.specs[layer].slot_bytes
         upcoming = {(layer, e) for e in needed}
         current: list = []
         try:

@@ -83,7 +83,8 @@ def load_model(path_or_repo, *, model_config: dict | None = None, dtype=None, fp
     if is_v41_checkpoint(path):  # DeepSeek V4.1: its own model and loader (mlx_v4/v41)
         from .v41.weights import load_v41
 
-        return load_v41(path, model_config=model_config, dtype=dtype, fp8=fp8)
+        return load_v41(path, model_config=model_config, dtype=dtype, fp8=fp8, expert_budget=budget,
+                        expert_policy=expert_policy)
     args = ModelArgs.from_file(path, model_config)
     dtype = dtype or platform.default_dtype()
     fp8 = fp8 or ("mxfp8" if platform.metal_available() else "dequantize")

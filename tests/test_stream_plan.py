@@ -89,7 +89,7 @@ def test_info_memory_cli():
         assert f"{gb} GB" in r.stdout
     r = runner.invoke(app, ["info", "pro", "--memory", "80GB"])  # an odd size gets its own row
     assert r.exit_code == 0 and "80 GB: " in r.stdout
-    for args, words in ((["info", "demo", "--memory", "64GB"], ["plans flash or pro"]),
+    for args, words in ((["info", "demo", "--memory", "64GB"], ["plans flash, pro or v41-flash"]),
                         (["info", "flash", "--memory", "64GB", "--ssd-gbps", "0"], ["--ssd-gbps"])):
         r = runner.invoke(app, args)
         assert r.exit_code == 1 and "Traceback" not in r.output

@@ -20,3 +20,34 @@ def test_v41_flash_plan():
 def test_v41_checkpoint_plan():
     p = plan(str(Path(__file__).parent / "fixtures" / "tiny_v41" / "model"), recipe=None, bits=None, context=64)
     assert p.params > 0 and p.cache_bytes == 64 * (36 / 2 + 36 + 17 / 2 + 17) + 8 * 15 * (64 + 2)
+
+
+def test_v41_memory_plan_budget_covers_experts_then_engram():
+    from mlx_v4.cli.info_v41 import stream_plan_v41
+    from mlx_v4.cli.stream_plan import FIXED_OVERHEAD, GPU_FRACTION
+
+    args = preset("v41-flash")
+    name, rows, notes = stream_plan_v41("v41-flash", 256, context=65536, ssd_gbps=5, sizes_gb=[128, 256, 512])
+    assert name == "DeepSeek V4.1 Flash" and [r.memory_gb for r in rows] == [128, 256, 512]
+    experts = args.num_hidden_layers * args.n_routed_experts * 3 * args.hidden_size * args.moe_intermediate_size
+    by_gb = {r.memory_gb: r.choice for r in rows}
+    assert by_gb[256].expert_bytes == experts * 4.25 / 8  # the release's FP4 + one E8M0 per 32
+    assert not by_gb[256].resident and 0 < by_gb[256].budget < by_gb[256].expert_bytes
+    assert by_gb[512].resident
+    kv = 890 * 65536 + bytes_per_token(args)["window_constant"]
+    other = (GPU_FRACTION * 256 * 2**30 - by_gb[256].budget * 1.03 - kv - FIXED_OVERHEAD) / 1.03
+    assert 8e9 < other < 12e9  # attention, shared experts, embeddings and head at FP8/BF16
+    rows_per_token = (args.engram_max_ngram_size - 1) * args.engram_n_heads * 2
+    assert rows_per_token == 48 and "Each token reads 48 Engram rows" in notes[0]
+    assert "(from 512 GB up)" in notes[0]  # only there does a ~101 GB table fit after every expert
+
+
+def test_v41_memory_cli():
+    from mlx_v4.cli.app import app
+    from typer.testing import CliRunner
+
+    r = CliRunner(env={"COLUMNS": "160"}).invoke(app, ["info", "v41-flash", "--memory", "256GB"])
+    assert r.exit_code == 0, r.output
+    assert "DeepSeek V4.1 Flash: recipe and expert budget per Mac" in r.stdout
+    assert "256 GB: run the release's weights as they are, with --expert-budget 189GB." in r.stdout
+    assert "PROJECTION" in r.stdout and "Engram tables: 202.76 GB on disk, in the same budget" in r.stdout

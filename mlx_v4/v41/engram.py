@@ -9,13 +9,16 @@ copy adds ``gate * value`` with ``gate = sigmoid(signed_sqrt(dot))``, ``dot`` th
 The released tables are 384M rows x 256 FP8 (about 98 GB each), so :class:`EngramTable` does not
 load one: it reads the rows a step needs with ``os.pread`` from the safetensors file (FP8 e4m3
 codes + one E8M0 byte per 32 columns) and dequantises just those. A table is read into memory
-only when the loader's ``engram_budget_bytes`` allows it (default 0: never).
+only when the budget allows it: with ``expert_budget`` the expert store decides
+(:meth:`mlx_v4.experts.ExpertStore.admit_tables`, which also reports these reads), without one
+the loader's ``engram_budget_bytes`` (default 0: never).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -53,8 +56,22 @@ class EngramTable:
         self._scale_path = scale_info.file
         self._fds: dict = {}
         self._lock = threading.Lock()
-        self.rows_read = 0  # rows read from disk, for tests and statistics
+        self.reset_stats()
         self._resident: tuple[np.ndarray, np.ndarray] | None = None
+
+    def reset_stats(self) -> None:
+        self.rows_read = 0  # distinct rows per lookup read from disk (misses)
+        self.rows_hit = 0  # ... served from the resident table
+        self.reads = 0  # pread calls
+        self.read_seconds = 0.0
+
+    def stats(self) -> dict:
+        return {"hits": self.rows_hit, "misses": self.rows_read, "bytes_read": self.rows_read * self.row_bytes,
+                "reads": self.reads, "read_seconds": self.read_seconds}
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dim + self.dim // 32
 
     @property
     def nbytes(self) -> int:
@@ -80,7 +97,10 @@ class EngramTable:
     def _fd(self, path) -> int:
         with self._lock:
             if path not in self._fds:
-                self._fds[path] = os.open(path, os.O_RDONLY)
+                try:
+                    self._fds[path] = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise EngramTableError(f"{path}: cannot open the Engram table's file ({e.strerror})") from None
             return self._fds[path]
 
     def close(self) -> None:
@@ -104,7 +124,9 @@ class EngramTable:
         width = self.dim // 32
         if self._resident is not None:
             codes, scales = self._resident[0][unique], self._resident[1][unique]
+            self.rows_hit += len(unique)
         else:
+            t0 = time.perf_counter()
             codes = np.empty((len(unique), self.dim), dtype=np.uint8)
             scales = np.empty((len(unique), width), dtype=np.uint8)
             wfd, sfd = self._fd(self.path), self._fd(self._scale_path)
@@ -113,8 +135,11 @@ class EngramTable:
             def fetch(lo: int, hi: int) -> None:
                 for i in range(lo, hi):
                     r = ids[i]
-                    codes[i] = np.frombuffer(os.pread(wfd, self.dim, self._weight_offset + r * self.dim), np.uint8)
-                    scales[i] = np.frombuffer(os.pread(sfd, width, self._scale_offset + r * width), np.uint8)
+                    code = os.pread(wfd, self.dim, self._weight_offset + r * self.dim)
+                    scale = os.pread(sfd, width, self._scale_offset + r * width)
+                    if len(code) != self.dim or len(scale) != width:
+                        raise EngramTableError(f"{self.path}: truncated: Engram row {r} is past the end of the file")
+                    codes[i], scales[i] = np.frombuffer(code, np.uint8), np.frombuffer(scale, np.uint8)
 
             if len(ids) <= READ_BATCH:
                 fetch(0, len(ids))
@@ -122,6 +147,8 @@ class EngramTable:
                 spans = [(lo, min(len(ids), lo + READ_BATCH)) for lo in range(0, len(ids), READ_BATCH)]
                 list(_pool().map(lambda span: fetch(*span), spans))
             self.rows_read += len(unique)
+            self.reads += 2 * len(unique)
+            self.read_seconds += time.perf_counter() - t0
         values = mx.from_fp8(mx.array(codes), dtype=mx.float32).reshape(len(unique), width, 32)
         exps = mx.array(scales).astype(mx.uint32)
         scale = mx.where(exps == 0, mx.array(2.0**-127, mx.float32), (exps << 23).view(mx.float32))

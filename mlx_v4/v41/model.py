@@ -146,25 +146,37 @@ class Model(nn.Module):
         end = cache.offset + L
         if end > self.args.max_position_embeddings:
             raise ValueError(f"position {end} is past max_position_embeddings={self.args.max_position_embeddings}")
-        rows = None
-        if self._hasher is not None:
-            if cache.engram_history is None:
-                cache.engram_history = np.full((B, self._hasher.history_len), -1, dtype=np.int64)
-            rows, cache.engram_history = self._hasher(ids, cache.engram_history)
         x = self.embed(inputs)
         x = mx.broadcast_to(x[:, :, None, :], (B, L, self.args.hc_mult, x.shape[-1]))
         pre = mx.zeros((B, L, self.args.hc_mult)).at[..., 0].add(1.0)  # one-hot: copy 0
-        shared = SharedState()
-        for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            if "engram" in layer:
-                x = layer.engram(x, rows[:, :, self.args.engram_layer_ids.index(i)])
-            x, pre = layer(x, pre, c, shared)
+        if self.expert_store is None:
+            x, pre = self._blocks(x, pre, cache, ids)
+        else:  # a failed expert or Engram read rewinds the cache (and Engram history): no half step
+            from ..experts import StepGuard
+
+            with StepGuard(cache):
+                x, pre = self._blocks(x, pre, cache, ids)
         if last_only:
             x, pre = x[:, -1:], pre[:, -1:]
         x = self.norm(collapse(x, pre))
         return self.head(x.astype(mx.float32)).astype(mx.float32)
 
+    def _blocks(self, x: mx.array, pre: mx.array, cache: V41Cache, ids: np.ndarray):
+        rows = None
+        if self._hasher is not None:
+            if cache.engram_history is None:
+                cache.engram_history = np.full((ids.shape[0], self._hasher.history_len), -1, dtype=np.int64)
+            rows, cache.engram_history = self._hasher(ids, cache.engram_history)
+        shared = SharedState()
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            if "engram" in layer:
+                x = layer.engram(x, rows[:, :, self.args.engram_layer_ids.index(i)])
+            x, pre = layer(x, pre, c, shared)
+        return x, pre
+
     weights_id: str = ""
+    #: The store of routed experts and Engram tables under one budget (load(expert_budget=...)).
+    expert_store = None
 
     @property
     def fingerprint(self) -> str:
@@ -173,7 +185,10 @@ class Model(nn.Module):
 
         from mlx.utils import tree_flatten
 
-        layout = sorted((k, tuple(v.shape), str(v.dtype)) for k, v in tree_flatten(self.parameters()))
+        layout = [(k, tuple(v.shape), str(v.dtype)) for k, v in tree_flatten(self.parameters())]
+        if self.expert_store is not None:  # the same identity as with every expert resident
+            layout += self.expert_store.layout()
+        layout = sorted(layout)
         blob = json.dumps([self.args.to_dict(), self.args.fake_quant, layout, self.weights_id], default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -22,12 +22,10 @@ from mlx.utils import tree_flatten
 
 from .. import platform
 from ..weights import (
-    MXFP4,
     MXFP8,
     WeightsError,
     _scan,
     apply_quantization,
-    dequantize_fp4,
     dequantize_fp8,
     resolve_model_path,
 )
@@ -35,10 +33,12 @@ from .config import V41Args
 from .engram import EngramTable
 from .engram_hash import compressed_token_map
 from .model import Model
+from .streaming import fp4_expert_arrays
 
 #: Tensors of the release that the text model does not use.
 SKIPPED = re.compile(r"^(mtp\.|vision\.|aligner\.|image_(start|end|newline)$)")
 _EXPERT = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+_ROUTED = re.compile(r"layers\.\d+\.ffn\.experts\.w[123]\.weight")  # our stacked names
 #: Kept in float32 whatever the compute dtype (as the reference does).
 _FP32 = re.compile(r"(hc_(attn|ffn)_(fn|base|scale)|attn_sink|gate\.bias(_vl)?|compressor\..*)$")
 #: Never quantized: the grouped ``wo_a`` is fine as mxfp8, but these feed float32 math.
@@ -55,9 +55,16 @@ def tokenizer_file(model_dir: Path) -> Path:
 
 
 def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8: str | None = None,
-             fp4: str | None = None, engram_budget_bytes: int = 0) -> tuple[Model, Path]:
-    """-> (model, model directory). Engram tables stay on disk, read row by row, except those
-    that fit (in layer order) within ``engram_budget_bytes``, which are read into memory."""
+             fp4: str | None = None, engram_budget_bytes: int = 0, expert_budget=None,
+             expert_policy: str | None = None) -> tuple[Model, Path]:
+    """-> (model, model directory). Without ``expert_budget`` every routed expert is resident and
+    Engram tables stay on disk, read row by row, except those that fit (in layer order) within
+    ``engram_budget_bytes``. With it (bytes, a size or "auto", as :func:`mlx_v4.load`), routed
+    experts and Engram tables share that one budget in an expert store (mlx_v4/v41/streaming.py),
+    which decides which tables are resident (``engram_budget_bytes`` then does not apply)."""
+    from ..experts import parse_budget
+
+    budget = parse_budget(expert_budget)  # a bad value fails before anything is read
     path = resolve_model_path(str(path_or_repo))
     args = V41Args.from_file(path, model_config)
     dtype = dtype or platform.default_dtype()
@@ -83,6 +90,7 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
     for name in infos:
         if m := _EXPERT.match(name):
             experts.setdefault((m[1], m[3]), {})[int(m[2])] = name
+    sources: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (prefix, proj) -> (weight, scale) per expert
     for (prefix, proj), by_index in experts.items():
         ours = f"{prefix}.{proj}.weight"
         if ours not in expected:
@@ -95,17 +103,11 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
         scales = [n_.removesuffix(".weight") + ".scale" for n_ in names]
         if any(s not in infos for s in scales):
             raise WeightsError(f"{path}: FP4 expert tensor '{names[0]}' has no '.scale'")
-        w, s = mx.stack([get(x) for x in names]), mx.stack([get(x) for x in scales])
-        if fp4 == "mxfp4" and w.shape[-1] % 4 == 0:
-            weights[ours] = w.view(mx.uint8).view(mx.uint32)
-            weights[ours.removesuffix("weight") + "scales"] = s.view(mx.uint8)
-            quantization[ours.removesuffix(".weight")] = MXFP4
-        else:
-            weights[ours] = dequantize_fp4(w, s).astype(dtype)
+        sources[(prefix, proj)] = list(zip(names, scales))
         used.update(names + scales)
 
     for ours, param in expected.items():
-        if ours in weights or ours.endswith(".scales"):
+        if ours in weights or ours.endswith(".scales") or _ROUTED.fullmatch(ours):
             continue
         if ours not in infos:
             raise WeightsError(f"{path}: the checkpoint has no tensor '{ours}'")
@@ -128,6 +130,19 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
                                    f"{list(param.shape)}")
             weights[ours] = v.astype(mx.float32 if _FP32.search(ours) else dtype)
 
+    store = None
+    if budget is not None:
+        store, engram_budget_bytes = _expert_store(path, args, infos, sources, expected, weights, budget,
+                                                   fp4=fp4, dtype=dtype, policy=expert_policy)
+    if store is None:  # every routed expert resident, stacked [E, out, in]
+        for (prefix, proj), pairs in sources.items():
+            w, s = mx.stack([get(x) for x, _ in pairs]), mx.stack([get(x) for _, x in pairs])
+            arrays, quant = fp4_expert_arrays(w, s, fp4, dtype)
+            weights.update({f"{prefix}.{proj}.{k}": v for k, v in arrays.items()})
+            if quant is not None:
+                quantization[f"{prefix}.{proj}"] = quant
+
+    tables = {}
     for i, layer in enumerate(model.layers):
         if "engram" in layer:
             base = f"layers.{i}.engram.embed"
@@ -135,16 +150,21 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
                 raise WeightsError(f"{path}: the checkpoint has no Engram table '{base}.weight' with its '.scale'")
             rows = args.engram_num_embeddings[args.engram_layer_ids.index(i)]
             table = EngramTable(infos[base + ".weight"], infos[base + ".scale"], rows, args.engram_head_dim)
-            if table.nbytes <= engram_budget_bytes:
+            if store is None and table.nbytes <= engram_budget_bytes:
                 table.make_resident()
                 engram_budget_bytes -= table.nbytes
-            layer.engram.table = table
+            layer.engram.table = tables[base] = table
             used.update((base + ".weight", base + ".scale"))
     unexpected = sorted(n for n in infos if n not in used and not SKIPPED.match(n))
     if unexpected:
         raise WeightsError(f"{path}: tensors the DeepSeek V4.1 text model does not have: {unexpected[:8]}")
 
     apply_quantization(model, quantization)
+    if store is not None:
+        from ..experts import attach
+
+        attach(model, store)
+        store.admit_tables(tables)  # after the experts: each table resident only if it fits beside them
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     loaded.clear()
@@ -155,3 +175,34 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
     model.generation_defaults = load_generation_defaults(path)
     model.eval()
     return model, path
+
+
+def _expert_store(path: Path, args: V41Args, infos, sources, expected, weights, budget, *, fp4, dtype, policy):
+    """-> (the expert store, or None when "auto" finds room for every expert; Engram bytes for
+    the no-store path). ``weights`` holds the other (lazy) weights: "auto" sizes them."""
+    from ..experts import DEFAULT_POLICY, ExpertBudgetError, ExpertStore
+    from .streaming import ExpertConversion, auto_budget, plan_experts
+
+    convert = ExpertConversion(fp4, dtype)
+    layer_sources, shapes = {}, {}
+    for (prefix, proj), pairs in sources.items():
+        layer = int(prefix.split(".")[1])
+        layer_sources[(layer, proj)] = pairs
+        shapes[(layer, proj)] = tuple(expected[f"{prefix}.{proj}.weight"].shape[1:])
+    specs = plan_experts(infos, layer_sources, shapes, args.n_routed_experts, convert)
+    auto = budget == "auto"
+    if auto:
+        budget, engram = auto_budget(sum(a.nbytes for a in weights.values()), args,
+                                     sum(s.slot_bytes * len(s.experts) for s in specs.values()))
+        if budget is None:
+            return None, engram
+    try:
+        return ExpertStore(specs, convert, budget, args.num_experts_per_tok, policy=policy or DEFAULT_POLICY), 0
+    except ExpertBudgetError as e:
+        if not auto:
+            raise
+        from ..loader import AUTO_CONTEXT_TOKENS, AUTO_MEMORY_SHARE
+
+        raise ExpertBudgetError(
+            f"expert budget 'auto': {AUTO_MEMORY_SHARE:.0%} of this machine's memory minus the other weights and a "
+            f"{AUTO_CONTEXT_TOKENS:,}-token KV cache leaves too little for the experts ({e})") from None
