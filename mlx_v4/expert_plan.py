@@ -25,6 +25,18 @@ _ITEM = {"BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2
          "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}
 
 
+#: Context the "auto" expert budget plans the KV cache for, and the share of memory it may use.
+AUTO_CONTEXT_TOKENS = 32768
+AUTO_MEMORY_SHARE = 0.75
+
+
+def auto_expert_budget(resident_bytes: int, kv_bytes: int, experts_bytes: int, total_memory: int) -> int | None:
+    """What "auto" means: the memory left (of ``AUTO_MEMORY_SHARE`` of the machine's) after the
+    resident weights and the planned KV cache; None when every expert fits."""
+    left = int(total_memory * AUTO_MEMORY_SHARE) - resident_bytes - kv_bytes
+    return None if left >= experts_bytes else left
+
+
 @dataclass(frozen=True)
 class _Run:
     """Adjacent bytes of one expert in one file: a single read."""

@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 
 from . import platform
 from .config import ModelArgs
+from .expert_plan import AUTO_CONTEXT_TOKENS, AUTO_MEMORY_SHARE, auto_expert_budget
 from .generation import load_generation_defaults
 from .model import Model
 from .weights import apply_quantization, load_weights, resolve_model_path, validate_weights
@@ -23,17 +24,7 @@ def _weights_id(path: Path) -> str:
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
 
 
-#: Context the "auto" expert budget plans the KV cache for, and the share of memory it may use.
-AUTO_CONTEXT_TOKENS = 32768
-AUTO_MEMORY_SHARE = 0.75
 _ROUTED = re.compile(r"layers\.\d+\.ffn\.experts\.w[123](\.(weight|scales|biases))?")
-
-
-def auto_expert_budget(resident_bytes: int, kv_bytes: int, experts_bytes: int, total_memory: int) -> int | None:
-    """What "auto" means: the memory left (of ``AUTO_MEMORY_SHARE`` of the machine's) after the
-    resident weights and the planned KV cache; None when every expert fits."""
-    left = int(total_memory * AUTO_MEMORY_SHARE) - resident_bytes - kv_bytes
-    return None if left >= experts_bytes else left
 
 
 def _expert_store(path: Path, args, weights, quantization: dict, budget, *, fp8: str, dtype, policy):

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from mlx_v4 import experts
+from mlx_v4.expert_plan import auto_expert_budget
 from mlx_v4.experts import ExpertBudgetError, ExpertReadError, parse_budget
-from mlx_v4.loader import auto_expert_budget, load_model
+from mlx_v4.loader import load_model
 from mlx_v4.testing.tiny import run_chunks
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -172,7 +172,7 @@ def test_auto_budget_streams_when_the_experts_do_not_fit(monkeypatch, sizes, ref
     from mlx.utils import tree_flatten
 
     from mlx_v4 import platform
-    from mlx_v4.loader import AUTO_CONTEXT_TOKENS
+    from mlx_v4.expert_plan import AUTO_CONTEXT_TOKENS
     from mlx_v4.v41.cache import bytes_per_token
 
     # 75% of this "machine" holds the other weights, the KV cache and twice the experts' minimum

@@ -68,7 +68,7 @@ def auto_budget(resident_bytes: int, args, experts_bytes: int) -> tuple[int | No
     when every expert fits (they load resident; Engram tables take what is left), else (the
     budget, 0)."""
     from .. import platform
-    from ..loader import AUTO_CONTEXT_TOKENS, auto_expert_budget
+    from ..expert_plan import AUTO_CONTEXT_TOKENS, auto_expert_budget
     from .cache import bytes_per_token
 
     per = bytes_per_token(args)
@@ -76,7 +76,7 @@ def auto_budget(resident_bytes: int, args, experts_bytes: int) -> tuple[int | No
     total = platform.total_memory_bytes()
     budget = auto_expert_budget(resident_bytes, kv, experts_bytes, total)
     if budget is None:
-        from ..loader import AUTO_MEMORY_SHARE
+        from ..expert_plan import AUTO_MEMORY_SHARE
 
         return None, int(total * AUTO_MEMORY_SHARE) - resident_bytes - kv - experts_bytes
     return max(budget, 0), 0

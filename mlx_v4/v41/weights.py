@@ -201,7 +201,7 @@ def _expert_store(path: Path, args: V41Args, infos, sources, expected, weights, 
     except ExpertBudgetError as e:
         if not auto:
             raise
-        from ..loader import AUTO_CONTEXT_TOKENS, AUTO_MEMORY_SHARE
+        from ..expert_plan import AUTO_CONTEXT_TOKENS, AUTO_MEMORY_SHARE
 
         raise ExpertBudgetError(
             f"expert budget 'auto': {AUTO_MEMORY_SHARE:.0%} of this machine's memory minus the other weights and a "
