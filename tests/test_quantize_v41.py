@@ -192,3 +192,12 @@ def test_info_shows_the_conversion(native):
     held = sum(f.stat().st_size for f in native.glob("*.safetensors"))
     assert 0.9 * held < p.weights_bytes < held  # the Engram tables are not counted as held
     assert p.notes[0].startswith("Converted by mlx-v4 convert with the native recipe")
+
+
+def test_cli_names_the_recipe_it_cannot_apply(tmp_path):
+    from mlx_v4.cli.app import app
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, ["convert", str(FIXTURE), str(tmp_path / "out"), "--recipe", "2bit-experts"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "recipe '2bit-experts' does not apply to DeepSeek V4.1 checkpoints" in r.output
