@@ -173,8 +173,9 @@ def test_no_mlx_lm_claim_and_rerun_is_a_noop(native):
     assert not (native / HOOK_FILE).exists() and not (native / "chat_template.jinja").exists()
     card = (native / "README.md").read_text()
     assert "deepseek_v41" in card and "mlx-lm cannot run this directory" in card and "trust_remote_code" not in card
-    again = convert(FIXTURE, native, recipe="native", max_shard_bytes=SHARD)
+    again = convert(FIXTURE, native, recipe="native", max_shard_bytes=SHARD, verify=True)
     assert again.noop
+    assert again.verify.kl_max == 0.0 and again.verify.top1_agreement == 1.0  # lossless, as --verify reports it
     assert "model_file" not in json.loads((native / "config.json").read_text())
     assert sorted(p.name for p in native.iterdir() if p.suffix == ".py") == []
 
