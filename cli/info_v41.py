@@ -131,6 +131,9 @@ def plan_v41(model: str, *, recipe: str | None, bits: float | None, context: int
         raise UserError(f"--context {context} is past this model's maximum {args.max_position_embeddings}",
                         "choose a smaller --context")
     params, weights, engram = parameter_bytes(args, expert_bits, other_bits)
+    converted = converted_sizes(Path(model).expanduser()) if model != PRESET and recipe is None and bits is None else None
+    if converted is not None:  # an `mlx-v4 convert` output: its own files say what it weighs
+        weights, label = converted[0], converted[2]
     per_token = bytes_per_token(args)
     kv = per_token["total"] * context + per_token["window_constant"]
     notes = [
@@ -143,6 +146,38 @@ def plan_v41(model: str, *, recipe: str | None, bits: float | None, context: int
         f"{per_token['window_constant'] / 1e6:.1f} MB of windows.",
         "Images are not supported (text model only).",
     ]
-    return MemoryPlan(name=name, weights_bytes=weights, weights_source=f"{label}, from parameter counts",
+    if converted is not None:
+        notes.insert(0, f"Converted by mlx-v4 convert with the {label} recipe: {_size(converted[0])} of weights in "
+                        f"memory, {_size(converted[1])} of Engram tables on disk (as released).")
+    return MemoryPlan(name=name, weights_bytes=weights,
+                      weights_source=f"{label}, from the conversion's files" if converted else f"{label}, from parameter counts",
                       context=context, cache_bytes=kv, params=params, machine_bytes=platform.total_memory_bytes(),
                       notes=notes)
+
+
+def converted_sizes(path: Path) -> tuple[int, int, str] | None:
+    """(weight bytes held in memory, Engram table bytes on disk, recipe) of a directory written by
+    ``mlx-v4 convert``, from its shard headers; None for anything else."""
+    import json
+
+    from mlx_v4.weights import scan_checkpoint
+
+    try:
+        conversion = json.loads((path / "config.json").read_text()).get("mlx_v4_conversion")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(conversion, dict):
+        return None
+    item = {"BF16": 2, "F16": 2, "F32": 4, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E8M0": 1}
+    held, tables = 0, 0
+    for name, info in scan_checkpoint(path).items():
+        nbytes = item.get(info.dtype, 1) * math.prod(info.shape)
+        if ".engram.embed." in name:
+            tables += nbytes
+        else:
+            held += nbytes
+    return held, tables, str(conversion.get("recipe"))
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"

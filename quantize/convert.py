@@ -30,9 +30,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_v4.mlx_lm_hook import HOOK_FILE, model_files
+from mlx_v4.v41.config import is_v41_checkpoint
 from mlx_v4.weights import INDEX_FILE, resolve_model_path
 
-from . import card
+from . import card, plan_v41
 from .io import TEMP_SUFFIX, Reader, ShardWriter, write_atomic, write_json
 from .marker import FINISH_FILES, MANIFEST, MARKER, is_complete, owned_files, read_json, verify_output
 from .plan import (
@@ -172,6 +173,8 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str = DEFAULT_RECIPE, g
         source_dir = None
     else:
         source_dir = resolve_model_path(str(src))
+        if is_v41_checkpoint(source_dir):
+            plan_v41.check_recipe(rec.name)
         moments = None
         if calib_text is not None:
             from .calibrate import calibrate
@@ -193,17 +196,18 @@ def convert(src: str | Path, dst: str | Path, *, recipe: str = DEFAULT_RECIPE, g
 
 def _convert(source_dir: Path, dst: Path, rec, request, override, max_shard_bytes, progress, chunk_bytes,
              on_shard, result: ConvertResult, moments=None) -> None:
-    src = open_source(source_dir)
-    jobs, skipped = plan_jobs(src, rec, override)
+    v41 = is_v41_checkpoint(source_dir)  # DeepSeek V4.1: its names and formats in plan_v41
+    src = plan_v41.open_source(source_dir) if v41 else open_source(source_dir)
+    jobs, skipped = (plan_v41.plan_jobs if v41 else plan_jobs)(src, rec, override)
     if skipped:
-        log.info("dropping %d drafter tensors this mlx-v4 does not run (%s, ...)", len(skipped), skipped[0])
+        log.info("dropping %d drafter/vision tensors this mlx-v4 does not run (%s, ...)", len(skipped), skipped[0])
     shards = layout(jobs, max_shard_bytes)
     phash = plan_hash(src, shards, request)
 
     dst.mkdir(parents=True, exist_ok=True)
     manifest = read_json(dst / MANIFEST) or {}
     names = [s.name for s in shards]
-    outputs = (names + [n for n in EXTRA_FILES if (src.path / n).is_file()] + list(model_files(src.path))
+    outputs = (names + [n for n in EXTRA_FILES if (src.path / n).is_file()] + list(_hook_files(src))
                + list(FINISH_FILES))
     written = owned_files(manifest)
     if "written" not in manifest:  # a manifest from before `written` (only the converter wrote here)
@@ -289,7 +293,7 @@ def _finish(src: Source, dst: Path, rec, request, shards, phash, manifest: dict)
         f = src.path / name
         if f.is_file():
             write_atomic(dst / name, f.read_bytes())
-    for name, data in model_files(src.path).items():  # what mlx-lm needs to open the directory
+    for name, data in _hook_files(src).items():  # what mlx-lm needs to open the directory
         write_atomic(dst / name, data)
     quantization, classes = {}, {}
     for s in shards:
@@ -298,6 +302,8 @@ def _finish(src: Source, dst: Path, rec, request, shards, phash, manifest: dict)
                 quantization[j.module] = j.target.params()
             classes.setdefault(j.klass, set()).add(str(j.target) if j.klass != "tid2eid" else "int32")
     config = {k: v for k, v in src.config.items() if k not in ("quantization_config", "quantization")}
+    if isinstance(config.get("text_config"), dict):  # V4.1: the weights' formats are now "quantization"
+        config["text_config"] = {k: v for k, v in config["text_config"].items() if k != "quantization_config"}
     qc = src.config.get("quantization_config") or {}
     if isinstance(qc, dict) and qc.get("expert_dtype") and "expert_dtype" not in config:
         config["expert_dtype"] = qc["expert_dtype"]
@@ -308,8 +314,11 @@ def _finish(src: Source, dst: Path, rec, request, shards, phash, manifest: dict)
     conversion = {"recipe": rec.name, "description": rec.description, "source": request["source"],
                   "source_fingerprint": src.fingerprint,
                   "classes": {k: sorted(v)[0] if len(v) == 1 else sorted(v) for k, v in sorted(classes.items())}}
+    if src.family != "v4":
+        conversion["family"] = src.family
     config["mlx_v4_conversion"] = conversion
-    config["model_file"] = HOOK_FILE  # mlx-lm imports it (trust_remote_code) to build the model
+    if src.family == "v4":
+        config["model_file"] = HOOK_FILE  # mlx-lm imports it (trust_remote_code) to build the model
     write_atomic(dst / "README.md", card.model_card(config, conversion, shards))
     write_json(dst / "config.json", config)
     weight_map = {n: s.name for s in shards for n, _, _ in s.tensors}
@@ -321,6 +330,12 @@ def _finish(src: Source, dst: Path, rec, request, shards, phash, manifest: dict)
     (dst / MANIFEST).unlink(missing_ok=True)
 
 
+def _hook_files(src: Source) -> dict[str, bytes]:
+    """mlx-lm's files (model file, chat template, tokenizer pair) for a V4 conversion; none for
+    V4.1, which mlx-lm cannot run (the hook builds DeepSeek V4 only)."""
+    return model_files(src.path) if src.family == "v4" else {}
+
+
 def _add_model_files(dst: Path, marker: dict) -> None:
     """A conversion finished by an mlx-v4 that did not write mlx-lm's files gets them (its own
     tokenizer files are kept), so running convert again makes it open in mlx-lm. Only files that
@@ -328,6 +343,8 @@ def _add_model_files(dst: Path, marker: dict) -> None:
     config = read_json(dst / "config.json")
     if config is None or config.get("model_file") == HOOK_FILE and (dst / HOOK_FILE).is_file():
         return
+    if (config.get("mlx_v4_conversion") or {}).get("family", "v4") != "v4":
+        return  # mlx-lm's hook builds DeepSeek V4 only
     owned = owned_files(marker, EXTRA_FILES)
     files = {n: d for n, d in model_files(dst).items() if n in owned or not (dst / n).exists()}
     if HOOK_FILE not in files:

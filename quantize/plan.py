@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -34,6 +34,8 @@ from mlx_v4.weights import (
 from .io import mx_dtype, st_dtype
 from .recipes import QUANTIZABLE, ConvertError, Override, Quant, Recipe, Target, choose, classify
 
+#: The class of tensors copied byte for byte, in row chunks (DeepSeek V4.1's Engram tables).
+COPIED = "engram_table"
 _DENSE_DTYPE = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
 _SOURCE_DENSE = {"F32": "fp32", "F64": "fp32", "F16": "fp16"}
 _ITEM = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
@@ -49,6 +51,9 @@ class Source:
     fingerprint: str
     block: tuple[int, int]
     own: dict  # our own quantization, when the source is an mlx-v4 output
+    #: "v4", or "v41" (DeepSeek V4.1: planned by plan_v41, materialised by its own function)
+    family: str = "v4"
+    materialise: Callable = field(default=materialise, repr=False)
 
 
 def open_source(path: Path) -> Source:
@@ -103,8 +108,10 @@ def produce(job: Job, entry, get: Callable[[TensorInfo], mx.array], src: Source,
     module, leaf = job.name.rsplit(".", 1)
     # FP8/FP4 always arrive as mxfp8/mxfp4 (exact): they pass through when that is the target, and
     # MLX's dequantize kernel expands them otherwise (faster than a table lookup, same values).
-    arrays, quant = materialise(job.name, entry, get, fp8="mxfp8", fp4="mxfp4", dtype=job.work_dtype,
-                                block=src.block, own=src.own)
+    arrays, quant = src.materialise(job.name, entry, get, fp8="mxfp8", fp4="mxfp4", dtype=job.work_dtype,
+                                    block=src.block, own=src.own)
+    if job.klass == COPIED:  # stored bytes, unchanged
+        return arrays
     if quant is not None:
         q = Quant(quant["bits"], quant["group_size"], quant["mode"])
         w, s, b = arrays[f"{module}.weight"], arrays[f"{module}.scales"], arrays.get(f"{module}.biases")
@@ -129,8 +136,8 @@ def source_format(job: Job, entry, src: Source) -> Target:
     """The format ``entry`` has in the source, as the model can hold it exactly: FP4/FP8 ->
     mxfp4/mxfp8 and MLX-quantized tensors keep their parameters where the model runs the module
     quantized; otherwise the float dtype (FP8/FP4 values dequantized are exact in bf16)."""
-    _, quant = materialise(job.name, entry, _zeros, fp8="mxfp8", fp4="mxfp4", dtype=job.work_dtype,
-                           block=src.block, own=src.own)
+    _, quant = src.materialise(job.name, entry, _zeros, fp8="mxfp8", fp4="mxfp4", dtype=job.work_dtype,
+                               block=src.block, own=src.own)
     if quant is not None and job.klass in QUANTIZABLE:
         return Quant(quant["bits"], quant["group_size"], quant["mode"])
     return _SOURCE_DENSE.get(entry.parts[0].w.dtype, "bf16")
@@ -138,6 +145,13 @@ def source_format(job: Job, entry, src: Source) -> Target:
 
 def plan_jobs(src: Source, recipe: Recipe, override: Override | None) -> tuple[list[Job], list[str]]:
     entries, skipped = plan_checkpoint(src.infos, src.args)
+    return jobs_for(src, entries, recipe, override, classify), skipped
+
+
+def jobs_for(src: Source, entries: dict, recipe: Recipe, override: Override | None,
+             classify: Callable[[str], str]) -> list[Job]:
+    """Planned entries ({our name: entry}) -> jobs in source file order, each with its target and
+    output shapes (from the conversion graph over placeholders)."""
     jobs = []
     for name, entry in entries.items():
         p0 = entry.parts[0]
@@ -162,7 +176,7 @@ def plan_jobs(src: Source, recipe: Recipe, override: Override | None) -> tuple[l
         jobs.append(job)
     order = {f: i for i, f in enumerate(sorted({i.file for i in src.infos.values()}))}
     jobs.sort(key=lambda j: min((order[p.w.file], p.w.offset) for p in j.entry.parts))
-    return jobs, skipped
+    return jobs
 
 
 def _rows(info: TensorInfo, a: int, b: int) -> TensorInfo:
@@ -179,7 +193,7 @@ def chunks(job: Job, src: Source, chunk_bytes: int) -> Iterator[tuple[int, int, 
         if len(entry.parts) != 1 or len(p.w.shape) < 2:
             yield e, 0, entry
             continue
-        fp8_tiles = p.w.dtype == "F8_E4M3" and p.scale is not None and len(p.w.shape) == 2
+        fp8_tiles = p.w.dtype == "F8_E4M3" and p.scale is not None and len(p.w.shape) == 2 and job.klass != COPIED
         align = src.block[0] if fp8_tiles else 1
         row_elems = math.prod(p.w.shape[1:]) * (2 if p.w.dtype == "I8" else 1)
         step = max(align, chunk_bytes // (4 * row_elems) // align * align)
@@ -264,11 +278,16 @@ def layout(jobs: list[Job], max_shard_bytes: int) -> list[Shard]:
     size = 0
     for unit in _units(jobs):
         nbytes = sum(j.out_bytes for j in unit)
-        if groups[-1] and size + nbytes > max_shard_bytes:
+        alone = unit[0].klass == COPIED  # an Engram table keeps a shard of its own, as released
+        if groups[-1] and (alone or size + nbytes > max_shard_bytes):
             groups.append([])
             size = 0
         groups[-1].extend(unit)
         size += nbytes
+        if alone:
+            groups.append([])
+            size = 0
+    groups = [g for g in groups if g] or [[]]
     n = len(groups)
     return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 

@@ -63,7 +63,8 @@ _CLASSES = [
 ]
 _CLASS_RX = [(re.compile(p), c) for p, c in _CLASSES]
 #: Classes the model can run quantized (Linear, Embedding, SwitchLinear modules).
-QUANTIZABLE = ("embed", "head", "attention", "indexer", "shared_expert", "experts")
+QUANTIZABLE = ("embed", "head", "attention", "indexer", "shared_expert", "experts",
+               "engram")  # DeepSeek V4.1's engram.wkv (quantize/plan_v41.py)
 #: Always float32 / integer, whatever the recipe.
 FP32_CLASSES = ("hyper", "sink", "ape", "router_bias")
 

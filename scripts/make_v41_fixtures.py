@@ -14,9 +14,13 @@ copied into this repository). Outputs, under tests/fixtures/tiny_v41/:
                              32x32 tile scales, packed FP4 experts, F8 Engram tables (each in a
                              shard of its own), BF16/F32 tensors, index;
 * ``reference.safetensors``  token ids and the reference's float32 logits: one full forward
-                             (``logits_full``) and prefill + one token at a time
-                             (``logits_decode``), plus the decode logits of the *unpatched*
-                             reference (``logits_decode_unpatched``, see below).
+                             (``logits_full_<run>``) and prefill + one token at a time
+                             (``logits_decode_<run>``) for the runs ``exact`` (no activation
+                             rounding), ``qat`` (the KV/index roundings only) and ``gemm`` (as
+                             released: those plus the FP8 rounding of every GEMM input), the
+                             decode logits of the *unpatched* reference
+                             (``logits_decode_unpatched``, see below), and the roundings on
+                             random rows (``quant_*``).
 
 Where the reference is changed, and why (search for "REPLACED" below):
 
@@ -24,10 +28,14 @@ Where the reference is changed, and why (search for "REPLACED" below):
    sparse_attn) is replaced by the plain-torch module :func:`torch_kernels` below, installed as
    ``sys.modules["kernel"]`` before model.py is imported.
 2. ``vision`` and ``image_processor`` are replaced by stubs: the fixtures are text only.
-3. The model runs in float32 with the checkpoint's exact dequantized weights: it is built with
-   ``dtype="bf16"`` (so ``linear()`` takes its plain ``F.linear`` branch rather than the FP8/FP4
-   GEMMs, whose activation rounding this port does not simulate; the same choice as the V4
-   fixtures) and every parameter is then cast to float32. The Engram tables stay F8 as stored.
+3. The model runs in float32. The ``exact`` and ``qat`` runs build it with ``dtype="bf16"``, so
+   ``linear()`` takes its plain ``F.linear`` branch over the checkpoint's exact dequantized
+   weights (no activation rounding: the port's ``act_quant: False``). The ``gemm`` run builds it
+   as released, ``dtype="fp8"`` with ``expert_dtype="fp4"``, and loads the checkpoint's own FP8
+   codes with their [32, 32] E8M0 tile scales and the packed FP4 experts, so ``linear()`` rounds
+   every FP8/FP4 GEMM input with ``act_quant(x, 32, "ue8m0")`` and runs the plain-torch
+   ``fp8_gemm``/``fp4_gemm`` (the port's default). Every other parameter is cast to float32 (the
+   ``default_dtype`` of the GEMM outputs is float32 too). The Engram tables stay F8 as stored.
 4. ``ParallelEngramEmbedding.forward`` returns its (bf16-exact) rows as float32 so that the
    float32 ``engram.wkv`` can take them; the values are the same.
 5. ``ParallelHead`` is asked for every position's logits (it returns the last one by default).
@@ -55,8 +63,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlx_v4.testing.official import write_safetensors
+from mlx_v4.testing.official import quantize_fp4_e2m1, quantize_fp8_block, write_safetensors
 from mlx_v4.testing.official_v41 import (
+    FP8_BLOCK,
     QUANTIZATION_CONFIG,
     engram_layout,
     random_official_v41_weights,
@@ -226,10 +235,12 @@ class _TokenizerShim:
         return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
 
 
-def reference_args(ref, text: dict, max_seq_len: int, batch: int):
+def reference_args(ref, text: dict, max_seq_len: int, batch: int, gemm: bool = False):
+    """``gemm``: as released (FP8 weights, FP4 experts: ``linear()`` rounds its inputs)."""
     rs = text["rope_scaling"]
     kw = dict(
-        max_batch_size=batch, max_seq_len=max_seq_len, dtype="bf16", expert_dtype=None,
+        max_batch_size=batch, max_seq_len=max_seq_len, dtype="fp8" if gemm else "bf16",
+        expert_dtype="fp4" if gemm else None,
         vocab_size=text["vocab_size"], dim=text["hidden_size"], moe_inter_dim=text["moe_intermediate_size"],
         n_layers=text["num_hidden_layers"], n_mtp_layers=0, n_heads=text["num_attention_heads"],
         n_routed_experts=text["n_routed_experts"], n_shared_experts=1,
@@ -258,16 +269,33 @@ def reference_args(ref, text: dict, max_seq_len: int, batch: int):
     return ref.ModelArgs(**kw)
 
 
-def build_reference(ref, args, exact: dict[str, np.ndarray], tokenizer, fix_decode_bug: bool):
+def stored_quantized(raw: dict[str, np.ndarray], name: str, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes the checkpoint stores for an FP8 (e4m3, [32, 32] tiles) or FP4 weight: the very
+    quantizers write_official_v41_checkpoint wrote them with -> (codes, E8M0 scale bytes)."""
+    if dtype == torch.float4_e2m1fn_x2:
+        return quantize_fp4_e2m1(raw[name])
+    return quantize_fp8_block(raw[name], FP8_BLOCK)
+
+
+def build_reference(ref, args, exact: dict[str, np.ndarray], tokenizer, fix_decode_bug: bool,
+                    raw: dict[str, np.ndarray] | None = None):
     torch.set_default_dtype(torch.float32)
     model = ref.Transformer(args, tokenizer).eval()
-    # REPLACED 3: float32 parameters holding the exact dequantized checkpoint values.
+    # REPLACED 3: float32 parameters holding the exact dequantized checkpoint values, or (the
+    # FP8/FP4 GEMM path) the stored codes and scales of the quantized weights.
     state = model.state_dict()
     for name, t in state.items():
+        stem = name.removesuffix(".weight").removesuffix(".scale")
+        weight = state.get(stem + ".weight")
+        quantized = weight is not None and weight.dtype in (torch.float8_e4m3fn, torch.float4_e2m1fn_x2)
         if name.endswith("engram.embed.weight"):
             value = torch.from_numpy(exact[name + ":codes"]).view(torch.float8_e4m3fn)
         elif name.endswith("engram.embed.scale"):
             value = torch.from_numpy(exact[name.removesuffix(".scale") + ".weight:scale"]).view(torch.float8_e8m0fnu)
+        elif quantized:
+            codes, scale = stored_quantized(raw, stem + ".weight", weight.dtype)
+            value = torch.from_numpy(np.ascontiguousarray(scale)).view(torch.float8_e8m0fnu) if name.endswith(
+                ".scale") else torch.from_numpy(np.ascontiguousarray(codes).view(np.uint8)).view(weight.dtype)
         else:
             value = torch.from_numpy(np.ascontiguousarray(exact[name])).float()
         assert tuple(value.shape) == tuple(t.shape), (name, value.shape, t.shape)
@@ -340,12 +368,15 @@ def main():
     decode_chunks = [PREFILL] + [1] * (LENGTH - PREFILL)
     out = {"ids": ("I32", ids.numpy().astype(np.int32)), "decode_chunks": ("I32", np.array(decode_chunks, np.int32))}
     # "exact": QAT simulation off on both sides, so parity is a matter of operation order only.
-    # "qat": as released. FP8/FP4 rounding is discontinuous: operation-order noise that lands on a
-    # rounding midpoint flips a code, and FP4 index scores tie; the reference's own full forward
-    # and decode then differ (printed below), so the QAT logits are compared more loosely.
-    for tag, qat in (("exact", False), ("qat", True)):
+    # "qat": the KV and index roundings on, the GEMM inputs unrounded (the port's act_quant off).
+    # "gemm": as released, the FP8/FP4 GEMM path rounding every GEMM input too.
+    # FP8/FP4 rounding is discontinuous: operation-order noise that lands on a rounding midpoint
+    # flips a code, and FP4 index scores tie; the reference's own full forward and decode then
+    # differ (printed below), so the QAT logits are compared more loosely.
+    for tag, qat, gemm in (("exact", False, False), ("qat", True, False), ("gemm", True, True)):
         kernel.QAT["on"] = qat
-        model = build_reference(ref, reference_args(ref, text, 128, 2), exact, tok, fix_decode_bug=True)
+        model = build_reference(ref, reference_args(ref, text, 128, 2, gemm), exact, tok, fix_decode_bug=True,
+                                raw=raw)
         with torch.no_grad():
             full, decode = run(model, ids, [LENGTH]), run(model, ids, decode_chunks)
         rel = np.abs(full - decode).max() / np.abs(full).max()
@@ -368,6 +399,10 @@ def main():
     out["quant_fp8_b32"] = ("F32", kernel.act_quant(x.clone(), 32, "ue8m0", torch.float8_e8m0fnu, True).numpy())
     out["quant_fp4_b16_e4m3"] = ("F32", kernel.fp4_act_quant(x.clone(), 16, True, torch.float8_e4m3fn).numpy())
     out["quant_fp4_b32"] = ("F32", kernel.fp4_act_quant(x.clone(), 32, True).numpy())
+    # what linear() hands to fp8_gemm/fp4_gemm: codes times scales of act_quant(x, 32, "ue8m0")
+    codes, scales = kernel.act_quant(x.clone(), 32, "ue8m0", torch.float8_e8m0fnu)
+    out["quant_gemm_input_b32"] = ("F32", (codes.float().unflatten(-1, (-1, 32)) * scales.float().unsqueeze(-1))
+                                   .flatten(-2).numpy())
     write_safetensors(FIXTURES / "reference.safetensors", out, metadata={
         "oracle": "DeepSeek-V4.1-Flash inference/model.py in float32 with plain-torch kernels "
                   "(scripts/make_v41_fixtures.py); indexer decode bug patched except in logits_decode_unpatched"})

@@ -46,3 +46,27 @@ def test_rounding_keeps_dtype_and_shape():
     for quantize, _, _, _ in CASES:
         v, _ = quantize(x)
         assert v.shape == x.shape and v.dtype == mx.bfloat16
+
+
+def test_gemm_input_rounding_is_bit_exact(reference):
+    """What the official V4.1 linear() hands to fp8_gemm/fp4_gemm: act_quant(x, 32, "ue8m0")'s
+    codes times scales (the reference runner's kernel), in float32 and bfloat16."""
+    from mlx_v4.layers.fake_quant import act_quant_fp8, gemm_input
+
+    x, want = reference["quant_x"], np.array(reference["quant_gemm_input_b32"])
+    np.testing.assert_array_equal(np.array(act_quant_fp8(x, 32)), want)
+    np.testing.assert_array_equal(np.array(gemm_input(x, 32)), want)
+    assert gemm_input(x, 0) is x
+    got = act_quant_fp8(x.astype(mx.bfloat16), 32)
+    assert got.dtype == mx.bfloat16
+    np.testing.assert_array_equal(np.array(got.astype(mx.float32)),
+                                  np.array(act_quant_fp8(x.astype(mx.bfloat16).astype(mx.float32), 32)))
+
+
+def test_gemm_input_blocks_are_the_official_ones():
+    from mlx_v4.layers.fake_quant import act_quant_fp8
+
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        act_quant_fp8(mx.ones((2, 48)), 32)
+    with pytest.raises(ValueError, match="blocks of 128 or 32 .*not 64"):
+        act_quant_fp8(mx.ones((2, 64)), 64)

@@ -9,7 +9,8 @@ and ``fp4_act_quant``):
 * indexer keys and queries: Hadamard rotation, then FP4 e2m1 in blocks of 32 with E8M0 scales;
 * the input of every GEMM whose weight is FP8 or FP4 in the release: FP8 e4m3 in blocks of 128
   with E8M0 scales (the official ``linear()`` calls ``act_quant(x, 128, "ue8m0")`` before
-  ``fp8_gemm``/``fp4_gemm``), see :func:`act_quant_fp8` and :func:`gemm_input`.
+  ``fp8_gemm``/``fp4_gemm``), see :func:`act_quant_fp8` and :func:`gemm_input`; V4.1's
+  ``linear()`` does the same in blocks of 32.
 
 Each rounding also returns its packed form (codes + exponent bytes) so the KV cache can store
 exactly what the model computed, at its real size.
@@ -18,6 +19,7 @@ exactly what the model computed, at its real size.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 
@@ -105,37 +107,44 @@ def _e4m3_grid(v: mx.array) -> mx.array:
     return mx.where(mx.abs(v) < 2.0**-6, subnormal, normal)
 
 
-def _act_quant_fp8(x: mx.array) -> mx.array:
-    """x [..., n], n % 128 == 0 -> x rounded as in :func:`act_quant_fp8`, in x's dtype.
+def _act_quant_fp8(x: mx.array, block: int) -> mx.array:
+    """x [..., n], n % block == 0 -> x rounded as in :func:`act_quant_fp8`, in x's dtype.
     One max-reduction per block, then one fused elementwise pass (compiled below)."""
-    xb = x.astype(mx.float32).reshape(*x.shape[:-1], -1, GEMM_BLOCK)  # [..., n / 128, 128]
+    xb = x.astype(mx.float32).reshape(*x.shape[:-1], -1, block)  # [..., n / block, block]
     amax = mx.maximum(mx.abs(xb).max(axis=-1, keepdims=True), 1e-4)
-    e = _pow2_ceil_exponent(amax * (1.0 / FP8_MAX))  # [..., n / 128, 1]
+    e = _pow2_ceil_exponent(amax * (1.0 / FP8_MAX))  # [..., n / block, 1]
     # x / 2**e == x * 2**-e exactly (powers of two in the normal range)
     v = _e4m3_grid(mx.clip(xb * _pow2(-e), -FP8_MAX, FP8_MAX))
     return (v * _pow2(e)).reshape(x.shape).astype(x.dtype)
 
 
-_act_quant_fp8_compiled = mx.compile(_act_quant_fp8)
+#: The official blocks: 128 in V4's ``linear()``, 32 in V4.1's (its ``fp8_block_size``).
+GEMM_BLOCKS = (GEMM_BLOCK, 32)
+_act_quant_fp8_compiled = {b: mx.compile(partial(_act_quant_fp8, block=b)) for b in GEMM_BLOCKS}
 
 
 def act_quant_fp8(x: mx.array, block: int = GEMM_BLOCK) -> mx.array:
-    """The value the official ``act_quant(x, 128, "ue8m0")`` hands to ``fp8_gemm``/``fp4_gemm``
-    (codes times scales): per block of 128 along the last axis, scale = 2**ceil(log2(amax / 448))
+    """The value the official ``act_quant(x, block, "ue8m0")`` hands to ``fp8_gemm``/``fp4_gemm``
+    (codes times scales): per block along the last axis, scale = 2**ceil(log2(amax / 448))
     with amax floored at 1e-4, values rounded to e4m3 (ties to even, saturating at 448). Returns
-    x's dtype (exact in float32 and bfloat16). Like the official kernel it needs whole blocks."""
-    if block != GEMM_BLOCK:
-        raise ValueError(f"act_quant_fp8 rounds in blocks of {GEMM_BLOCK} (the official block_size), not {block}")
-    if x.shape[-1] % GEMM_BLOCK:
-        raise ValueError(f"act_quant_fp8: the last axis ({x.shape[-1]}) is not a multiple of {GEMM_BLOCK}; "
+    x's dtype (exact in float32 and bfloat16). Like the official kernel it needs whole blocks.
+    ``block``: 128 for V4, 32 for V4.1."""
+    if block not in _act_quant_fp8_compiled:
+        raise ValueError(f"act_quant_fp8 rounds in blocks of {' or '.join(map(str, GEMM_BLOCKS))} "
+                         f"(the official block sizes of V4 and V4.1), not {block}")
+    if x.shape[-1] % block:
+        raise ValueError(f"act_quant_fp8: the last axis ({x.shape[-1]}) is not a multiple of {block}; "
                          "the official act_quant requires whole blocks")
-    return _act_quant_fp8_compiled(x)
+    return _act_quant_fp8_compiled[block](x)
 
 
-def gemm_input(x: mx.array, act_quant: bool) -> mx.array:
+def gemm_input(x: mx.array, act_quant: bool | int) -> mx.array:
     """What a projection whose official weight is FP8/FP4 multiplies: x rounded by
-    :func:`act_quant_fp8` when ``act_quant`` is on, else x itself (unchanged, no copy)."""
-    return act_quant_fp8(x) if act_quant else x
+    :func:`act_quant_fp8` when ``act_quant`` is on, else x itself (unchanged, no copy).
+    ``act_quant``: False/0 off, True V4's block of 128, or the block itself (V4.1 passes 32)."""
+    if not act_quant:
+        return x
+    return act_quant_fp8(x, GEMM_BLOCK if act_quant is True else int(act_quant))
 
 
 _HADAMARD: dict[int, mx.array] = {}

@@ -12,7 +12,10 @@ Against V4 (architecture notes §6; official V4.1 ``inference/model.py``):
   ``candidate_block_size`` entries per query (the block holding the newest visible entry always
   kept); later index sources pick ``index_topk`` inside them;
 * window KV rounded to FP8 in blocks of 32 over all dims; compressed entries to FP4 in blocks
-  of 16 with e4m3 scales.
+  of 16 with e4m3 scales;
+* with ``act_quant`` the inputs of the FP8 GEMMs (``wq_a``, ``wkv``, ``wq_b``, the indexer's
+  ``wq_b``, ``wo_b``) are FP8-rounded in blocks of 32, as the official ``linear()`` does; the
+  compressor, ``wo_a``, ``weights_proj`` and the index ``wk`` are not FP8 there and see x as is.
 
 Selection: each query sees entries ``j < (t + 1) // ratio``; with no more than ``index_topk``
 entries it attends to every visible one, otherwise to its picks (-1 = none).
@@ -28,6 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..layers.attention import attend, grouped_projection
+from ..layers.fake_quant import gemm_input
 from ..layers.norm import RMSNorm
 from ..layers.rope import RoPE
 from .cache import GroupState, LayerCache, SharedState
@@ -89,7 +93,7 @@ class Indexer(nn.Module):
         self.is_candidate_source = layer == args.candidate_source_layer_id
         self.uses_candidates = args.uses_candidates(layer)
         self.blocks, self.block_size = args.candidate_topk_blocks, args.candidate_block_size
-        self._rope, self.fake_quant = rope, args.fake_quant
+        self._rope, self.fake_quant, self.act_block = rope, args.fake_quant, args.act_block  # wq_b's input rounded
 
     def keys(self, latent: mx.array, first: int):
         """Index keys of new groups (owners only): -> (values, packed or None)."""
@@ -106,7 +110,8 @@ class Indexer(nn.Module):
         n = keys[0].shape[1]
         if n <= self.topk:
             return None
-        q = self._rope(self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim), cos[:, None], sin[:, None])
+        q = self.wq_b(gemm_input(qr, self.act_block)).reshape(B, L, self.n_heads, self.head_dim)
+        q = self._rope(q, cos[:, None], sin[:, None])
         if self.fake_quant:
             q, _ = quantize_index(q)
         q = q.astype(mx.float32)
@@ -171,6 +176,7 @@ class Attention(nn.Module):
         self.layer, self.n_heads, self.head_dim, self.groups = layer, H, hd, args.o_groups
         self.ratio = args.compress_ratios[layer]
         self.window, self.fake_quant = args.sliding_window, args.fake_quant
+        self.act_block = args.act_block  # FP8-round the inputs of wq_a, wq_b, wkv, wo_b (official linear())
         self.wq_a = nn.Linear(D, args.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
         self.wq_b = nn.Linear(args.q_lora_rank, H * hd, bias=False)
@@ -193,9 +199,10 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         offset, dtype = cache.offset, x.dtype
         cos, sin = self._rope.cos_sin(mx.arange(offset, offset + L))
-        qr, q = self._queries(x, cos, sin)
+        xq = gemm_input(x, self.act_block)  # wq_a and wkv share one rounded x; the compressor reads x
+        qr, q = self._queries(xq, cos, sin)
 
-        kv = self._rope(self.kv_norm(self.wkv(x)), cos, sin)
+        kv = self._rope(self.kv_norm(self.wkv(xq)), cos, sin)
         parts = (kv,)
         if self.fake_quant:
             kv, parts = quantize_window(kv)
@@ -211,13 +218,15 @@ class Attention(nn.Module):
         o = self._rope(o, cos[:, None], sin[:, None], inverse=True)
         o = grouped_projection(o.reshape(B, L, self.groups, -1), self.wo_a, self.groups)
         cache.offset += L
-        return self.wo_b(o)
+        return self.wo_b(gemm_input(o, self.act_block))
 
     def _queries(self, x: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, mx.array]:
-        """(qr [B, L, q_lora], q [B, L, H, hd]): unlike V4, no per-head RMS norm of q."""
+        """x (rounded when act_quant is on) -> (qr [B, L, q_lora], q [B, L, H, hd]): unlike V4, no
+        per-head RMS norm of q."""
         B, L, _ = x.shape
         qr = self.q_norm(self.wq_a(x))
-        return qr, self._rope(self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim), cos[:, None], sin[:, None])
+        q = self.wq_b(gemm_input(qr, self.act_block)).reshape(B, L, self.n_heads, self.head_dim)
+        return qr, self._rope(q, cos[:, None], sin[:, None])
 
     def _compress_and_select(self, x, qr, cache: LayerCache, shared: SharedState, cos, sin):
         """Compress (sources) and select (index sources) -> (the store read, picks or None)."""

@@ -25,6 +25,7 @@ from typing import Any
 from ..config import ConfigError, rope_inv_freq
 
 MODEL_TYPES = ("deepseek_v41", "deepseek_v41_text")
+GEMM_BLOCK = 32  # the official fp8_block_size: weight tiles [32, 32], activations per 32
 
 # Official inference/config.json names -> ours (the transformers-style names of text_config).
 _ALIASES = {
@@ -94,6 +95,9 @@ class V41Args:
     quantization_config: dict[str, Any] | None = None
     # The QAT activation roundings of the official code (window FP8, compressed/index FP4).
     fake_quant: bool = True
+    # The FP8 rounding of every FP8/FP4 GEMM input, in blocks of 32 (the official linear():
+    # act_quant(x, 32, "ue8m0")). None = on with fake_quant wherever every width is whole blocks.
+    act_quant: bool | None = None
 
     # ---- roles ---------------------------------------------------------------------------
     def latest(self, ids: list[int], layer: int) -> int | None:
@@ -117,6 +121,28 @@ class V41Args:
 
     def __post_init__(self):
         self.validate()
+        ragged = self.gemm_input_widths_not_blocked()
+        if self.act_quant is None:
+            self.act_quant = self.fake_quant and not ragged
+        elif self.act_quant and ragged:
+            raise ConfigError(f"act_quant rounds GEMM inputs in blocks of {GEMM_BLOCK}, as the official V4.1 act_quant "
+                              f"does (it requires whole blocks); not a multiple of {GEMM_BLOCK}: {', '.join(ragged)}")
+
+    @property
+    def act_block(self) -> int:
+        """What the layers pass to :func:`mlx_v4.layers.fake_quant.gemm_input`: 32, or 0 (off)."""
+        return GEMM_BLOCK if self.act_quant else 0
+
+    def gemm_input_widths_not_blocked(self) -> list[str]:
+        """The widths of the GEMM inputs rounded by act_quant that are not multiples of 32: x
+        (wq_a, wkv, experts' w1/w3), qr (wq_b, indexer wq_b), the grouped output (wo_b), the
+        SwiGLU product (experts' w2) and the Engram rows (engram.wkv)."""
+        widths = {"hidden_size": self.hidden_size, "q_lora_rank": self.q_lora_rank,
+                  "o_groups*o_lora_rank": self.o_groups * self.o_lora_rank,
+                  "moe_intermediate_size": self.moe_intermediate_size}
+        if self.engram_layer_ids:
+            widths["engram_head_dim"] = self.engram_head_dim
+        return [f"{name}={w}" for name, w in widths.items() if w % GEMM_BLOCK]
 
     def validate(self) -> None:
         n = self.num_hidden_layers
@@ -237,6 +263,7 @@ class V41Args:
         d = dataclasses.asdict(self)
         d["compress_ratios"] = d["compress_ratios"] + d.pop("mtp_compress_ratios")
         d.pop("fake_quant")
+        d.pop("act_quant")
         return d
 
     # ---- rope ----------------------------------------------------------------------------

@@ -24,6 +24,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..layers.fake_quant import gemm_input
+
 #: Rows one reader thread fetches per task; more rows than this are read by READ_THREADS threads.
 READ_BATCH = 256
 READ_THREADS = 16
@@ -157,9 +159,10 @@ class EngramTable:
 
 
 class Engram(nn.Module):
-    def __init__(self, dim: int, hc_mult: int, n_cols: int, head_dim: int, eps: float):
+    def __init__(self, dim: int, hc_mult: int, n_cols: int, head_dim: int, eps: float, act_block: int = 0):
         super().__init__()
         self.dim, self.hc_mult, self.eps = dim, hc_mult, eps
+        self.act_block = act_block  # wkv is an FP8 GEMM: its input rounded as official linear() does
         self.wkv = nn.Linear(n_cols * head_dim, dim * (hc_mult + 1), bias=False)
         self.q_weight = mx.ones((hc_mult, dim))
         self.k_weight = mx.ones((hc_mult, dim))
@@ -169,7 +172,7 @@ class Engram(nn.Module):
         """x [B, L, hc, D] streams; rows [B, L, n_cols] table rows -> new streams."""
         B, L, hc, D = x.shape
         emb = self.table.read(rows).reshape(B, L, -1)
-        kv = self.wkv(emb.astype(x.dtype))
+        kv = self.wkv(gemm_input(emb.astype(x.dtype), self.act_block))
         key = kv[..., : hc * D].astype(mx.float32).reshape(B, L, hc, D)
         value = kv[..., hc * D:].astype(mx.float32)
         h = x.astype(mx.float32)

@@ -14,6 +14,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..kernels.hyper_mix import mix_weights
+from ..layers.fake_quant import gemm_input
 from ..layers.hyper import HyperConnection, _mixes
 from ..layers.moe import RoutedExperts, SharedExpert, route_scores
 from ..layers.norm import RMSNorm
@@ -56,13 +57,16 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = Gate(args)
         self.experts = RoutedExperts(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts,
-                                     args.swiglu_limit, grouped_dense)
-        self.shared_experts = SharedExpert(args.hidden_size, args.moe_intermediate_size, args.swiglu_limit)
+                                     args.swiglu_limit, grouped_dense, act_quant=args.act_block)
+        self.shared_experts = SharedExpert(args.hidden_size, args.moe_intermediate_size, args.swiglu_limit,
+                                           act_quant=args.act_block)
+        self.act_block = args.act_block
 
     def __call__(self, x: mx.array) -> mx.array:
         flat = x.reshape(-1, x.shape[-1])
-        weights, indices = self.gate(flat)
-        y = self.experts(flat, indices, weights) + self.shared_experts(flat).astype(mx.float32)
+        weights, indices = self.gate(flat)  # the router sees x unrounded (its weight is not FP8)
+        xq = gemm_input(flat, self.act_block)  # one rounding for w1/w3 of the shared and routed experts
+        y = self.experts(xq, indices, weights) + self.shared_experts(xq).astype(mx.float32)
         return y.astype(x.dtype).reshape(x.shape)
 
 
@@ -86,7 +90,7 @@ class Block(nn.Module):
         self.ffn = MoE(args, grouped_dense=cpu)
         if layer in args.engram_layer_ids:
             self.engram = Engram(D, hc, (args.engram_max_ngram_size - 1) * args.engram_n_heads,
-                                 args.engram_head_dim, args.rms_norm_eps)
+                                 args.engram_head_dim, args.rms_norm_eps, act_block=args.act_block)
         self._hc = (hc, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps)
 
     def _mix(self, x: mx.array, sub: str):
@@ -189,7 +193,8 @@ class Model(nn.Module):
         if self.expert_store is not None:  # the same identity as with every expert resident
             layout += self.expert_store.layout()
         layout = sorted(layout)
-        blob = json.dumps([self.args.to_dict(), self.args.fake_quant, layout, self.weights_id], default=str)
+        numerics = [self.args.fake_quant] + (["act_quant"] if self.args.act_quant else [])
+        blob = json.dumps([self.args.to_dict(), *numerics, layout, self.weights_id], default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def make_cache(self) -> V41Cache:

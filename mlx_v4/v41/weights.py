@@ -30,6 +30,7 @@ from ..weights import (
     resolve_model_path,
 )
 from .config import V41Args
+from .converted import converted_weights, is_converted
 from .engram import EngramTable
 from .engram_hash import compressed_token_map
 from .model import Model
@@ -86,9 +87,12 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
 
     expected = dict(tree_flatten(model.parameters()))
     weights, quantization, used = {}, {}, set()
+    if is_converted(path):  # an `mlx-v4 convert` output: our names, MLX formats (v41/converted.py)
+        weights, quantization, used = converted_weights(path, infos, get, expected, dtype=dtype, fp8=fp8, fp4=fp4,
+                                                        fp32=_FP32)
     experts: dict[tuple[str, str], dict[int, str]] = {}
     for name in infos:
-        if m := _EXPERT.match(name):
+        if name not in used and (m := _EXPERT.match(name)):
             experts.setdefault((m[1], m[3]), {})[int(m[2])] = name
     sources: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (prefix, proj) -> (weight, scale) per expert
     for (prefix, proj), by_index in experts.items():
