@@ -116,6 +116,22 @@ def test_the_stages_weights_are_checked(tmp_path):
         mlx_v4.load(tmp_path / "missing", dtype=mx.float32, fp8="dequantize")
 
 
+def test_a_conversion_keeps_the_drafter_and_opens_in_mlx_lm(checkpoint, tmp_path):
+    """quantize/ (recipe native) carries dspark.*; mlx-lm's hook builds the same model."""
+    import mlx_lm
+    from mlx.utils import tree_flatten
+    from mlx_v4.quantize import convert
+
+    dst = convert(checkpoint[0], tmp_path / "converted", recipe="native", progress=False).path
+    ours, _ = mlx_v4.load(dst)
+    a = ours.args
+    assert has_dspark(ours) and (a.dspark_target_layer_ids, a.dspark_compress_ratios) == ([1, 2, 3], [0, 0, 0])
+    theirs, _ = mlx_lm.load(str(dst), trust_remote_code=True)
+    got, want = dict(tree_flatten(theirs.parameters())), dict(tree_flatten(ours.parameters()))
+    assert got.keys() == want.keys() and any(k.startswith("dspark.") for k in want)
+    assert all(got[k].dtype == want[k].dtype and mx.array_equal(got[k], want[k]) for k in want)
+
+
 # ---- the forward against the transcription ------------------------------------------------------
 
 @pytest.mark.parametrize("chunks", [[12], [5, 1, 9], [100, 60]], ids=["one", "three", "past-window"])
