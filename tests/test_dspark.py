@@ -163,6 +163,32 @@ def test_drafter_matches_the_transcription(loaded, chunks):
     assert drafter.proposal is None and drafter.offset == start + n
 
 
+@pytest.mark.parametrize("overrides", [
+    dict(dspark_block_size=3, dspark_target_layer_ids=[0, 3], dspark_markov_rank=8, sliding_window=16,
+         compress_ratios=[0, 4, 128, 4, 0, 0]),
+    dict(dspark_block_size=1, dspark_target_layer_ids=[2], hc_mult=2, num_experts_per_tok=3,
+         compress_ratios=[0, 4, 128, 4, 0]),
+], ids=["2-stages-window16", "1-stage-block1"])
+def test_drafter_matches_the_transcription_on_other_configs(tmp_path, overrides):
+    _, exact = write_tiny_dspark_checkpoint(tmp_path, seed=9, **overrides)
+    model, _ = mlx_v4.load(tmp_path, model_config={"fake_quant": False}, dtype=mx.float32, fp8="dequantize")
+    W = {k: v.astype(np.float64) if v.dtype != np.int64 else v for k, v in exact.items()}
+    a = model.args
+    rng = np.random.default_rng(3)
+    n, start = 30, 5  # more context than a 16-position window
+    hiddens = rng.standard_normal((n, len(a.dspark_target_layer_ids) * a.hidden_size))
+    ids = [int(t) for t in rng.integers(2, a.vocab_size, n)]
+    drafter = DSparkDrafter(model)
+    drafter.observe(mx.array(hiddens[None], dtype=mx.float32), ids, start)
+    drafts = drafter.draft(a.dspark_block_size)
+    prev = np.array([ids[-1]] + drafts[:-1])
+    base, biased, confidence = dspark_reference(W, a, hiddens, np.arange(start, start + n, dtype=np.float64),
+                                                ids[-1], prev)
+    np.testing.assert_allclose(np.array(drafter.logits), base, atol=5e-5, rtol=1e-4)
+    assert drafts == np.argmax(biased, axis=-1).tolist()
+    np.testing.assert_allclose(np.array(drafter.acceptance(drafts)), confidence, atol=1e-5, rtol=1e-4)
+
+
 def test_taps_are_the_mean_input_streams(loaded):
     model, _ = loaded
     ids = mx.array([[5, 9, 300, 7, 8, 1]])

@@ -189,7 +189,7 @@ class DSparkDrafter:
             raise RuntimeError(f"DSpark context at {self.offset}, fed position {position}")
         n = hiddens.shape[1]
         new = self.net.contexts(hiddens, mx.arange(position, position + n))
-        self.contexts = [c if old is None else mx.concatenate([old, c], axis=1)[:, -self.reach:]
+        self.contexts = [(c if old is None else mx.concatenate([old, c], axis=1))[:, -self.reach:]
                          for old, c in zip(self.contexts, new, strict=True)]
         self.offset = position + n
         self.anchor = int(next_ids[-1])
