@@ -201,19 +201,19 @@ class DSparkDrafter:
         bias of the previous token; argmax when greedy, else a sample from the row's tempered,
         filtered distribution (kept in :attr:`proposal` for verification)."""
         n = min(n, self.tokens)
-        prev, out, rows = self.anchor, [], []
+        prev, out, rows = mx.array([self.anchor], dtype=mx.int32), [], []
         random = sampling is not None and not sampling.greedy
-        for j in range(n):
-            step = self.logits[j] + self.net.markov_bias(mx.array([prev], dtype=mx.int32))[0]
+        for j in range(n):  # one lazy graph: the walk is read back once, not row by row
+            step = self.logits[j] + self.net.markov_bias(prev)[0]
             if random:
                 weights = sampling.filtered(step - mx.logsumexp(step))
                 rows.append(mx.softmax(weights, precise=True))
-                prev = int(mx.random.categorical(weights).item())
+                prev = mx.random.categorical(weights)[None].astype(mx.int32)
             else:
-                prev = int(mx.argmax(step).item())
+                prev = mx.argmax(step)[None].astype(mx.int32)
             out.append(prev)
         self.proposal = mx.stack(rows) if rows else None
-        return out
+        return mx.concatenate(out).tolist() if out else []
 
     def acceptance(self, drafts: list[int]) -> mx.array:
         """The confidence head's estimate [len(drafts)] that each draft is accepted."""
