@@ -29,7 +29,9 @@ depend on each other, one token at a time. Facts and where they come from:
   the Markov bias ``markov_w2(markov_w1[prev])`` (rank ``dspark_markov_rank``, 256) is added to
   row j with ``prev`` the token before row j's target (the anchor, then each draft); the
   confidence ``sigmoid(confidence_head.proj([hidden, markov_w1[prev]]))`` (float32, no bias)
-  estimates each draft's acceptance.
+  estimates each draft's acceptance. ``hidden`` there is the normed one, as in DeepSpec's
+  ``deepspec/modeling/dspark/qwen3/modeling.py`` (its confidence features are the backbone's
+  normed output); an older vLLM revision passed the hidden before ``norm``.
 * **Drafting** (vLLM ``vllm/v1/spec_decode/dspark_sampling.py``, ``sample_dspark_markov_block``):
   row by row, argmax under greedy decoding, else a sample from the row's tempered and filtered
   distribution, which is then the proposal q of rejection sampling.
