@@ -279,6 +279,9 @@ def test_draft_requests_dspark_cannot_serve(model, tok):
     assert make_drafter(model, "auto", None, custom_sampler=False).tokens == 5
     with pytest.raises(DSparkError, match="no DSpark drafter"):
         attach_dspark(Model(tiny_args()))
+    from mlx_v4.server.app import uses_drafts
+
+    assert uses_drafts(model, "auto") and uses_drafts(model, "dspark") and not uses_drafts(model, None)
 
 
 # ---- sampling: the proposal q of sampled drafts --------------------------------------------------
