@@ -287,8 +287,9 @@ def stream_generate(model, tokenizer, prompt: str | list[int], *, cache=None, ma
 
     ``draft``: speculative decoding with the checkpoint's drafter ("mtp", "dspark"; "auto" uses
     the one the checkpoint has when the settings allow it; None: plain decoding). ``draft_tokens``:
-    guesses verified per target forward (None: 1 for the MTP, the block size for DSpark). Greedy output is the plain output token for token;
-    sampled output follows the same distribution (see mlx_v4/draft/speculative.py).
+    guesses verified per target forward (None: 1 for the MTP, the block size for DSpark). Greedy
+    output is the plain output token for token; sampled output follows the same distribution (see
+    mlx_v4/draft/speculative.py).
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     if not ids:

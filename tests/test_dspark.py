@@ -132,6 +132,18 @@ def test_a_conversion_keeps_the_drafter_and_opens_in_mlx_lm(checkpoint, tmp_path
     assert all(got[k].dtype == want[k].dtype and mx.array_equal(got[k], want[k]) for k in want)
 
 
+def test_distributed_ranks_skip_the_drafter():
+    from mlx_v4.distributed import _needed, plan_split
+
+    args = ModelArgs.from_dict(tiny_dspark_config())
+    for mode in ("pipeline", "tensor"):
+        split = plan_split(args, 2, mode, None)
+        for rank in (0, 1):
+            assert not _needed("dspark.layers.0.attn.wkv.weight", args, split, rank)
+            assert not _needed("dspark.main_proj.weight", args, split, rank)
+            assert not _needed("mtp.0.main_proj.weight", args, split, rank)
+
+
 # ---- the forward against the transcription ------------------------------------------------------
 
 @pytest.mark.parametrize("chunks", [[12], [5, 1, 9], [100, 60]], ids=["one", "three", "past-window"])
