@@ -283,6 +283,27 @@ def test_seeded_sampling_with_dspark_is_reproducible(model, tok):
     assert runs[0][0] == runs[1][0] and len(runs[0][0]) == 8 and runs[0][1].draft_tokens > 0
 
 
+def test_sampled_steps_verify_against_the_drafters_proposal(model, tok, monkeypatch):
+    """Sampling: each step hands verify the q rows its drafts were drawn from; greedy: none."""
+    import mlx_v4.draft.speculative as spec
+
+    seen = []
+
+    def spy(rows, drafts, sampling, proposal=None):
+        seen.append((len(drafts), sampling.greedy, None if proposal is None else np.array(proposal)))
+        return verify(rows, drafts, sampling, proposal)
+
+    monkeypatch.setattr(spec, "verify", spy)
+    _run(model, tok, _ids(6, seed=4), max_tokens=6, temperature=0.8, top_k=50, seed=1, draft="dspark")
+    assert seen and all(not greedy and q is not None and q.shape == (k, model.args.vocab_size) for k, greedy, q in seen)
+    for _, _, q in seen:
+        np.testing.assert_allclose(q.sum(-1), 1, atol=1e-5)
+        assert ((q > 0).sum(-1) <= 50).all()  # the drafts' rows are filtered like the target's
+    seen.clear()
+    _run(model, tok, _ids(6, seed=4), max_tokens=6, draft="dspark")
+    assert seen and all(greedy and q is None for _, greedy, q in seen)
+
+
 def test_draft_requests_dspark_cannot_serve(model, tok):
     with pytest.raises(DraftError, match="draft_tokens=6: a DSpark block drafts 1 to 5 tokens"):
         make_drafter(model, "dspark", 6, custom_sampler=False)
