@@ -312,6 +312,12 @@ def test_draft_requests_dspark_cannot_serve(model, tok):
     assert make_drafter(model, "auto", None, custom_sampler=False).tokens == 5
     with pytest.raises(DSparkError, match="no DSpark drafter"):
         attach_dspark(Model(tiny_args()))
+    from types import SimpleNamespace
+
+    v41 = SimpleNamespace(args=SimpleNamespace(model_type="deepseek_v41"))
+    with pytest.raises(DraftError, match="DeepSeek V4.1's DSpark drafter is not supported yet"):
+        make_drafter(v41, "dspark", None, custom_sampler=False)
+    assert make_drafter(v41, "auto", None, custom_sampler=False) is None
     from mlx_v4.server.app import uses_drafts
 
     assert uses_drafts(model, "auto") and uses_drafts(model, "dspark") and not uses_drafts(model, None)
