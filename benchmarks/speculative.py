@@ -157,6 +157,53 @@ def projection(bandwidth_gbs: float = 819.0) -> None:
     print(f"break-even acceptance: {(verify2 + mtp) / plain - 1:.2f}")
 
 
+def dspark_projection(bandwidth_gbs: float = 819.0, block: int = 5, rank: int = 256) -> None:
+    """Bytes of weights one decode step reads for V4-Flash-0731 with its DSpark drafter, as
+    mlx-v4 loads it on a Mac (formats as :func:`projection`), against plain decoding: a step
+    verifies k drafts (k + 1 positions, each routing to its own experts) after one drafter step
+    (``main_proj``, three window-only stages over a block of ``block`` rows, the shared head, and
+    one read of the Markov head's ``markov_w2`` per drafted row). Drafts are assumed accepted
+    independently with probability a, so a step emits 1 + a + ... + a^k tokens. A projection
+    (arithmetic on the config), not a measurement."""
+    from mlx_v4.config import preset
+
+    a = preset("flash")
+    D, H, hd, G, R, ql, inter = (a.hidden_size, a.num_attention_heads, a.head_dim, a.o_groups, a.o_lora_rank,
+                                 a.q_lora_rank, a.moe_intermediate_size)
+    fp8, fp4, bf16, f32 = 8.25 / 8, 4.25 / 8, 2, 4
+    attn = (D * ql + ql * H * hd + D * hd + G * R * D) * fp8 + (G * R) * (H * hd // G) * bf16
+    comp = {0: 0, 128: 2 * hd * D * f32,
+            4: 2 * 2 * hd * D * f32 + ql * a.index_n_heads * a.index_head_dim * fp8 + D * a.index_n_heads * bf16
+            + 2 * 2 * a.index_head_dim * D * f32}
+    expert, shared, gate = 3 * D * inter * fp4, 3 * D * inter * fp8, a.n_routed_experts * D * bf16
+    head = a.vocab_size * D * bf16
+    E, top = a.n_routed_experts, a.num_experts_per_tok
+
+    def union(n):  # distinct experts n independent tokens route to (an upper bound for real text)
+        return E * (1 - (1 - top / E) ** n)
+
+    def step(n):
+        return sum(attn + comp[r] + union(n) * expert + shared + gate for r in a.compress_ratios) + head
+
+    plain = step(1)
+    drafter_fixed = 3 * D * D * fp8 + 3 * (attn + union(block) * expert + shared + gate) + head
+    markov_row = a.vocab_size * rank * bf16
+    print(f"V4-Flash-0731: plain step {plain / 1e9:.2f} GB; DSpark step {drafter_fixed / 1e9:.2f} GB "
+          f"(3 stages over {block} rows: {union(block):.1f} distinct experts each) + {markov_row / 1e9:.3f} GB "
+          f"per drafted row (markov_w2); verifying k drafts: k=1 {step(2) / 1e9:.2f}, k=2 {step(3) / 1e9:.2f}, "
+          f"k=3 {step(4) / 1e9:.2f}, k=5 {step(6) / 1e9:.2f} GB")
+    ks = (1, 2, 3, 5)
+    print("| per-draft acceptance | " + " | ".join(f"k={k}: tokens/step, speed-up" for k in ks) + " |")
+    print("|---:|" + "---:|" * len(ks))
+    for alpha in (0.5, 0.6, 0.7, 0.73, 0.82, 0.9):
+        cells = []
+        for k in ks:
+            tokens = sum(alpha ** i for i in range(k + 1))
+            cost = step(k + 1) + drafter_fixed + k * markov_row
+            cells.append(f"{tokens:.2f}, {plain * tokens / cost:.2f}x")
+        print(f"| {alpha:.2f} | " + " | ".join(cells) + " |")
+
+
 def parts(model_dir: str, context: int = 100, n: int = 20) -> None:
     """Milliseconds of one target step (1 and 2 positions; layers and head apart) and one MTP
     step on ``model_dir``, each averaged over ``n`` runs after a warm-up, in this process."""
@@ -207,7 +254,8 @@ HEADER = ("| text | k | tokens | plain tok/s | drafted tok/s | speed-up | forwar
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", nargs="?", choices=["demo", "bench", "projection", "parts"], default="demo")
+    ap.add_argument("which", nargs="?", choices=["demo", "bench", "projection", "dspark-projection", "parts"],
+                    default="demo")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--k", type=int, nargs="+", default=[1])
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -217,6 +265,8 @@ def main():
         return
     if a.which == "projection":
         return projection()
+    if a.which == "dspark-projection":
+        return dspark_projection()
     if a.which == "parts":
         return parts(str(ROOT / "mlx_v4" / "demo"))
     print(HEADER, flush=True)

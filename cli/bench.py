@@ -41,7 +41,7 @@ def parse_contexts(text: str) -> list[int]:
 
 
 def measure(model, tokenizer, context: int, gen: int, seed: int = 0, draft: str | None = None,
-            draft_tokens: int = 1) -> dict:
+            draft_tokens: int | None = None) -> dict:
     """One row: stream_generate over ``context`` random ids, greedy, EOS masked so every row
     decodes the same number of tokens."""
     import mlx.core as mx
@@ -67,7 +67,8 @@ def measure(model, tokenizer, context: int, gen: int, seed: int = 0, draft: str 
                 accepted_tokens=stats.accepted_tokens, target_forwards=stats.target_forwards)
 
 
-def measure_drafting(model, tokenizer, gen: int, draft: str, draft_tokens: int, prompts=DRAFT_PROMPTS) -> list[dict]:
+def measure_drafting(model, tokenizer, gen: int, draft: str, draft_tokens: int | None,
+                     prompts=DRAFT_PROMPTS) -> list[dict]:
     """Plain then speculative greedy decoding of each chat prompt (``gen`` tokens at most, both
     runs in this process, back to back): tok/s of each, acceptance, and whether the two outputs
     are the same tokens."""
@@ -103,7 +104,7 @@ def bench(
     gen: Annotated[int, typer.Option(help="Tokens to decode after each prefill.")] = 32,
     expert_budget: Annotated[str | None, typer.Option("--expert-budget", help=EXPERT_BUDGET_HELP)] = None,
     draft: Annotated[str, typer.Option(help=DRAFT_HELP)] = "auto",
-    draft_tokens: Annotated[int, typer.Option(help=DRAFT_TOKENS_HELP)] = 1,
+    draft_tokens: Annotated[int | None, typer.Option(help=DRAFT_TOKENS_HELP)] = None,
 ):
     from .ui import UI
 
@@ -119,8 +120,12 @@ def bench(
                         "choose smaller --contexts")
     from mlx_v4.draft.speculative import make_drafter
 
-    if drafting["draft"] is not None and make_drafter(m, drafting["draft"], draft_tokens, custom_sampler=False) is None:
+    drafter = None if drafting["draft"] is None else make_drafter(m, drafting["draft"], draft_tokens,
+                                                                  custom_sampler=False)
+    if drafter is None:
         drafting["draft"] = None  # auto, and this checkpoint has no drafter
+    else:
+        draft_tokens = drafter.tokens  # the drafter's default when --draft-tokens is not given
     rows = []
     for n in lengths:
         with ui.status(f"context {n:,}"):

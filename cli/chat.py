@@ -259,7 +259,7 @@ def chat(
     max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 2048,
     seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
     draft: Annotated[str, typer.Option(help=DRAFT_HELP)] = "auto",
-    draft_tokens: Annotated[int, typer.Option(help=DRAFT_TOKENS_HELP)] = 1,
+    draft_tokens: Annotated[int | None, typer.Option(help=DRAFT_TOKENS_HELP)] = None,
     resume: Annotated[str | None, typer.Option(help="Resume the session saved with /save NAME.")] = None,
     expert_budget: Annotated[str | None, typer.Option("--expert-budget", help=EXPERT_BUDGET_HELP)] = None,
     parallel: ParallelOpt = "pipeline",

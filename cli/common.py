@@ -37,17 +37,19 @@ _FIXES = {
     "DraftError": "use --draft auto (the checkpoint's drafter when it can run) or --draft none",
 }
 
-DRAFT_HELP = ("Speculative decoding drafter: auto (the checkpoint's MTP block when it has one), mtp, or none. "
-              "Greedy output is unchanged; sampled output keeps its distribution.")
-DRAFT_TOKENS_HELP = "Draft tokens verified per target forward (more chains the MTP block on its own guesses)."
+DRAFT_HELP = ("Speculative decoding drafter: auto (the checkpoint's drafter when it has one: DSpark on V4-Flash-0731, "
+              "else its MTP block), mtp, dspark, or none. Greedy output is unchanged; sampled output keeps its "
+              "distribution.")
+DRAFT_TOKENS_HELP = ("Draft tokens verified per target forward (default: 1 for the MTP block, more chains it on its "
+                     "own guesses; the block size, 5, for DSpark).")
 
 
-def draft_kwargs(draft: str, draft_tokens: int, distributed: bool = False) -> dict:
+def draft_kwargs(draft: str, draft_tokens: int | None, distributed: bool = False) -> dict:
     """--draft / --draft-tokens -> stream_generate's draft=, draft_tokens=."""
     choice = draft.strip().lower()
     if choice not in ("auto", "mtp", "dspark", "none", "off"):
-        raise UserError(f"unknown --draft {draft!r}", "use --draft auto, mtp or none")
-    if draft_tokens < 1:
+        raise UserError(f"unknown --draft {draft!r}", "use --draft auto, mtp, dspark or none")
+    if draft_tokens is not None and draft_tokens < 1:
         raise UserError(f"--draft-tokens must be >= 1, got {draft_tokens}", "pass e.g. --draft-tokens 1")
     if distributed and choice not in ("auto", "none", "off"):
         raise UserError(f"--draft {choice} does not run across several machines (speculative decoding is "

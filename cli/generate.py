@@ -38,7 +38,7 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
     expert_budget: Annotated[str | None, typer.Option("--expert-budget", help=EXPERT_BUDGET_HELP)] = None,
     draft: Annotated[str, typer.Option(help=DRAFT_HELP)] = "auto",
-    draft_tokens: Annotated[int, typer.Option(help=DRAFT_TOKENS_HELP)] = 1,
+    draft_tokens: Annotated[int | None, typer.Option(help=DRAFT_TOKENS_HELP)] = None,
     parallel: ParallelOpt = "pipeline",
     layers: LayersOpt = None,
     dist_timeout: TimeoutOpt = 300.0,

@@ -26,8 +26,8 @@ from .common import (
 from .distributed import LayersOpt, ParallelOpt, TimeoutOpt, peer_errors
 
 SERVE_DRAFT_HELP = ("Speculative decoding: none (default: the batching engine runs every request's next "
-                    "token in one model step), auto or mtp (each request drafts with the checkpoint's MTP "
-                    "block and requests take turns: faster for one client, slower for many).")
+                    "token in one model step), auto, mtp or dspark (each request drafts with the checkpoint's "
+                    "drafter and requests take turns: faster for one client, slower for many).")
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
           "t": 1 << 40, "tb": 1 << 40}
@@ -74,7 +74,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     expert_budget: Annotated[str | None, typer.Option("--expert-budget", help=EXPERT_BUDGET_HELP)] = None,
     draft: Annotated[str, typer.Option(help=SERVE_DRAFT_HELP)] = "none",
-    draft_tokens: Annotated[int, typer.Option(help=DRAFT_TOKENS_HELP)] = 1,
+    draft_tokens: Annotated[int | None, typer.Option(help=DRAFT_TOKENS_HELP)] = None,
     parallel: ParallelOpt = "pipeline",
     layers: LayersOpt = None,
     dist_timeout: TimeoutOpt = 300.0,

@@ -144,6 +144,15 @@ class ModelArgs:
     act_quant: bool | None = None
     # MTP weights are recognised in checkpoints but not instantiated (see weights.py).
     mtp_compress_ratio: int | None = None
+    # The DSpark drafter of V4-Flash-0731 (mlx_v4/draft/dspark.py): draft block length, the
+    # noise token filling the block after its anchor, the target layers whose (mean) input
+    # streams it reads, the rank of its Markov head, and the compress ratios of its stages (the
+    # trailing compress_ratios entries, one per target layer). Unset: no DSpark fields.
+    dspark_block_size: int = 0
+    dspark_noise_token_id: int | None = None
+    dspark_target_layer_ids: list[int] = field(default_factory=list)
+    dspark_markov_rank: int = 0
+    dspark_compress_ratios: list[int] | None = None
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -162,6 +171,11 @@ class ModelArgs:
 
     def is_hash_layer(self, layer: int) -> bool:
         return layer < self.num_hash_layers
+
+    @property
+    def has_dspark(self) -> bool:
+        """The config describes a DSpark drafter (V4-Flash-0731)."""
+        return self.dspark_compress_ratios is not None
 
     def __post_init__(self):
         self.validate()
@@ -223,6 +237,8 @@ class ModelArgs:
                 raise ConfigError(f"{name}={getattr(self, name)} is outside the vocabulary (vocab_size="
                                   f"{self.vocab_size})")
         _check_rope_scaling(self.rope_scaling)
+        if self.has_dspark:
+            self._validate_dspark()
         if self.expert_dtype not in (None, "fp4", "fp8", "bf16"):
             raise ConfigError(f"expert_dtype {self.expert_dtype!r} is not one of fp4, fp8, bf16")
         ragged = self.gemm_input_widths_not_blocked()
@@ -233,6 +249,36 @@ class ModelArgs:
                 "act_quant rounds GEMM inputs in blocks of 128, as the official act_quant does (it "
                 f"requires whole blocks); not a multiple of 128: {', '.join(ragged)}"
             )
+
+    def _validate_dspark(self) -> None:
+        _check_int("dspark_block_size", self.dspark_block_size, minimum=1)
+        _check_int("dspark_markov_rank", self.dspark_markov_rank, minimum=1)
+        noise = self.dspark_noise_token_id
+        if noise is None:
+            raise ConfigError("dspark_noise_token_id is missing: a DSpark drafter fills its block with that token")
+        _check_int("dspark_noise_token_id", noise, minimum=0)
+        if noise >= self.vocab_size:
+            raise ConfigError(f"dspark_noise_token_id={noise} is outside the vocabulary (vocab_size={self.vocab_size})")
+        ids = self.dspark_target_layer_ids
+        if not isinstance(ids, list) or not ids:
+            raise ConfigError(f"dspark_target_layer_ids={ids!r} must be a non-empty list of layer indices")
+        for i, t in enumerate(ids):
+            _check_int(f"dspark_target_layer_ids[{i}]", t, minimum=0)
+            if t >= self.num_hidden_layers:
+                raise ConfigError(f"dspark_target_layer_ids[{i}]={t} is not a layer (num_hidden_layers="
+                                  f"{self.num_hidden_layers})")
+            if i and t <= ids[i - 1]:
+                raise ConfigError(f"dspark_target_layer_ids={ids} must be strictly increasing")
+        ratios = self.dspark_compress_ratios
+        if len(ratios) != len(ids):
+            raise ConfigError(
+                f"compress_ratios has {self.num_hidden_layers + len(ratios)} entries: a DSpark drafter with "
+                f"{len(ids)} stages (one per dspark_target_layer_ids entry) needs num_hidden_layers + {len(ids)} = "
+                f"{self.num_hidden_layers + len(ids)}")
+        for i, r in enumerate(ratios):
+            if r != 0:
+                raise ConfigError(f"compress_ratios[{self.num_hidden_layers + i}]={r}: DSpark stage {i} must be "
+                                  "window-only (0), as in V4-Flash-0731")
 
     def gemm_input_widths_not_blocked(self) -> list[str]:
         """The widths of the GEMM inputs rounded by act_quant that are not multiples of 128:
@@ -280,7 +326,16 @@ class ModelArgs:
         n_layers = cfg.get("num_hidden_layers", cls.num_hidden_layers)
         ratios = _layer_ratios(cfg, n_layers)
         cfg["compress_ratios"] = ratios[:n_layers]
-        cfg["mtp_compress_ratio"] = ratios[n_layers] if len(ratios) > n_layers else None
+        extra = ratios[n_layers:]
+        if any(k.startswith("dspark_") for k in cfg):  # V4-Flash-0731: one trailing ratio per DSpark stage
+            cfg["dspark_compress_ratios"], cfg["mtp_compress_ratio"] = extra, None
+        elif len(extra) > 1:
+            raise ConfigError(
+                f"compress_ratios has {len(extra)} entries past num_hidden_layers={n_layers}: a DSpark (V4-Flash-0731) "
+                "checkpoint, whose config.json must also give dspark_block_size, dspark_noise_token_id, "
+                "dspark_target_layer_ids and dspark_markov_rank")
+        else:
+            cfg["mtp_compress_ratio"] = extra[0] if extra else None
         if "mlp_layer_types" in cfg and "num_hash_layers" not in cfg:
             types = cfg["mlp_layer_types"]
             n_hash = sum(1 for t in types if t == "hash_moe")
@@ -322,13 +377,19 @@ class ModelArgs:
             raise ConfigError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """The official schema (with the MTP entry restored), as written by quantize/."""
+        """The official schema (with the MTP or DSpark entries restored), as written by quantize/."""
         d = dataclasses.asdict(self)
         mtp = d.pop("mtp_compress_ratio")
         d.pop("fake_quant")
         d.pop("act_quant")
         if mtp is not None:
             d["compress_ratios"] = d["compress_ratios"] + [mtp]
+        dspark = d.pop("dspark_compress_ratios")
+        if dspark is None:  # configs without a DSpark drafter keep their dict (and model fingerprint)
+            for k in [k for k in d if k.startswith("dspark_")]:
+                del d[k]
+        else:
+            d["compress_ratios"] = d["compress_ratios"] + dspark
         return d
 
     # ---- rope ----------------------------------------------------------------------------

@@ -315,7 +315,7 @@ _OUR_EXPERT = re.compile(r"((?:model\.)?layers\.\d+\.ffn\.experts\.)(\d+)(\..*)"
 
 def _needed(ours: str, args, split: Split, rank: int) -> bool:
     """Whether this rank needs a source tensor (given by its renamed name)."""
-    if ours.startswith("mtp.") or ours.startswith("model.mtp."):
+    if ours.startswith(("mtp.", "model.mtp.", "dspark.")):  # drafters: no drafting across machines
         return False
     m = _OUR_LAYER.match(ours)
     if m:

@@ -276,7 +276,7 @@ def stream_generate(model, tokenizer, prompt: str | list[int], *, cache=None, ma
                     seed: int | None = None, logits_processors: list[Callable] | None = None,
                     stop: str | list[str] | None = None, prefill_step_size: int = 512,
                     thinking: bool | None = None, eos_token_ids=None, checkpoints=(),
-                    draft: str | None = None, draft_tokens: int = 1) -> Iterator[Event]:
+                    draft: str | None = None, draft_tokens: int | None = None) -> Iterator[Event]:
     """Generate from ``prompt`` (text, encoded without BOS, or ids), continuing ``cache``.
 
     ``thinking``: whether the output starts in reasoning (ends at ``</think>``); None decides
@@ -285,10 +285,11 @@ def stream_generate(model, tokenizer, prompt: str | list[int], *, cache=None, ma
     cache + prompt + ``max_tokens`` exceed ``max_position_embeddings``. ``checkpoints``:
     positions within the prompt (0..len) at which the cache takes a checkpoint to rewind to.
 
-    ``draft``: speculative decoding with the checkpoint's drafter ("mtp"; "auto" uses it when
-    the checkpoint has one and the settings allow it; None: plain decoding). ``draft_tokens``:
-    guesses verified per target forward. Greedy output is the plain output token for token;
-    sampled output follows the same distribution (see mlx_v4/draft/speculative.py).
+    ``draft``: speculative decoding with the checkpoint's drafter ("mtp", "dspark"; "auto" uses
+    the one the checkpoint has when the settings allow it; None: plain decoding). ``draft_tokens``:
+    guesses verified per target forward (None: 1 for the MTP, the block size for DSpark). Greedy
+    output is the plain output token for token; sampled output follows the same distribution (see
+    mlx_v4/draft/speculative.py).
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     if not ids:

@@ -88,6 +88,10 @@ def load_model(path_or_repo, *, model_config: dict | None = None, dtype=None, fp
         from .draft.mtp import attach_mtp
 
         attach_mtp(model)  # the release's drafter (mtp.0.*), for speculative decoding
+    if any(k.startswith("dspark.") for k in weights):
+        from .draft.dspark import attach_dspark
+
+        attach_dspark(model)  # V4-Flash-0731's drafter (mtp.0-2.*), for speculative decoding
     apply_quantization(model, quantization)
     if store is not None:
         attach(model, store)

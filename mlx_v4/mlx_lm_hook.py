@@ -66,9 +66,9 @@ class Model(_model.Model):
         from .weights import OUR_NAMES, build_from_arrays, rename_weights
 
         # an mlx-v4 conversion: our names, routed experts one tensor each (quantize/plan.expert_tensor)
-        ours = re.compile(r"(layers|mtp)\.\d+\.ffn\.experts\.\d+\.w[123]\.(weight|scales|biases)")
+        ours = re.compile(r"(dspark\.layers|layers|mtp)\.\d+\.ffn\.experts\.\d+\.w[123]\.(weight|scales|biases)")
         if not all(OUR_NAMES.fullmatch(k) or ours.fullmatch(k) for k in weights):  # official/transformers: dense
-            return rename_weights(weights, self.args, dtype=default_dtype())
+            return self._attach_dspark(rename_weights(weights, self.args, dtype=default_dtype()))
         if any(k.startswith("mtp.") for k in weights) and not getattr(self, "mtp", None):
             from .draft.mtp import attach_mtp
 
@@ -76,7 +76,14 @@ class Model(_model.Model):
         own = self.args.quantization if isinstance(self.args.quantization, dict) else {}
         out, _ = build_from_arrays(weights, self.args, fp8="mxfp8", fp4="mxfp4", dtype=default_dtype(),
                                    own=own if own.get("bits") else {})
-        return dict(out)
+        return self._attach_dspark(dict(out))
+
+    def _attach_dspark(self, weights: dict) -> dict:
+        if any(k.startswith("dspark.") for k in weights) and getattr(self, "dspark", None) is None:
+            from .draft.dspark import attach_dspark
+
+            attach_dspark(self)  # V4-Flash-0731's drafter, kept so the model equals mlx_v4.load's
+        return weights
 
 
 def chat_template() -> str:

@@ -69,6 +69,13 @@ class Model(nn.Module):
     def streams(self, inputs: mx.array, cache=None) -> mx.array:
         """inputs [B, L] -> the last layer's hyper-connection streams [B, L, hc_mult, D] (what
         ``hc_head`` collapses; the MTP drafter reads them too)."""
+        return self.tapped_streams(inputs, cache, ())[0]
+
+    def tapped_streams(self, inputs: mx.array, cache=None, taps=()) -> tuple[mx.array, mx.array | None]:
+        """:meth:`streams`, also returning the input streams of the layers in ``taps`` averaged
+        over the hyper-connection copies and concatenated, [B, L, len(taps) * D] (None without
+        taps): what the DSpark drafter reads (official V4.1 ``Transformer.forward``,
+        ``main_hiddens.append(h.mean(dim=2))`` before each target layer)."""
         if cache is None:
             cache = self.make_cache()
         B, L = inputs.shape
@@ -78,15 +85,21 @@ class Model(nn.Module):
                 f"position {end} is past max_position_embeddings={self.args.max_position_embeddings}")
         x = self.embed(inputs)
         x = mx.broadcast_to(x[:, :, None, :], (B, L, self.args.hc_mult, x.shape[-1]))
+        tapped = []
         if self.expert_store is None:
-            for layer, c in zip(self.layers, cache):
-                x = layer(x, inputs, c)
+            x = self._layers(x, inputs, cache, taps, tapped)
         else:  # a failed expert read rewinds the cache: no half-updated step
             from .experts import StepGuard
 
             with StepGuard(cache):
-                for layer, c in zip(self.layers, cache):
-                    x = layer(x, inputs, c)
+                x = self._layers(x, inputs, cache, taps, tapped)
+        return x, (mx.concatenate(tapped, axis=-1) if tapped else None)
+
+    def _layers(self, x, inputs, cache, taps, tapped: list) -> mx.array:
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            if i in taps:
+                tapped.append(x.mean(axis=2))
+            x = layer(x, inputs, c)
         return x
 
     def logits(self, x: mx.array) -> mx.array:

@@ -33,6 +33,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelArgs
+from .draft.dspark_names import OUR_HEAD_NAMES as _DSPARK_HEADS
+from .draft.dspark_names import dspark_rename
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ RENAMES: list[tuple[str, str]] = [
 _RENAMES = [(re.compile(p + r"(?=\.|$)"), t) for p, t in RENAMES]
 
 # The structural steps: per-expert tensors to stack, the fused gate/up to split.
-_OFFICIAL_EXPERT = re.compile(r"((?:layers|mtp)\.\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
+_OFFICIAL_EXPERT = re.compile(r"((?:dspark\.layers|layers|mtp)\.\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
 _HF_GATE_UP = re.compile(_L + r"mlp\.experts\.gate_up_proj(?:\.weight)?")
 #: Drafter tensors we do not load: V3-style MTP layers (layers.N, N >= num_hidden_layers) and
 #: any MTP block past the first (V4 has one); all of them when the config asks for none.
@@ -119,9 +121,10 @@ _BLOCK = (
     rf"|ffn\.gate\.(weight|bias|tid2eid)|ffn\.(experts|shared_experts)\.w[123]{_Q}")
 OUR_NAMES = re.compile(
     rf"(embed|head){_Q}|norm\.weight|hc_head\.(fn|base|scale)|layers\.\d+\.({_BLOCK})"
-    rf"|mtp\.0\.({_BLOCK}|(e_proj|h_proj){_Q}|(enorm|hnorm|norm)\.weight|hc_head\.(fn|base|scale))")
+    rf"|mtp\.0\.({_BLOCK}|(e_proj|h_proj){_Q}|(enorm|hnorm|norm)\.weight|hc_head\.(fn|base|scale))"
+    rf"|dspark\.layers\.\d+\.({_BLOCK})|{_DSPARK_HEADS}")
 #: Kept float32 whatever the checkpoint or dtype (the official code runs them in fp32).
-_KEEP_F32 = re.compile(r"(^|\.)hc_(head|attn|ffn)\.|\.attn_sink$|\.ape$|\.gate\.bias$|compressor\.(wkv|wgate)\.weight$")
+_KEEP_F32 = re.compile(r"(^|\.)hc_(head|attn|ffn)\.|^dspark\.confidence\.|\.attn_sink$|\.ape$|\.gate\.bias$|compressor\.(wkv|wgate)\.weight$")
 #: Always dense: wo_a is applied per group (einsum); compressors run in fp32.
 _DENSE_ONLY = re.compile(r"\.attn\.wo_a$|compressor\.(wkv|wgate)$")
 
@@ -289,6 +292,12 @@ def rename(name: str) -> str:
 
 def _plan(infos: dict[str, TensorInfo], args: ModelArgs) -> tuple[dict[str, _Entry], list[str]]:
     n_layers, n_mtp = args.num_hidden_layers, args.num_nextn_predict_layers
+    # V4-Flash-0731: mtp.{0..stages-1} are the DSpark drafter's stages (draft/dspark_names.py)
+    stages = len(args.dspark_target_layer_ids) if args.has_dspark else 0
+
+    def rename_(name: str) -> str:
+        return (stages and dspark_rename(name, stages)) or rename(name)
+
     attached = {}
     for name in infos:  # scales belong to their weight
         for suffix, field in ((".scale", "scale"), (".weight_scale_inv", "scale"),
@@ -321,11 +330,11 @@ def _plan(infos: dict[str, TensorInfo], args: ModelArgs) -> tuple[dict[str, _Ent
         if name in attached:
             continue
         m = _MTP.match(name)
-        if m and (int(m.group(2)) >= min(n_mtp, 1) if m.group(2) is not None
+        if m and (int(m.group(2)) >= (stages or min(n_mtp, 1)) if m.group(2) is not None
                   else n_layers <= int(m.group(4)) < n_layers + n_mtp):
             skipped.append(name)
             continue
-        if m := _OFFICIAL_EXPERT.fullmatch(rename(name)):
+        if m := _OFFICIAL_EXPERT.fullmatch(rename_(name)):
             experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = part(name)
             continue
         if m := _HF_GATE_UP.fullmatch(name):
@@ -333,7 +342,7 @@ def _plan(infos: dict[str, TensorInfo], args: ModelArgs) -> tuple[dict[str, _Ent
                 put(f"layers.{m.group(1)}.ffn.experts.{w}.weight", _Entry([part(name) if name.endswith(".weight")
                                                                           else _Part(info)], half), name)
             continue
-        ours = rename(name)
+        ours = rename_(name)
         if not OUR_NAMES.fullmatch(ours):
             raise WeightsError(f"{info.file}: unknown tensor '{name}'" + (f" (renamed '{ours}')" if ours != name else ""))
         put(ours, _Entry([part(name)] if name.endswith(".weight") else [_Part(info)]), name)

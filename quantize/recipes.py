@@ -56,17 +56,20 @@ _CLASSES = [
     (r".*\.attn\.wo_a\.weight", "attention_wo_a"),
     (r".*\.attn\.(wq_a|wq_b|wkv|wo_b)\.weight", "attention"),
     (r"mtp\.\d+\.(e_proj|h_proj)\.weight", "attention"),  # the MTP block's input projections
+    (r"dspark\.main_proj\.weight", "attention"),  # DSpark's projection of the target hiddens (FP8)
+    (r"dspark\.markov_w[12]\.weight", "markov"),  # DSpark's Markov head: bf16 in the release
+    (r"dspark\.confidence\.weight", "confidence"),  # DSpark's confidence head: float32 in the release
     (r".*\.attn\.indexer\.(wq_b|weights_proj)\.weight", "indexer"),
     (r".*\.ffn\.shared_experts\.w[123]\.weight", "shared_expert"),
     (r".*\.ffn\.experts\.w[123]\.weight", "experts"),
-    (r"(.*\.)?(norm|attn_norm|ffn_norm|q_norm|kv_norm|enorm|hnorm)\.weight", "norm"),
+    (r"(.*\.)?(norm|attn_norm|ffn_norm|q_norm|kv_norm|enorm|hnorm|main_norm)\.weight", "norm"),
 ]
 _CLASS_RX = [(re.compile(p), c) for p, c in _CLASSES]
 #: Classes the model can run quantized (Linear, Embedding, SwitchLinear modules).
 QUANTIZABLE = ("embed", "head", "attention", "indexer", "shared_expert", "experts",
                "engram")  # DeepSeek V4.1's engram.wkv (quantize/plan_v41.py)
 #: Always float32 / integer, whatever the recipe.
-FP32_CLASSES = ("hyper", "sink", "ape", "router_bias")
+FP32_CLASSES = ("hyper", "sink", "ape", "router_bias", "confidence")
 
 
 def classify(name: str) -> str:

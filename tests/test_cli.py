@@ -282,10 +282,21 @@ def test_bench_with_drafts_reports_acceptance(tiny_mtp_dir):
     assert "accepted on these random ids: " in r.stdout and re.search(r"\b\d/5 \(context 64\)", r.stdout), r.stdout
 
 
+def test_bench_drafts_with_dspark_on_a_0731_checkpoint(tmp_path):
+    from mlx_v4.testing.dspark import write_tiny_dspark_checkpoint
+
+    write_tiny_dspark_checkpoint(tmp_path)
+    r = run("bench", "--model", tmp_path, "--contexts", "64", "--gen", 4)  # --draft auto picks DSpark
+    assert r.exit_code == 0, r.output
+    # 4 tokens: the first step drafts 3 (room for 4), each later one fewer (random drafts are rejected)
+    assert re.search(r"accepted on these random ids: \d/[3-6] \(context 64\)", r.stdout), r.stdout
+
+
 @pytest.mark.parametrize("args,words", [
     (("--draft", "eagle"), ["unknown --draft 'eagle'"]),
     (("--draft-tokens", "0"), ["--draft-tokens must be >= 1, got 0"]),
     (("--draft", "mtp"), ["no MTP block"]),
+    (("--draft", "dspark"), ["no DSpark drafter"]),
 ])
 def test_bench_bad_draft_is_one_line(tiny_dir, args, words):
     one_line_error(run("bench", "--model", tiny_dir, "--contexts", "64", "--gen", 2, *args), *words)

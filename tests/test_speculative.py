@@ -38,7 +38,7 @@ def _run(model, tok, ids, **kw):
 def _oracle(monkeypatch, sequence, wrong_every=0):
     """Make the MTP draft the plain run's tokens (``sequence``: prompt + output, position 0
     first), wrong at every position divisible by ``wrong_every``."""
-    def draft(self, n):
+    def draft(self, n, sampling=None):
         start = self.cache.offset + 1  # the pending token sits at cache.offset
         out = []
         for pos in range(start, start + n):

@@ -7,13 +7,20 @@ Decoding", §2.3; Chen et al. 2023):
 * greedy: keep drafts while each equals the target's argmax; the next token is the target's
   argmax after the last kept one, so the output is the non-speculative greedy output;
 * sampling: the target distribution p at each row is exactly what the plain sampler draws from
-  (the same top-p / min-p / top-k filters, then temperature). A draft d is the MTP's argmax, so
-  its proposal q is one-hot: accept with probability min(1, p(d)/q(d)) = p(d); on rejection
-  draw from norm(max(p - q, 0)), which is p with d removed. Every emitted token then follows p.
+  (the same top-p / min-p / top-k filters, then temperature). A draft d drawn from a proposal
+  q is kept with probability min(1, p(d)/q(d)); on rejection the token is drawn from
+  norm(max(p - q, 0)). Every emitted token then follows p. The MTP drafts its argmax, so its q
+  is one-hot: keep with probability p(d), else draw from p with d removed. DSpark samples its
+  drafts and hands q over (:attr:`DSparkDrafter.proposal`).
 
 The cache is fed the guesses inside :func:`mlx_v4.cache.speculate` / :func:`~mlx_v4.cache.accept`,
 which keep any prefix exactly (windows, compressor states, compressed entries, index keys); the
-MTP block's own window cache is fed teacher-forced with what was kept.
+drafter is then fed what was kept.
+
+A drafter has ``name``, ``tokens`` (drafts per step), ``reach`` (positions of history it needs
+at the start), ``taps`` (target layers whose mean input streams it reads; empty: the last
+streams), ``observe(features, next_ids, position)``, ``draft(n, sampling=None)``, ``logits``
+(evaluated after each observe) and ``proposal`` (the q rows of the last draft, None: one-hot).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..cache import accept, checkpoint, speculate
+from .dspark import has_dspark
 from .mtp import has_mtp
 
 DRAFTS = ("auto", "mtp", "dspark")
@@ -61,11 +69,12 @@ class Sampling:
         return logprobs * (1 / self.temperature)
 
 
-def verify(rows: mx.array, drafts: list[int], sampling: Sampling) -> tuple[int, int]:
+def verify(rows: mx.array, drafts: list[int], sampling: Sampling, proposal: mx.array | None = None) -> tuple[int, int]:
     """rows [k+1, V] target logprobs after each fed token, drafts [k] -> (accepted, next token).
 
     ``accepted`` drafts are kept; ``next`` is the token after them (the target's correction on
-    a rejection, or its bonus token when every draft was kept)."""
+    a rejection, or its bonus token when every draft was kept). ``proposal`` [k, V]: the
+    distributions the drafts were sampled from (None: each draft was certain, q one-hot)."""
     k = len(drafts)
     if sampling.greedy:
         best = mx.argmax(rows, axis=-1).tolist()
@@ -78,6 +87,8 @@ def verify(rows: mx.array, drafts: list[int], sampling: Sampling) -> tuple[int, 
     if k:
         d = mx.array(drafts, dtype=mx.int32)
         p_draft = mx.take_along_axis(p[:k], d[:, None], axis=-1)[:, 0]
+        if proposal is not None:  # keep with probability min(1, p(d) / q(d))
+            p_draft = p_draft / mx.take_along_axis(proposal[:k], d[:, None], axis=-1)[:, 0]
         kept = (mx.random.uniform(shape=(k,)) < p_draft).tolist()
     else:
         kept = []
@@ -86,7 +97,11 @@ def verify(rows: mx.array, drafts: list[int], sampling: Sampling) -> tuple[int, 
         a += 1
     if a == k:
         return a, int(mx.random.categorical(logits[k]).item())
-    residual = mx.where(mx.arange(p.shape[-1]) == drafts[a], 0.0, p[a])  # norm(max(p - onehot, 0))
+    if proposal is None:
+        residual = mx.where(mx.arange(p.shape[-1]) == drafts[a], 0.0, p[a])  # norm(max(p - onehot, 0))
+    else:
+        residual = mx.maximum(p[a] - proposal[a].astype(p.dtype), 0.0)
+        residual = mx.where(residual.sum() > 0, residual, p[a])  # p == q: a rejection has probability 0
     return a, int(mx.random.categorical(mx.log(residual)).item())
 
 
@@ -97,6 +112,8 @@ class MTPDrafter:
     (main streams at i, token at i+1); :meth:`observe` feeds the pairs the target accepted."""
 
     name = "mtp"
+    taps: tuple[int, ...] = ()  # reads the target's last streams
+    proposal = None  # drafts are the argmax: q is one-hot
 
     def __init__(self, model, tokens: int = 1):
         if tokens < 1:
@@ -124,9 +141,10 @@ class MTPDrafter:
         self._out = out[:, -1:]
         self.logits = self.block.logits(self._out, self.model.head)[0, 0]
 
-    def draft(self, n: int) -> list[int]:
-        """Up to ``n`` guesses for the positions after the pending token: the block's argmax,
-        chained on its own streams (those cache entries are dropped by the next observe)."""
+    def draft(self, n: int, sampling: Sampling | None = None) -> list[int]:
+        """Up to ``n`` guesses for the positions after the pending token: the block's argmax
+        (whatever ``sampling``), chained on its own streams (those cache entries are dropped by
+        the next observe)."""
         first = int(mx.argmax(self.logits).item())
         out = [first]
         if n > 1:
@@ -138,14 +156,81 @@ class MTPDrafter:
         return out
 
 
-def make_drafter(model, draft: str | None, tokens: int, *, custom_sampler: bool, distributed: bool = False):
+class DSparkDrafter:
+    """Drafts with the checkpoint's DSpark drafter (:mod:`.dspark`). Each stage keeps the KV of
+    the last ``reach`` context positions (from the target hiddens :meth:`observe` is fed); one
+    block forward gives the base logits of ``block_size`` rows, and :meth:`draft` walks them
+    with the Markov head. Nothing is speculative on its side: it only ever sees accepted
+    positions, and the block's own KV is never kept."""
+
+    name = "dspark"
+
+    def __init__(self, model, tokens: int | None = None):
+        self.model, self.net = model, model.dspark
+        block = self.net.block_size
+        tokens = block if tokens is None else tokens
+        if not 1 <= tokens <= block:
+            raise DraftError(f"draft_tokens={tokens}: a DSpark block drafts 1 to {block} tokens (its block size)")
+        self.tokens = tokens
+        self.taps = tuple(model.args.dspark_target_layer_ids)
+        self.reach = self.net.window
+        self.contexts: list[mx.array | None] = [None] * len(self.net.layers)
+        self.offset: int | None = None  # the next context position expected
+        self.hidden: mx.array | None = None  # the block's normed hidden [block, D]
+        self.logits: mx.array | None = None  # its base logits [block, V] (before the Markov bias)
+        self.anchor: int | None = None
+        self.proposal: mx.array | None = None
+
+    def observe(self, hiddens: mx.array, next_ids: list[int], position: int) -> None:
+        """Target hiddens [1, n, taps * D] at ``position``.., and the n tokens one position
+        later: the context grows by n positions and the block is drafted after them, anchored on
+        the last token (the pending one, at ``position + n``)."""
+        if self.offset is not None and self.offset != position:
+            raise RuntimeError(f"DSpark context at {self.offset}, fed position {position}")
+        n = hiddens.shape[1]
+        new = self.net.contexts(hiddens, mx.arange(position, position + n))
+        self.contexts = [(c if old is None else mx.concatenate([old, c], axis=1))[:, -self.reach:]
+                         for old, c in zip(self.contexts, new, strict=True)]
+        self.offset = position + n
+        self.anchor = int(next_ids[-1])
+        self.hidden = self.net.hidden(self.anchor, self.offset, self.contexts, self.model.embed)
+        self.logits = self.net.base_logits(self.hidden, self.model.head)
+
+    def draft(self, n: int, sampling: Sampling | None = None) -> list[int]:
+        """Up to ``n`` guesses after the pending token, row by row: base logits plus the Markov
+        bias of the previous token; argmax when greedy, else a sample from the row's tempered,
+        filtered distribution (kept in :attr:`proposal` for verification)."""
+        n = min(n, self.tokens)
+        prev, out, rows = mx.array([self.anchor], dtype=mx.int32), [], []
+        random = sampling is not None and not sampling.greedy
+        for j in range(n):  # one lazy graph: the walk is read back once, not row by row
+            step = self.logits[j] + self.net.markov_bias(prev)[0]
+            if random:
+                weights = sampling.filtered(step - mx.logsumexp(step))
+                rows.append(mx.softmax(weights, precise=True))
+                prev = mx.random.categorical(weights)[None].astype(mx.int32)
+            else:
+                prev = mx.argmax(step)[None].astype(mx.int32)
+            out.append(prev)
+        self.proposal = mx.stack(rows) if rows else None
+        return mx.concatenate(out).tolist() if out else []
+
+    def acceptance(self, drafts: list[int]) -> mx.array:
+        """The confidence head's estimate [len(drafts)] that each draft is accepted."""
+        prev = mx.array([self.anchor] + drafts[:-1], dtype=mx.int32)
+        return self.net.acceptance(self.hidden[: len(drafts)], prev)
+
+
+def make_drafter(model, draft: str | None, tokens: int | None, *, custom_sampler: bool, distributed: bool = False):
     """The drafter for ``draft`` ("auto", "mtp", "dspark" or None) or None (plain decoding).
-    "auto" quietly falls back to plain decoding where drafting cannot run."""
+    "auto" picks the checkpoint's drafter (DSpark, else MTP) and quietly falls back to plain
+    decoding where drafting cannot run. ``tokens``: drafts per step (None: the drafter's
+    default, 1 for the MTP, the block size for DSpark)."""
     if draft is None:
         return None
     if draft not in DRAFTS:
         raise DraftError(f"draft={draft!r}: choose one of {', '.join(DRAFTS)} or None")
-    if tokens < 1:
+    if tokens is not None and tokens < 1:
         raise DraftError(f"draft_tokens must be >= 1, got {tokens}")
     auto = draft == "auto"
     if distributed:
@@ -158,13 +243,19 @@ def make_drafter(model, draft: str | None, tokens: int, *, custom_sampler: bool,
             return None
         raise DraftError("speculative decoding needs the sampling settings (temperature, top_p, top_k, min_p), "
                          "not a custom sampler function")
+    if draft in ("auto", "dspark") and has_dspark(model):
+        return DSparkDrafter(model, tokens)
+    if draft == "dspark" and str(getattr(model.args, "model_type", "")).startswith("deepseek_v41"):
+        raise DraftError("DeepSeek V4.1's DSpark drafter is not supported yet (its cache cannot keep a verified "
+                         "prefix); use --draft none, or auto, which decodes V4.1 without drafts")
     if draft == "dspark":
-        raise DraftError("the DSpark drafter (Flash-0731) is not implemented yet")
+        raise DraftError("this checkpoint has no DSpark drafter (V4-Flash-0731's mtp.0-2 with dspark_* fields in "
+                         "config.json): --draft dspark needs one")
     if not has_mtp(model):
         if auto:
             return None
         raise DraftError("this checkpoint has no MTP block (no mtp.0.* weights): --draft mtp needs one")
-    return MTPDrafter(model, tokens)
+    return MTPDrafter(model, 1 if tokens is None else tokens)
 
 
 # ---- one speculative step ----------------------------------------------------------------------
@@ -182,17 +273,23 @@ class Speculator:
     ``process(rows, prefixes)``: applies the caller's logits processors to row i with the
     generated-token prefix i (or returns rows unchanged)."""
 
-    def __init__(self, model, cache, drafter: MTPDrafter, sampling: Sampling,
+    def __init__(self, model, cache, drafter: MTPDrafter | DSparkDrafter, sampling: Sampling,
                  process: Callable[[mx.array, int], mx.array] | None = None):
         self.model, self.cache, self.drafter, self.sampling = model, cache, drafter, sampling
         self.process = process
         self.counts = DraftCounts()
         self._pending: tuple | None = None
 
+    def _forward(self, ids: list[int]) -> tuple[mx.array, mx.array]:
+        """Feed ``ids`` -> (last streams [1, n, hc, D], what the drafter observes [1, n, ...]:
+        the same streams, or the mean input streams of its target layers)."""
+        streams, tapped = self.model.tapped_streams(mx.array([ids], dtype=mx.int32), self.cache, self.drafter.taps)
+        return streams, (streams if tapped is None else tapped)
+
     # -- prefill: like generation.prefill, keeping the last streams for the drafter
     def prefill(self, ids: list[int], *, step_size: int, checkpoints=(), guard=None) -> tuple[int, mx.array | None]:
         """Feed ``ids`` as generation.prefill does (same chunks, same checkpoints); returns
-        (ids fed, streams of the last ``drafter.reach`` fed positions [1, n, hc, D] or None)."""
+        (ids fed, the drafter's features of the last ``drafter.reach`` fed positions or None)."""
         if step_size < 1:
             raise ValueError(f"prefill_step_size must be >= 1, got {step_size}")
         marks = sorted(p for p in set(checkpoints) if 0 <= p <= len(ids))
@@ -204,8 +301,8 @@ class Speculator:
             if guard is not None and guard.hit:
                 break
             end = min([fed + step_size, len(ids)] + [p for p in marks if p > fed])
-            streams = self.model.streams(mx.array([ids[fed:end]], dtype=mx.int32), self.cache)
-            tail = streams if tail is None else mx.concatenate([tail, streams], axis=1)
+            _, feats = self._forward(ids[fed:end])
+            tail = feats if tail is None else mx.concatenate([tail, feats], axis=1)
             tail = mx.contiguous(tail[:, -reach:])
             mx.eval(tail, [c.state for c in self.cache])
             fed = end
@@ -216,8 +313,8 @@ class Speculator:
     def first(self, last_id: int, tail: mx.array | None, prompt: list[int]) -> tuple[mx.array, Callable[[int], None]]:
         """Feed the prompt's last token -> (its logprobs row [V], start(first_token)) where
         ``start`` primes the drafter once the first token is sampled."""
-        streams = self.model.streams(mx.array([[last_id]], dtype=mx.int32), self.cache)
-        tail = streams if tail is None else mx.concatenate([tail, streams], axis=1)
+        streams, feats = self._forward([last_id])
+        tail = feats if tail is None else mx.concatenate([tail, feats], axis=1)
         tail = tail[:, -self.drafter.reach:]
         logits = self.model.logits(streams)[0]
         n = tail.shape[1]
@@ -234,30 +331,30 @@ class Speculator:
         """Verify drafts after the pending token ``y``; ``room``: most tokens this step may
         emit (>= 2). Returns the tokens to emit, ``[y, accepted drafts...]``; the cache holds
         them all until :meth:`commit` says how many to keep."""
-        drafts = self.drafter.draft(min(self.drafter.tokens, room - 1))
+        drafts = self.drafter.draft(min(self.drafter.tokens, room - 1), self.sampling)
         start = speculate(self.cache)
         fed = [y] + drafts
-        streams = self.model.streams(mx.array([fed], dtype=mx.int32), self.cache)
+        streams, feats = self._forward(fed)
         logits = self.model.logits(streams)[0]  # [k+1, V]
         if self.process is not None:
             logits = self.process(logits, fed)
         rows = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        a, nxt = verify(rows, drafts, self.sampling)
+        a, nxt = verify(rows, drafts, self.sampling, self.drafter.proposal)
         self.counts.steps += 1
         self.counts.drafted += len(drafts)
         self.counts.accepted += a
-        self._pending = (start, streams, fed[: a + 1], nxt)
+        self._pending = (start, feats, fed[: a + 1], nxt)
         return fed[: a + 1]
 
     def commit(self, keep: int, more: bool) -> int | None:
         """Keep the first ``keep`` tokens :meth:`step` returned in the cache; with ``more``
         (the run goes on) also teach the drafter and return the next pending token."""
-        start, streams, emitted, nxt = self._pending
+        start, feats, emitted, nxt = self._pending
         self._pending = None
         accept(self.cache, start + keep)
         if not more:
             return None
-        self.drafter.observe(streams[:, :keep], (emitted[1:] + [nxt])[:keep], start)
+        self.drafter.observe(feats[:, :keep], (emitted[1:] + [nxt])[:keep], start)
         mx.eval(self.drafter.logits, [c.state for c in self.cache])
         return nxt
 

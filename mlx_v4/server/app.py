@@ -57,7 +57,7 @@ class ServerConfig:
     # Speculative decoding per request ("auto", "mtp" or None, see stream_generate). The batching
     # engine decodes without drafts; a drafter that can run selects the round-robin engine.
     draft: str | None = None
-    draft_tokens: int = 1
+    draft_tokens: int | None = None
 
     def __post_init__(self):
         # an empty key would switch authentication off while looking like one was set
@@ -70,9 +70,9 @@ def uses_drafts(model, draft: str | None) -> bool:
     which decodes each request with stream_generate, serves them)."""
     if draft is None:
         return False
-    from ..draft.speculative import has_mtp
+    from ..draft.speculative import has_dspark, has_mtp
 
-    return draft == "mtp" or (draft == "auto" and has_mtp(model))
+    return draft in ("mtp", "dspark") or (draft == "auto" and (has_mtp(model) or has_dspark(model)))
 
 
 class _State:

@@ -76,7 +76,7 @@ def with_drafting_usage(result: str, stats: Stats | None) -> str:
 class Engine:
     def __init__(self, model, tokenizer, prefix_cache: PrefixCache, *, max_active: int = 4,
                  prefill_step: int = 512, prefill_chunk: int = 2048, max_queue: int = 256,
-                 draft: str | None = None, draft_tokens: int = 1):
+                 draft: str | None = None, draft_tokens: int | None = None):
         self.model, self.tokenizer, self.pool = model, tokenizer, prefix_cache
         self.draft, self.draft_tokens = draft, draft_tokens
         self.drafting = {"draft_tokens": 0, "accepted_tokens": 0, "target_forwards": 0}

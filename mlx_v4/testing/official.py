@@ -32,9 +32,9 @@ QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0
                        "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
 
 _FP8_NAMES = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|ffn\.shared_experts\.w[123]"
-                        r"|e_proj|h_proj)\.weight$")
+                        r"|e_proj|h_proj|main_proj)\.weight$")
 _EXPERT = re.compile(r"ffn\.experts\.\d+\.w[123]\.weight$")
-_F32 = re.compile(r"(hc_(attn|ffn|head)_(fn|base|scale)|attn_sink|\.ape|gate\.bias)$")
+_F32 = re.compile(r"(hc_(attn|ffn|head)_(fn|base|scale)|attn_sink|\.ape|gate\.bias|confidence_head\.proj\.weight)$")
 
 
 def _pow2_ceil_exponent(x: np.ndarray) -> np.ndarray:
@@ -95,7 +95,7 @@ def dequantize_fp4_e2m1(packed: np.ndarray, scale: np.ndarray, block: int = 32) 
 #: forward multiplies it as a bf16 einsum), compressor ``wkv``/``wgate`` (float32), indexer
 #: ``weights_proj`` (bf16), the router ``gate``, ``head`` and the hyper-connection matrices.
 ACT_QUANT_NAMES = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_b)|attn\.indexer\.wq_b|ffn\.(shared_experts|experts\.\d+)\.w[123]"
-                             r"|e_proj|h_proj)\.weight$")
+                             r"|e_proj|h_proj|main_proj)\.weight$")
 
 
 def act_quant(x: np.ndarray, block: int = 128) -> np.ndarray:

@@ -27,14 +27,18 @@ def tiny_args(**overrides) -> ModelArgs:
 
 
 def random_model(args: ModelArgs, seed: int = 0, dtype=mx.float32, cpu: bool | None = None,
-                 mtp: bool = False) -> Model:
+                 mtp: bool = False, dspark: bool = False) -> Model:
     """A Model with deterministic random weights of healthy magnitudes (``mtp``: with its MTP
-    block, ``model.mtp[0]``)."""
+    block, ``model.mtp[0]``; ``dspark``: with its DSpark drafter, ``model.dspark``)."""
     model = Model(args, cpu=cpu)
     if mtp:
         from ..draft.mtp import attach_mtp
 
         attach_mtp(model, cpu=cpu)
+    if dspark:
+        from ..draft.dspark import attach_dspark
+
+        attach_dspark(model, cpu=cpu)
     params = {}
     for i, (name, p) in enumerate(sorted(tree_flatten(model.parameters()))):
         k = mx.random.key(seed * 100003 + i)
