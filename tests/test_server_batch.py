@@ -303,3 +303,82 @@ def test_the_round_robin_engine_refuses_logprobs(model, tok):
         assert r.status_code == 400
         assert r.json()["error"]["message"] == "logprobs are not supported by this server's engine (distributed serving)"
         assert _chat(url, _body("hi", 2))["usage"]["completion_tokens"] == 2
+
+
+# ---- drafting inside the batching engine ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def drafting_model():
+    return random_model(tiny_args(vocab_size=129280), seed=2, mtp=True)
+
+
+def test_exact_drafted_replies_equal_plain_under_concurrency(request, drafting_model, tok):
+    """With drafts (random MTP: rejected, every row rewinds every step) the batching engine's
+    concurrent greedy replies are the replies without drafts."""
+    if _checked_under_reference_blas(request):
+        return
+    limits = [16, 10, 20]
+    replies, engine = {}, None
+    for draft in (None, "mtp"):
+        app = create_app(drafting_model, tok, ServerConfig(model_name="t", cache_budget_bytes=0, draft=draft,
+                                                           draft_tokens=2))
+        engine = app.state.server.engine
+        assert isinstance(engine, BatchEngine)
+        got: dict = {}
+        with running(app) as url:
+            threads = [threading.Thread(target=_stream, args=(url, _body(PROMPTS[i], limits[i]), got, i))
+                       for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        replies[draft] = [got[i] for i in range(3)]
+    assert replies["mtp"] == replies[None]
+    stats = engine.stats()
+    assert stats["drafting"]["draft_tokens"] > 0 and stats["failed"] == 0 and engine.max_rows > 1
+
+
+def _events(url, path, body):
+    """A streamed reply's SSE data objects, with their event names (None on OpenAI's)."""
+    out, event = [], None
+    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: {"):
+                out.append((event, json.loads(line[6:])))
+    return out
+
+
+def test_drafting_usage_in_streamed_and_whole_replies(drafting_model, tok):
+    """usage.drafting: in the whole reply, in the final usage chunk of an OpenAI stream (with
+    stream_options.include_usage), in Anthropic's final message_delta and in the Responses API's
+    final event; the same counts for the same greedy request (no prefix cache: no reuse)."""
+    app = create_app(drafting_model, tok, ServerConfig(model_name="t", cache_budget_bytes=0, draft="auto"))
+    msgs = {"model": "t", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0,
+            **NO_THINK}
+    with running(app) as url:
+        whole = _chat(url, _body("hi", 8))
+        d = whole["usage"]["drafting"]
+        assert d["draft_tokens"] > 0 and d["target_forwards"] > 0
+        assert d["acceptance_rate"] == round(d["accepted_tokens"] / d["draft_tokens"], 4)
+        assert d["mean_accepted_length"] == round((d["accepted_tokens"] + d["target_forwards"]) / d["target_forwards"], 4)
+        chunks = _events(url, "/v1/chat/completions", {**_body("hi", 8), "stream_options": {"include_usage": True}})
+        usage = [c["usage"] for _, c in chunks if c.get("usage")]
+        assert len(usage) == 1 and usage[0]["drafting"] == d and chunks[-1][1].get("usage")
+        anthropic = _events(url, "/v1/messages", msgs)
+        delta = [c for e, c in anthropic if e == "message_delta"]
+        assert len(delta) == 1 and delta[0]["usage"]["drafting"] == d
+        assert all("drafting" not in json.dumps(c) for e, c in anthropic if e != "message_delta")
+        responses = _events(url, "/v1/responses", {"model": "t", "input": "hi", "max_output_tokens": 8,
+                                                   "temperature": 0, "reasoning": {"effort": "none"}})
+        final = responses[-1][1]
+        assert final["type"] in ("response.completed", "response.incomplete")
+        assert final["response"]["usage"]["drafting"]["draft_tokens"] > 0
+        assert app.state.server.engine.stats()["drafting"]["draft_tokens"] >= 3 * d["draft_tokens"]
+    plain = create_app(drafting_model, tok, ServerConfig(model_name="t", cache_budget_bytes=0))
+    with running(plain) as url:
+        assert "drafting" not in _chat(url, _body("hi", 8))["usage"]
+        chunks = _events(url, "/v1/chat/completions", {**_body("hi", 8), "stream_options": {"include_usage": True}})
+        assert [c["usage"] for _, c in chunks if c.get("usage")][0].get("drafting") is None
