@@ -23,7 +23,7 @@ import mlx.core as mx
 
 from .batch import head_logits, stacked_streams
 from .cache import accept, checkpoint, speculate
-from .draft.speculative import DraftCounts, MTPDrafter, Sampling, make_drafter, verify
+from .draft.speculative import DraftCounts, DraftError, MTPDrafter, Sampling, make_drafter, verify
 
 
 class RowDraft:
@@ -45,7 +45,15 @@ class BatchDrafting:
     def __init__(self, model, draft: str | None, tokens: int):
         self.model, self.draft, self.tokens = model, draft, tokens
         self.distributed = getattr(type(model), "distributed", False)
-        self.enabled = self._drafter() is not None
+        drafter = self._drafter()
+        if drafter is not None and getattr(drafter, "taps", ()):
+            # a drafter reading inner layers' streams (DSpark) needs them from the stacked step too
+            if draft == "auto":
+                drafter = None
+            else:
+                raise DraftError(f"the {drafter.name} drafter does not run in the batching engine yet "
+                                 "(it reads inner target layers); use draft=None or 'auto'")
+        self.enabled = drafter is not None
 
     def _drafter(self):
         return make_drafter(self.model, self.draft, self.tokens, custom_sampler=False, distributed=self.distributed)
@@ -110,7 +118,7 @@ class BatchDrafting:
                 keys[id(s)], sub = mx.random.split(s._key)
             vocab = logprobs.shape[-1]
             a, nxt = verify(logprobs[o:o + n], guesses, Sampling(p.temperature, p.top_p, p.min_p,
-                                                                 p.top_k if p.top_k < vocab else 0), sub)
+                                                                 p.top_k if p.top_k < vocab else 0), key=sub)
             out = _until_end(s, guesses[:a] + [nxt])
             emitted[r], verified[r] = out, (len(guesses), a)
             accept(s.cache, starts[r] + len(out))  # the pending token and every emitted one but the last

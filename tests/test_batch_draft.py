@@ -280,10 +280,10 @@ def test_a_failing_row_ends_alone_and_leaves_no_speculation(tiny, monkeypatch):
 
     real = bd.verify
 
-    def flaky(rows, drafts, sampling, key=None):
+    def flaky(rows, drafts, sampling, **kw):
         if sampling.temperature == 0.125:
             raise ValueError("bad verify")
-        return real(rows, drafts, sampling, key)
+        return real(rows, drafts, sampling, **kw)
 
     monkeypatch.setattr(bd, "verify", flaky)
     prompts = [[5, 6, 7, 8], [5, 9, 7], list(range(10, 60))]
@@ -309,3 +309,17 @@ def test_draft_specs():
     while gen.active:
         gen.step()
     assert s.draft is None and len(s.generated) == 3
+
+
+def test_drafters_reading_inner_layers_are_not_batched_yet(tiny, monkeypatch):
+    """A drafter with ``taps`` (DSpark reads inner target layers): refused by name, or 'auto'
+    decodes plainly, instead of drafting from the wrong streams."""
+    import mlx_v4.batch_draft as bd
+
+    class Tapping:
+        name, taps, tokens = "dspark", (1, 2), 1
+
+    monkeypatch.setattr(bd, "make_drafter", lambda *a, **k: Tapping())
+    with pytest.raises(DraftError, match=r"the dspark drafter does not run in the batching engine yet"):
+        BatchGenerator(tiny, draft="dspark")
+    assert BatchGenerator(tiny, draft="auto").drafting is None

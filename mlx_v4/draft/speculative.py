@@ -62,7 +62,7 @@ class Sampling:
         return logprobs * (1 / self.temperature)
 
 
-def verify(rows: mx.array, drafts: list[int], sampling: Sampling, key: mx.array | None = None) -> tuple[int, int]:
+def verify(rows: mx.array, drafts: list[int], sampling: Sampling, *, key: mx.array | None = None) -> tuple[int, int]:
     """rows [k+1, V] target logprobs after each fed token, drafts [k] -> (accepted, next token).
 
     ``accepted`` drafts are kept; ``next`` is the token after them (the target's correction on
