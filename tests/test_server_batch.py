@@ -382,3 +382,48 @@ def test_drafting_usage_in_streamed_and_whole_replies(drafting_model, tok):
         assert "drafting" not in _chat(url, _body("hi", 8))["usage"]
         chunks = _events(url, "/v1/chat/completions", {**_body("hi", 8), "stream_options": {"include_usage": True}})
         assert [c["usage"] for _, c in chunks if c.get("usage")][0].get("drafting") is None
+
+
+def test_a_stop_sequence_inside_accepted_drafts(drafting_model, tok, monkeypatch):
+    """Drafts forced right (k=3): a stop sequence completes inside a step's accepted run; the
+    reply ends there as without drafts (streamed and whole), nothing of the rest of the step is
+    sent, and the engine goes on."""
+    from mlx_v4.batch_draft import BatchDrafting
+    from mlx_v4.batch_generation import BatchGenerator
+    from mlx_v4.draft.speculative import MTPDrafter
+
+    seen: dict = {}
+    real_add = BatchGenerator.add
+
+    def add(self, seq):
+        seen[tuple(seq.ids)] = seq
+        return real_add(self, seq)
+
+    monkeypatch.setattr(BatchGenerator, "add", add)
+    plain = create_app(drafting_model, tok, ServerConfig(model_name="t", cache_budget_bytes=0))
+    with running(plain) as url:
+        _chat(url, _body("hi", 16))
+        (ids, seq), = seen.items()
+        stop = tok.decode(seq.generated[5:7])
+        want = _chat(url, _body("hi", 16, stop=[stop]))["choices"][0]
+    assert want["finish_reason"] == "stop" and stop not in want["message"]["content"]
+    oracle = list(ids) + seq.generated
+
+    def draft(self, n):
+        start = self.cache.offset + 1  # the pending token sits at cache.offset
+        return [oracle[p] if p < len(oracle) else 5 for p in range(start, start + n)]
+
+    monkeypatch.setattr(MTPDrafter, "draft", draft)
+    app = create_app(drafting_model, tok, ServerConfig(model_name="t", cache_budget_bytes=0, draft="mtp",
+                                                       draft_tokens=3))
+    assert isinstance(app.state.server.engine.batch.drafting, BatchDrafting)
+    with running(app) as url:
+        got = _chat(url, _body("hi", 16, stop=[stop]))
+        streamed: dict = {}
+        _stream(url, _body("hi", 16, stop=[stop]), streamed, "s")
+        assert _chat(url, _body("again", 3))["usage"]["completion_tokens"] == 3
+    assert got["choices"][0] == want and streamed["s"] == want["message"]["content"]
+    d = got["usage"]["drafting"]
+    assert d["accepted_tokens"] == d["draft_tokens"] > 0
+    stats = app.state.server.engine.stats()
+    assert stats["failed"] == 0 and stats["served"] == 3  # each reply ended once
