@@ -323,3 +323,31 @@ def test_drafters_reading_inner_layers_are_not_batched_yet(tiny, monkeypatch):
     with pytest.raises(DraftError, match=r"the dspark drafter does not run in the batching engine yet"):
         BatchGenerator(tiny, draft="dspark")
     assert BatchGenerator(tiny, draft="auto").drafting is None
+
+
+def test_a_stop_string_inside_an_accepted_run(tiny, monkeypatch):
+    """batch_generate, drafts forced right (k=3): a stop string completes mid-step; the result
+    ends there as without drafts, the step's later tokens left out."""
+    from mlx_v4.batch_draft import BatchDrafting
+    from mlx_v4.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(2, 1000, n).tolist() for n in (12, 5)]
+    plain = batch_generate(tiny, tok, prompts, max_tokens=14, temperature=0)
+    stop = tok.decode(plain[0].tokens[5:7])
+    want = batch_generate(tiny, tok, prompts, max_tokens=14, temperature=0, stop=[stop])
+    assert want[0].stop_string == stop and len(want[0].tokens) < 14
+    oracles = {tuple(p): p + r.tokens for p, r in zip(prompts, plain)}
+    real_attach = BatchDrafting.attach
+
+    def attach(self, seq):
+        real_attach(self, seq)
+        seq.draft.drafter.oracle = oracles[tuple(seq.ids)]
+
+    monkeypatch.setattr(BatchDrafting, "attach", attach)
+    _oracle(monkeypatch)
+    got = batch_generate(tiny, tok, prompts, max_tokens=14, temperature=0, stop=[stop], draft="mtp", draft_tokens=3)
+    for w, g in zip(want, got):
+        assert (g.text, g.tokens, g.finish_reason, g.stop_string) == (w.text, w.tokens, w.finish_reason, w.stop_string)
+    assert got[0].accepted_tokens == got[0].draft_tokens > 0
