@@ -427,3 +427,22 @@ def test_a_stop_sequence_inside_accepted_drafts(drafting_model, tok, monkeypatch
     assert d["accepted_tokens"] == d["draft_tokens"] > 0
     stats = app.state.server.engine.stats()
     assert stats["failed"] == 0 and stats["served"] == 3  # each reply ended once
+
+
+def test_drafting_with_prefix_reuse_keeps_the_replies(drafting_model, tok):
+    """A second turn resumes the first turn's cache (its drafter primed only from the fed
+    suffix): the same replies with drafts as without, and the cache reuse is reported."""
+    turns = {}
+    for draft in (None, "mtp"):
+        app = create_app(drafting_model, tok, ServerConfig(model_name="t", draft=draft, draft_tokens=2))
+        with running(app) as url:
+            first = _chat(url, _body("hello there", 10))
+            reply = first["choices"][0]["message"]["content"]
+            body = {**_body("", 10), "messages": [{"role": "user", "content": "hello there"},
+                                                  {"role": "assistant", "content": reply},
+                                                  {"role": "user", "content": "and then?"}]}
+            second = _chat(url, body)
+        turns[draft] = (reply, second["choices"][0]["message"]["content"],
+                        second["usage"]["prompt_tokens_details"]["cached_tokens"], second["usage"].get("drafting"))
+    assert turns["mtp"][:3] == turns[None][:3] and turns["mtp"][2] > 0
+    assert turns["mtp"][3]["draft_tokens"] > 0 and turns[None][3] is None
