@@ -22,7 +22,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .batch import head_logits, stacked_streams
-from .cache import accept, checkpoint, speculate
+from .cache import accept, speculate
 from .draft.speculative import DraftCounts, DraftError, MTPDrafter, Sampling, make_drafter, verify
 
 
@@ -73,9 +73,11 @@ class BatchDrafting:
         return [seq.generated[-1]] + rd.planned[1]
 
     # ---- one step ---------------------------------------------------------------------------
-    def run(self, gen, rows) -> list:
-        """BatchGenerator._run with drafting rows (same contract: a raise leaves every sequence
-        as it was; the caller restores the caches, this undoes their speculation)."""
+    def run(self, gen, rows) -> tuple[dict[int, list[tuple[int, mx.array | None]]], dict]:
+        """BatchGenerator._plain with drafting rows: the model step -> ({row: [(token, its
+        logprobs row if asked)]}, the sampling rows' next random keys); each drafting row's cache
+        keeps its accepted prefix and the drafters are taught. A raise leaves the caches
+        speculating on nothing (the caller restores them)."""
         starts = {r: speculate(s.cache) for r, (s, ids) in enumerate(rows) if not s.prefilling and len(ids) > 1}
         try:
             return self._run(gen, rows, starts)
@@ -85,9 +87,7 @@ class BatchDrafting:
                     c.abandon()
             raise
 
-    def _run(self, gen, rows, starts: dict[int, int]) -> list:
-        from .batch_generation import StepOutput
-
+    def _run(self, gen, rows, starts: dict[int, int]):
         seqs = [s for s, _ in rows]
         x, bounds = stacked_streams(self.model, [ids for _, ids in rows], [s.cache for s in seqs])
         # the positions whose logits are needed: every fed position of a decoding row, the last
@@ -124,29 +124,19 @@ class BatchDrafting:
             accept(s.cache, starts[r] + len(out))  # the pending token and every emitted one but the last
         self._observe(rows, bounds, x, emitted, starts)
         mx.eval([c.state for s in seqs for c in s.cache])
-        # commit: bookkeeping only from here on
-        out = []
-        for r, (s, ids) in enumerate(rows):
-            if s.prefilling:
-                s.pos += len(ids)
-                if s.pos in s.marks:
-                    checkpoint(s.cache)
-            else:
-                s.fed += len(emitted.get(r, ()))
-            if r not in emitted:
-                out.append(StepOutput(s))
-                continue
-            if r in verified:
-                s.draft.counts.drafted += verified[r][0]
-                s.draft.counts.accepted += verified[r][1]
-                s.draft.counts.steps += 1
-            s._key = keys.get(id(s), s._key)
-            for i, tok in enumerate(emitted[r]):
-                lp = None
-                if s.sampling.logprobs:
-                    lp = logprobs[at[r][0] + i] if r in verified else plain_lp[plain.index(r)]
-                out.append(gen._emit(s, tok, lp))
-        return out
+        for r, (drafted, accepted) in verified.items():
+            counts = seqs[r].draft.counts
+            counts.drafted += drafted
+            counts.accepted += accepted
+            counts.steps += 1
+        out = {}
+        for r, toks in emitted.items():
+            rows_lp = None
+            if seqs[r].sampling.logprobs:
+                rows_lp = ([logprobs[at[r][0] + i] for i in range(len(toks))] if r in verified
+                           else [plain_lp[plain.index(r)]])
+            out[r] = [(t, rows_lp[i] if rows_lp else None) for i, t in enumerate(toks)]
+        return out, keys
 
     def _observe(self, rows, bounds, x: mx.array, emitted: dict[int, list[int]], starts: dict[int, int]) -> None:
         """Teach each drafter what its row kept (pairs of the target's streams at a position and
