@@ -77,7 +77,7 @@ def head_logits(model, x: mx.array, index: list[int]) -> mx.array:
     """streams [1, T, hc, D] -> logits [len(index), vocab] float32 at positions ``index`` of T."""
     x = x[:, mx.array(index)]  # [1, N, hc, D]
     x = model.norm(model.hc_head(x))
-    return _apply_head(model.head, x.astype(mx.float32)).astype(mx.float32)[0]
+    return apply_head(model.head, x.astype(mx.float32)).astype(mx.float32)[0]
 
 
 def _dense_head(head: nn.Module) -> mx.array | None:
@@ -97,7 +97,8 @@ def _dense_head(head: nn.Module) -> mx.array | None:
     return cached[1]
 
 
-def _apply_head(head: nn.Module, x: mx.array) -> mx.array:
+def apply_head(head: nn.Module, x: mx.array) -> mx.array:
+    """``head(x)`` for many rows at once (the float copy of a quantized head on the CPU, see DENSE_HEAD_BYTES)."""
     w = _dense_head(head)
     return head(x) if w is None else x @ w.T
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..batch import _apply_head
+from ..batch import apply_head
 from ..cache import accept, checkpoint, speculate
 from .mtp import has_mtp
 
@@ -146,7 +146,7 @@ class MTPDrafter:
         out = first.block.call_rows(h, ids, [d.cache for d in drafters], bounds, positions, first.model.embed)
         last = out[:, mx.array([e - 1 for e in ends])]  # [1, R, hc, D]
         x = first.block.norm(first.block.hc_head(last)).astype(mx.float32)
-        logits = _apply_head(first.model.head, x).astype(mx.float32)[0]  # [R, V]: one GEMM (batch.py)
+        logits = apply_head(first.model.head, x).astype(mx.float32)[0]  # [R, V]: one GEMM (batch.py)
         for r, d in enumerate(drafters):
             d._out, d.logits = last[:, r:r + 1], logits[r]
 

@@ -10,8 +10,9 @@ of N, and a long prompt is prefilled a chunk per step between the others' tokens
 
 Each request keeps its own sampling settings, seed, stop sequences (the protocol's stream
 processor) and log-probabilities. With ``draft`` each decoding request also drafts and verifies
-its own guesses inside the shared step (mlx_v4/batch_draft.py); its usage then reports them. A failure in one request's work (its model rows, its output)
-ends that request alone with a 500; a cancelled one (client gone) leaves at the next step.
+its own guesses inside the shared step (mlx_v4/batch_draft.py); its usage then reports them. A
+failure in one request's work (its model rows, its output) ends that request alone with a 500;
+a cancelled one (client gone) leaves at the next step.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ class BatchEngine(Engine):
             self._close(run, length=out.finish == "length")
 
     def _draft_counts(self, run: _Run) -> tuple[int, int, int] | None:
-        d = getattr(run.seq, "draft", None) if getattr(run, "seq", None) is not None else None
+        seq = getattr(run, "seq", None)
+        d = seq.draft if seq is not None else None
         return None if d is None else (d.counts.drafted, d.counts.accepted, d.counts.steps)
 
     def _close(self, run: _Run, length: bool) -> None:
