@@ -34,10 +34,16 @@ def tiny():
     return random_model(tiny_args(), seed=3, mtp=True)
 
 
+_PLAIN: dict = {}
+
+
 def _plain(model, tok, ids, max_tokens):
-    """stream_generate without drafts (greedy) -> its Finish."""
-    events = list(stream_generate(model, tok, ids, max_tokens=max_tokens, temperature=0.0))
-    return [e for e in events if isinstance(e, Finish)][0]
+    """stream_generate without drafts (greedy) -> its Finish (computed once per model and prompt)."""
+    key = (id(model), tuple(ids), max_tokens)
+    if key not in _PLAIN:
+        events = list(stream_generate(model, tok, ids, max_tokens=max_tokens, temperature=0.0))
+        _PLAIN[key] = [e for e in events if isinstance(e, Finish)][0]
+    return _PLAIN[key]
 
 
 def _run(model, prompts, limits, *, draft="mtp", k=1, max_batch=8, eos=(), sampling=None, prefill_step=64):
