@@ -7,7 +7,8 @@ included. The target's logits at all k+1 positions are verified per row with
 :func:`~mlx_v4.draft.speculative.verify` (the sequence's own sampling settings and random key),
 and each row's cache keeps exactly its accepted prefix (``speculate`` before the step,
 ``accept`` after it). Then the drafters are taught teacher-forced what each row kept, the MTP
-block running once over all rows (:meth:`MTPDrafter.observe_rows`).
+block running once over all rows (:meth:`MTPDrafter.observe_rows`); its guesses for all rows
+come from one forward per chained guess (:meth:`MTPDrafter.draft_rows`).
 
 So greedy output is, token for token, each sequence's output alone without drafts, and
 sampled output follows the same distribution. As in :class:`~mlx_v4.draft.speculative.Speculator`:
@@ -61,16 +62,30 @@ class BatchDrafting:
     def attach(self, seq) -> None:
         seq.draft = RowDraft(self._drafter()) if self.enabled else None
 
-    def decode_ids(self, seq) -> list[int]:
-        """The row of a decoding sequence: its pending token, then up to k guesses (fewer when
-        max_tokens leaves less room: a step never emits past it)."""
-        rd = seq.draft
-        if rd is None or not rd.primed:
-            return [seq.generated[-1]]
-        n = min(rd.drafter.tokens, seq.max_tokens - len(seq.generated) - 1)
-        if rd.planned is None or rd.planned[0] != len(seq.generated):  # plan() may run twice before a step
-            rd.planned = (len(seq.generated), rd.drafter.draft(n) if n > 0 else [])
-        return [seq.generated[-1]] + rd.planned[1]
+    def decode_rows(self, seqs) -> list[list[int]]:
+        """The rows of the decoding sequences ``seqs``: each one's pending token, then up to k
+        guesses (fewer when max_tokens leaves less room: a step never emits past it). The MTP
+        guesses of all rows come from one argmax, and one forward of the block per chained guess."""
+        need = []  # (sequence, guesses wanted) not planned yet; plan() may run twice before a step
+        for s in seqs:
+            rd = s.draft
+            if rd is None or not rd.primed or (rd.planned is not None and rd.planned[0] == len(s.generated)):
+                continue
+            n = min(rd.drafter.tokens, s.max_tokens - len(s.generated) - 1)
+            if n < 1:
+                rd.planned = (len(s.generated), [])
+            else:
+                need.append((s, n))
+        mtp = [(s, n) for s, n in need if isinstance(s.draft.drafter, MTPDrafter)]
+        if mtp:
+            guesses = MTPDrafter.draft_rows([s.draft.drafter for s, _ in mtp], [n for _, n in mtp])
+            for (s, _), g in zip(mtp, guesses):
+                s.draft.planned = (len(s.generated), g)
+        for s, n in need:
+            if not isinstance(s.draft.drafter, MTPDrafter):
+                s.draft.planned = (len(s.generated), s.draft.drafter.draft(n))
+        return [[s.generated[-1]] + (s.draft.planned[1] if s.draft is not None and s.draft.primed else [])
+                for s in seqs]
 
     # ---- one step ---------------------------------------------------------------------------
     def run(self, gen, rows) -> tuple[dict[int, list[tuple[int, mx.array | None]]], dict]:

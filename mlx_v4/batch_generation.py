@@ -164,8 +164,9 @@ class BatchGenerator:
         """The rows of the next step: every decoding sequence's pending id (and its drafts),
         then prompt chunks, shortest remaining prompt first, while they fit ``step_tokens`` (at
         least one chunk)."""
-        decode = self.drafting.decode_ids if self.drafting is not None else lambda s: [s.generated[-1]]
-        rows = [(s, decode(s)) for s in self.active if not s.prefilling]
+        decoding = [s for s in self.active if not s.prefilling]
+        rows = list(zip(decoding, self.drafting.decode_rows(decoding) if self.drafting is not None
+                        else [[s.generated[-1]] for s in decoding]))
         budget = self.step_tokens - sum(len(ids) for _, ids in rows)
         took = False
         for s in sorted((s for s in self.active if s.prefilling), key=lambda s: len(s.ids) - s.pos):

@@ -120,6 +120,7 @@ def _oracle(monkeypatch, wrong_every=0):
             out.append((t + 1) % 1024 if wrong_every and pos % wrong_every == 0 else t)
         return out
     monkeypatch.setattr(MTPDrafter, "draft", draft)
+    monkeypatch.setattr(MTPDrafter, "draft_rows", staticmethod(lambda ds, ns: [d.draft(n) for d, n in zip(ds, ns)]))
 
 
 def _with_oracles(model, prompts, limits, oracles, *, k, eos=(), max_batch=8):

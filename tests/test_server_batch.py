@@ -414,6 +414,7 @@ def test_a_stop_sequence_inside_accepted_drafts(drafting_model, tok, monkeypatch
         return [oracle[p] if p < len(oracle) else 5 for p in range(start, start + n)]
 
     monkeypatch.setattr(MTPDrafter, "draft", draft)
+    monkeypatch.setattr(MTPDrafter, "draft_rows", staticmethod(lambda ds, ns: [d.draft(n) for d, n in zip(ds, ns)]))
     app = create_app(drafting_model, tok, ServerConfig(model_name="t", cache_budget_bytes=0, draft="mtp",
                                                        draft_tokens=3))
     assert isinstance(app.state.server.engine.batch.drafting, BatchDrafting)

@@ -272,3 +272,23 @@ def test_observe_rows_matches_observe_per_drafter(model):
                 np.testing.assert_allclose(np.array(x.astype(mx.float32)), np.array(y.astype(mx.float32)), atol=1e-5,
                                            rtol=0)
             assert t.draft(1) == a.draft(1)
+
+
+@pytest.mark.parametrize("ns", [[1, 1, 1], [3, 1, 2]])
+def test_draft_rows_matches_draft_per_drafter(model, ns):
+    """The batched draft (one argmax over all rows, one block forward per chained guess) against
+    each drafter's own draft, and the caches stay as each drafter's own draft leaves them."""
+    rng = np.random.default_rng(12)
+    D, hc = model.args.hidden_size, model.args.hc_mult
+    feeds = [(mx.array(rng.standard_normal((1, n, hc, D)).astype(np.float32)), rng.integers(2, 1024, n).tolist(), p)
+             for n, p in ((4, 0), (1, 60), (9, 130))]
+    alone = [MTPDrafter(model) for _ in feeds]
+    together = [MTPDrafter(model) for _ in feeds]
+    for a, t, f in zip(alone, together, feeds):
+        a.observe(*f)
+        t.observe(*f)
+    want = [d.draft(n) for d, n in zip(alone, ns)]
+    assert MTPDrafter.draft_rows(together, ns) == want
+    assert [len(g) for g in want] == ns
+    for a, t in zip(alone, together):
+        assert t.cache.offset == a.cache.offset and t.cache.speculating == a.cache.speculating

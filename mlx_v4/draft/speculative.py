@@ -163,6 +163,30 @@ class MTPDrafter:
                 out.append(int(mx.argmax(self.block.logits(x, self.model.head)[0, 0]).item()))
         return out
 
+    @staticmethod
+    def draft_rows(drafters: list[MTPDrafter], ns: list[int]) -> list[list[int]]:
+        """:meth:`draft` for several drafters of one model (``ns[r]`` >= 1 guesses for
+        drafter r): one argmax over all rows, then one forward of the block per chained guess."""
+        out = [[t] for t in mx.argmax(mx.stack([d.logits for d in drafters]), axis=-1).tolist()]
+        live = [r for r, n in enumerate(ns) if n > 1]
+        xs = {r: drafters[r]._out for r in live}  # the block's streams at each row's last position
+        for r in live:
+            drafters[r].cache.speculate()
+        first = drafters[0]
+        while live:
+            h = mx.concatenate([xs[r] for r in live], axis=1)  # [1, R', hc, D]: one position per row
+            ids = mx.array([[out[r][-1] for r in live]], dtype=mx.int32)
+            positions = mx.array([drafters[r].cache.offset for r in live])
+            y = first.block.call_rows(h, ids, [drafters[r].cache for r in live], [(i, i + 1) for i in range(len(live))],
+                                      positions, first.model.embed)
+            x = first.block.norm(first.block.hc_head(y)).astype(mx.float32)
+            guesses = mx.argmax(apply_head(first.model.head, x)[0], axis=-1).tolist()
+            for i, r in enumerate(live):
+                out[r].append(guesses[i])
+                xs[r] = y[:, i:i + 1]
+            live = [r for r in live if len(out[r]) < ns[r]]
+        return out
+
 
 def make_drafter(model, draft: str | None, tokens: int, *, custom_sampler: bool, distributed: bool = False):
     """The drafter for ``draft`` ("auto", "mtp", "dspark" or None) or None (plain decoding).
