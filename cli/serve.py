@@ -27,7 +27,7 @@ from .distributed import LayersOpt, ParallelOpt, TimeoutOpt, peer_errors
 
 SERVE_DRAFT_HELP = ("Speculative decoding: none (default), auto or mtp (each decoding request drafts with the "
                     "checkpoint's MTP block and verifies its drafts inside the batching engine's shared step; "
-                    "on a CPU this is not faster at 1-4 streams, see BENCHMARKS.md).")
+                    "on a CPU this was not faster at 1-4 streams, see BENCHMARKS.md).")
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
           "t": 1 << 40, "tb": 1 << 40}
