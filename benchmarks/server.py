@@ -21,6 +21,8 @@ reported, so load from elsewhere on the machine hits both alike.
     python benchmarks/server.py reuse --model deepseek-ai/DeepSeek-V4-Flash --turn-tokens 8000
     python benchmarks/server.py batch                 # the demo and the bench config
     python benchmarks/server.py batch --configs demo --rounds 5 --tokens 64
+    python benchmarks/server.py batch --engines batched,drafted --streams 1,4,8 --no-ttft
+                                                      # the batching engine without and with drafts
 """
 
 from __future__ import annotations
@@ -158,11 +160,14 @@ def main():
     b.add_argument("--tokens", type=int, default=48, help="max_tokens per stream")
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--long-prompt", type=int, default=4000, help="tokens of the prompt prefilled during the TTFT test")
-    b.add_argument("--engines", default="batched,round-robin")
+    b.add_argument("--engines", default="batched,round-robin", help="comma list of: batched, round-robin, drafted")
+    b.add_argument("--draft-tokens", type=int, default=1, help="drafts per step of the drafted engine")
+    b.add_argument("--no-ttft", action="store_true", help="skip the TTFT-under-a-long-prefill test")
     w = sub.add_parser("serve-worker", help=argparse.SUPPRESS)
     w.add_argument("--config", required=True)
     w.add_argument("--engine", required=True)
     w.add_argument("--port", type=int, required=True)
+    w.add_argument("--draft-tokens", type=int, default=1)
     argv = __import__("sys").argv[1:]
     args = ap.parse_args(argv if argv and argv[0] in ("reuse", "batch", "serve-worker", "-h", "--help")
                          else ["reuse", *argv])

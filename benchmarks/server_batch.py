@@ -1,5 +1,9 @@
 """``python benchmarks/server.py batch``: concurrent streams against the batching engine and the
-round-robin engine, each server in its own process (see server.py's docstring)."""
+round-robin engine, each server in its own process (see server.py's docstring).
+
+``--engines batched,drafted``: the batching engine without and with drafts (MTP, k =
+``--draft-tokens``) inside its shared step; the drafted column also reports the acceptance
+rate and the mean tokens per verifying step from the replies' ``usage.drafting``."""
 
 from __future__ import annotations
 
@@ -32,8 +36,11 @@ def serve_worker(args) -> None:
     else:
         from mlx_v4.testing.tiny import random_model, tiny_args
 
-        model, tok = random_model(tiny_args(vocab_size=129280)), load_tokenizer()
-    config = ServerConfig(model_name="bench", max_active=8)
+        # with a random MTP block (the drafted engine's drafts; the others never run it)
+        model, tok = random_model(tiny_args(vocab_size=129280), mtp=True), load_tokenizer()
+    drafted = args.engine == "drafted"
+    config = ServerConfig(model_name="bench", max_active=8, draft="mtp" if drafted else None,
+                          draft_tokens=args.draft_tokens)
     engine = None
     if args.engine == "round-robin":  # the engine before batching, as it was configured
         engine = Engine(model, tok, PrefixCache(model, config.cache_budget_bytes), max_active=8,
@@ -43,14 +50,15 @@ def serve_worker(args) -> None:
 
 
 class Server:
-    def __init__(self, config: str, engine: str):
+    def __init__(self, config: str, engine: str, draft_tokens: int = 1):
         from mlx_v4.server.background import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         script = Path(__file__).with_name("server.py")
         self.proc = subprocess.Popen([sys.executable, str(script), "serve-worker", "--config", config,
-                                      "--engine", engine, "--port", str(self.port)])
+                                      "--engine", engine, "--port", str(self.port), "--draft-tokens",
+                                      str(draft_tokens)])
         import httpx
 
         t0 = time.monotonic()
@@ -108,9 +116,10 @@ def _body(text: str, max_tokens: int) -> dict:
             "temperature": 0, "thinking": {"type": "disabled"}}
 
 
-def aggregate(url: str, streams: int, tokens: int, salt: int) -> float:
+def aggregate(url: str, streams: int, tokens: int, salt: int, drafting: list | None = None) -> float:
     """``streams`` requests sent together (short, distinct prompts): completion tokens of all of
-    them over the wall time from sending to the last one's end (tok/s)."""
+    them over the wall time from sending to the last one's end (tok/s). ``drafting``: gets each
+    reply's ``usage.drafting``, if any."""
     outs = [{} for _ in range(streams)]
     threads = [threading.Thread(target=_stream, args=(url, _body(
         f"Request {salt}-{i}: write a Python function that sorts a list of {i + 3} numbers.", tokens), outs[i]))
@@ -121,6 +130,8 @@ def aggregate(url: str, streams: int, tokens: int, salt: int) -> float:
     for t in threads:
         t.join()
     wall = max(o["end"] for o in outs) - t0
+    if drafting is not None:
+        drafting += [o["usage"]["drafting"] for o in outs if "drafting" in o["usage"]]
     return sum(o["usage"]["completion_tokens"] for o in outs) / wall
 
 
@@ -156,7 +167,8 @@ def run_batch(args) -> None:
     levels = [int(x) for x in args.streams.split(",")]
     engines = args.engines.split(",")
     for config in args.configs.split(","):
-        servers = {e: Server(config, e) for e in engines}
+        servers = {e: Server(config, e, args.draft_tokens) for e in engines}
+        drafting: list = []
         try:
             for s in servers.values():  # warm-up: first-call costs, compiled shapes for each batch size
                 for n in levels:
@@ -165,10 +177,12 @@ def run_batch(args) -> None:
             for rnd in range(args.rounds):  # alternate servers and levels, round after round
                 for n in levels:
                     for e, s in servers.items():
-                        tps[e, n].append(aggregate(s.url, n, args.tokens, salt=rnd * 100 + n))
+                        tps[e, n].append(aggregate(s.url, n, args.tokens, salt=rnd * 100 + n, drafting=drafting))
             prompt = long_text(tok, args.long_prompt, seed=7)
             ttft = {}
             for e, s in servers.items():
+                if args.no_ttft:
+                    break
                 idle = statistics.median(_short_alone(s.url) for _ in range(3))
                 short, long_ttft, n_long = ttft_during_prefill(s.url, prompt)
                 ttft[e] = (idle, short, long_ttft, n_long)
@@ -177,6 +191,10 @@ def run_batch(args) -> None:
             for s in servers.values():
                 s.close()
         _report(config, engines, levels, tps, ttft, rss, args)
+        if drafting:
+            d, a, f = (sum(u[k] for u in drafting) for k in ("draft_tokens", "accepted_tokens", "target_forwards"))
+            print(f"drafted: acceptance {a / max(d, 1):.2f} ({a}/{d} drafts), {(a + f) / max(f, 1):.2f} tokens per "
+                  f"verifying step, k={args.draft_tokens}")
 
 
 def _short_alone(url: str) -> float:
@@ -189,13 +207,16 @@ def _report(config, engines, levels, tps, ttft, rss, args) -> None:
     med = {k: statistics.median(v) for k, v in tps.items()}
     print(f"\n{CONFIGS.get(config, config)}; {args.tokens} tokens per stream, median of {args.rounds} rounds")
     head = " ".join(f"{e + ' tok/s':>20} {'vs 1':>6}" for e in engines)
-    extra = f" {'batched / round-robin':>22}" if {"batched", "round-robin"} <= set(engines) else ""
+    other = next((e for e in ("round-robin", "drafted") if e in engines), None) if "batched" in engines else None
+    extra = f" {other + ' / batched':>22}" if other else ""
     print(f"{'streams':>7} {head}{extra}")
     for n in levels:
         cells = " ".join(f"{med[e, n]:>20.1f} {med[e, n] / med[e, levels[0]]:>5.2f}x" for e in engines)
-        ratio = f" {med['batched', n] / med['round-robin', n]:>21.2f}x" if extra else ""
+        ratio = f" {med[other, n] / med['batched', n]:>21.2f}x" if extra else ""
         print(f"{n:>7} {cells}{ratio}")
     for e in engines:
+        if e not in ttft:
+            continue
         idle, short, long_ttft, n_long = ttft[e]
         print(f"{e}: short-request TTFT {idle:.3f}s idle, {short:.3f}s while a {n_long}-token prompt prefills "
               f"(that prompt's own TTFT {long_ttft:.2f}s); server peak RSS {rss[e]:.0f} MB")

@@ -39,6 +39,13 @@ def step_batch(model, token_rows, caches) -> mx.array:
     """``token_rows[r]`` (a list or 1-D array of ids, length >= 1) continues ``caches[r]``
     (one per-layer cache list per sequence). -> logits [R, vocab] float32 at each row's last
     token. Every cache advances by its row's length."""
+    x, bounds = stacked_streams(model, token_rows, caches)
+    return head_logits(model, x, [e - 1 for _, e in bounds])  # only the rows' last tokens reach the head
+
+
+def stacked_streams(model, token_rows, caches) -> tuple[mx.array, list[tuple[int, int]]]:
+    """The model body of :func:`step_batch`: -> (the last layer's streams [1, T, hc, D] of
+    all rows' tokens stacked, each row's (start, end) in T). Every cache advances by its row."""
     if len(token_rows) != len(caches):
         raise ValueError(f"{len(token_rows)} token rows for {len(caches)} caches")
     if not token_rows:
@@ -63,10 +70,14 @@ def step_batch(model, token_rows, caches) -> mx.array:
     for i, layer in enumerate(model.layers):
         layer_caches = [c[i] for c in caches]
         x = layer.forward(x, ids, lambda h, a=layer.attn, lc=layer_caches: a.call_rows(h, lc, bounds, positions))
-    last = mx.array([e - 1 for _, e in bounds])
-    x = x[:, last]  # [1, R, hc, D]: only the rows' last tokens reach the head
+    return x, bounds
+
+
+def head_logits(model, x: mx.array, index: list[int]) -> mx.array:
+    """streams [1, T, hc, D] -> logits [len(index), vocab] float32 at positions ``index`` of T."""
+    x = x[:, mx.array(index)]  # [1, N, hc, D]
     x = model.norm(model.hc_head(x))
-    return _apply_head(model.head, x.astype(mx.float32)).astype(mx.float32)[0]  # [R, vocab]
+    return apply_head(model.head, x.astype(mx.float32)).astype(mx.float32)[0]
 
 
 def _dense_head(head: nn.Module) -> mx.array | None:
@@ -86,7 +97,8 @@ def _dense_head(head: nn.Module) -> mx.array | None:
     return cached[1]
 
 
-def _apply_head(head: nn.Module, x: mx.array) -> mx.array:
+def apply_head(head: nn.Module, x: mx.array) -> mx.array:
+    """``head(x)`` for many rows at once (the float copy of a quantized head on the CPU, see DENSE_HEAD_BYTES)."""
     w = _dense_head(head)
     return head(x) if w is None else x @ w.T
 

@@ -17,6 +17,10 @@ Cache contract (as stream_generate's): a sequence's cache holds exactly the ids 
 the prompt ids prefilled so far then every generated id except a final one that was sampled
 but never fed; :meth:`Sequence.cache_ids` lists them.
 
+With ``draft`` (as stream_generate's), each decoding sequence drafts and verifies its own
+guesses inside the shared step (mlx_v4/batch_draft.py): one step may then give a sequence
+several tokens, each its own :class:`StepOutput`, in order (the last one carries ``finish``).
+
 ``batch_generate`` is the scripting front end: prompts in, one :class:`BatchResult` each.
 """
 
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .batch import restore_caches, snapshot_caches
+from .batch_draft import BatchDrafting
 from .cache import checkpoint
 from .generation import V4_GENERATION_DEFAULTS, _TextRouter, check_context
 
@@ -89,6 +94,7 @@ class Sequence:
         self.fed = 0  # generated ids in the cache
         self.finish_reason: str | None = None
         self.error: Exception | None = None
+        self.draft = None  # its drafting state (batch_draft.RowDraft) when the generator drafts
         self._key = None
 
     @property
@@ -117,13 +123,20 @@ class StepOutput:
 
 
 class BatchGenerator:
-    def __init__(self, model, *, prefill_step: int = 512, step_tokens: int = 512):
+    """``draft``/``draft_tokens``: speculative decoding per sequence, as stream_generate's
+    (raises DraftError for a drafter this model cannot run; "auto" then decodes plainly).
+    A drafting row counts k+1 tokens against ``step_tokens``."""
+
+    def __init__(self, model, *, prefill_step: int = 512, step_tokens: int = 512, draft: str | None = None,
+                 draft_tokens: int = 1):
         if prefill_step < 1 or step_tokens < 1:
             raise ValueError(f"prefill_step and step_tokens must be >= 1, got {prefill_step}, {step_tokens}")
         self.model = model
         self.prefill_step, self.step_tokens = prefill_step, step_tokens
         self.defaults = getattr(model, "generation_defaults", None)
         self.active: list[Sequence] = []
+        drafting = BatchDrafting(model, draft, draft_tokens) if draft is not None else None
+        self.drafting = drafting if drafting is not None and drafting.enabled else None
 
     # ---- membership -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> Sequence:
@@ -134,6 +147,8 @@ class BatchGenerator:
         if seed is None:
             seed = random.getrandbits(63)
         seq._key = mx.random.key(seed % (1 << 64))
+        if self.drafting is not None:
+            self.drafting.attach(seq)
         if seq.pos == 0 and 0 in seq.marks:
             checkpoint(seq.cache)
         self.active.append(seq)
@@ -146,10 +161,13 @@ class BatchGenerator:
 
     # ---- one step ---------------------------------------------------------------------------
     def plan(self) -> list[tuple[Sequence, list[int]]]:
-        """The rows of the next step: every decoding sequence's pending id, then prompt chunks,
-        shortest remaining prompt first, while they fit ``step_tokens`` (at least one chunk)."""
-        rows = [(s, [s.generated[-1]]) for s in self.active if not s.prefilling]
-        budget = self.step_tokens - len(rows)
+        """The rows of the next step: every decoding sequence's pending id (and its drafts),
+        then prompt chunks, shortest remaining prompt first, while they fit ``step_tokens`` (at
+        least one chunk)."""
+        decoding = [s for s in self.active if not s.prefilling]
+        rows = list(zip(decoding, self.drafting.decode_rows(decoding) if self.drafting is not None
+                        else [[s.generated[-1]] for s in decoding]))
+        budget = self.step_tokens - sum(len(ids) for _, ids in rows)
         took = False
         for s in sorted((s for s in self.active if s.prefilling), key=lambda s: len(s.ids) - s.pos):
             end = s._next_chunk(self.prefill_step)
@@ -193,6 +211,26 @@ class BatchGenerator:
         """One model step over ``rows``. Nothing about a sequence changes until every row's
         result is in hand, so a raise anywhere leaves the sequences as they were (the caller
         restores the caches)."""
+        emitted, keys = self.drafting.run(self, rows) if self.drafting is not None else self._plain(rows)
+        # commit: bookkeeping only from here on
+        out = []
+        for r, (s, ids) in enumerate(rows):
+            if s.prefilling:
+                s.pos += len(ids)
+                if s.pos in s.marks:
+                    checkpoint(s.cache)
+            else:
+                s.fed += len(emitted.get(r, ()))  # the pending token, and the accepted drafts but the last
+            if r not in emitted:
+                out.append(StepOutput(s))
+                continue
+            s._key = keys.get(id(s), s._key)
+            out += [self._emit(s, tok, lp) for tok, lp in emitted[r]]
+        return out
+
+    def _plain(self, rows) -> tuple[dict[int, list[tuple[int, mx.array | None]]], dict]:
+        """The model step without drafts -> ({row: [(token, its logprobs row if asked)]}, the
+        sampling rows' next random keys)."""
         seqs = [s for s, _ in rows]
         logits = self.model.step_batch([ids for _, ids in rows], [s.cache for s in seqs])  # [R, vocab]
         sampling = [r for r, (s, ids) in enumerate(rows) if not s.prefilling or s.pos + len(ids) == len(s.ids)]
@@ -202,41 +240,26 @@ class BatchGenerator:
             tokens, lp, keys = self._sample(logits, [seqs[r] for r in sampling])
         extras = [lp] if lp is not None else []
         mx.eval(*([tokens] if tokens is not None else []), *extras, [c.state for s in seqs for c in s.cache])
-        picked = dict(zip(sampling, tokens.tolist() if tokens is not None else []))
-        outputs = {}
-        for k, r in enumerate(sampling):
-            s, tok = seqs[r], picked[r]
-            o = outputs[r] = StepOutput(s, tok)
-            if s.sampling.logprobs:
-                row = lp[k]
-                o.logprob = row[tok].item()
-                if s.sampling.top_logprobs:
-                    top = mx.argpartition(-row, kth=s.sampling.top_logprobs - 1)[:s.sampling.top_logprobs]
-                    o.top_logprobs = sorted(zip(top.tolist(), row[top].tolist()), key=lambda kv: -kv[1])
-        # commit: bookkeeping only from here on
-        out = []
-        for r, (s, ids) in enumerate(rows):
-            if s.prefilling:
-                s.pos += len(ids)
-                if s.pos in s.marks:
-                    checkpoint(s.cache)
-            else:
-                s.fed += 1
-            o = outputs.get(r)
-            if o is None:
-                out.append(StepOutput(s))
-                continue
-            s._key = keys.get(id(s), s._key)
-            s.generated.append(o.token)
-            if o.token in s.eos:
-                o.finish = "stop"
-            elif len(s.generated) >= s.max_tokens:
-                o.finish = "length"
-            if o.finish:
-                s.finish_reason = o.finish
-                self.remove(s)
-            out.append(o)
-        return out
+        picked = tokens.tolist() if tokens is not None else []
+        return {r: [(picked[i], lp[i] if seqs[r].sampling.logprobs else None)] for i, r in enumerate(sampling)}, keys
+
+    def _emit(self, s: Sequence, tok: int, logprobs: mx.array | None) -> StepOutput:
+        """Record ``tok`` as generated by ``s`` (``logprobs`` [vocab]: its row, when asked)."""
+        o = StepOutput(s, tok)
+        if logprobs is not None:
+            o.logprob = logprobs[tok].item()
+            if s.sampling.top_logprobs:
+                top = mx.argpartition(-logprobs, kth=s.sampling.top_logprobs - 1)[:s.sampling.top_logprobs]
+                o.top_logprobs = sorted(zip(top.tolist(), logprobs[top].tolist()), key=lambda kv: -kv[1])
+        s.generated.append(tok)
+        if tok in s.eos:
+            o.finish = "stop"
+        elif len(s.generated) >= s.max_tokens:
+            o.finish = "length"
+        if o.finish:
+            s.finish_reason = o.finish
+            self.remove(s)
+        return o
 
     def _sample(self, logits: mx.array, seqs: list[Sequence]) -> tuple[mx.array, mx.array | None, dict]:
         """logits [R, vocab] -> (token ids [R], log-probabilities [R, vocab] if any row reports
@@ -284,6 +307,9 @@ class BatchResult:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     prompt_tokens: int = 0
+    draft_tokens: int = 0  # draft tokens verified (speculative decoding)
+    accepted_tokens: int = 0  # of those, accepted
+    target_forwards: int = 0  # decode steps that verified drafts
 
 
 class _Text:
@@ -323,12 +349,13 @@ def batch_generate(model, tokenizer, prompts: list[str | list[int]], *, max_toke
                    min_p: float | None = None, seed: int | list[int | None] | None = None,
                    stop: str | list[str] | None = None, logprobs: bool = False, top_logprobs: int = 0,
                    max_batch: int = 16, prefill_step_size: int = 512, step_tokens: int = 512,
-                   thinking: bool | None = None) -> list[BatchResult]:
+                   thinking: bool | None = None, draft: str | None = None, draft_tokens: int = 1) -> list[BatchResult]:
     """Generate from every prompt (text, encoded without BOS, or ids) at once; one
     :class:`BatchResult` per prompt, in order. Up to ``max_batch`` run together; the others
     join as those finish. ``seed`` (one, or one per prompt) gives each prompt its own random
     stream: its output does not depend on the other prompts. ``thinking``: as in
-    :func:`mlx_v4.stream_generate` (None: from each prompt's last token)."""
+    :func:`mlx_v4.stream_generate` (None: from each prompt's last token). ``draft``,
+    ``draft_tokens``: speculative decoding per prompt, as in stream_generate."""
     n = len(prompts)
     per = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * n  # noqa: E731
     seeds, limits = per(seed), per(max_tokens)
@@ -337,7 +364,8 @@ def batch_generate(model, tokenizer, prompts: list[str | list[int]], *, max_toke
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     eos = set(getattr(tokenizer, "eos_token_ids", {tokenizer.eos_id})) | {int(model.args.eos_token_id)}
     encoded = [tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-    gen = BatchGenerator(model, prefill_step=prefill_step_size, step_tokens=step_tokens)
+    gen = BatchGenerator(model, prefill_step=prefill_step_size, step_tokens=step_tokens, draft=draft,
+                         draft_tokens=draft_tokens)
     seqs = []
     for i, ids in enumerate(encoded):
         sampling = SamplingParams(temperature, top_p, top_k, min_p, seeds[i], logprobs, top_logprobs)
@@ -355,6 +383,8 @@ def batch_generate(model, tokenizer, prompts: list[str | list[int]], *, max_toke
             s = o.seq
             i, text = s.tag
             res = results[i] = results[i] or BatchResult("", [], "", prompt_tokens=len(s.ids))
+            if res.finish_reason:  # a stop string ended it earlier in this step (drafts give several tokens)
+                continue
             if o.token is not None:
                 res.tokens.append(o.token)
                 if o.logprob is not None:
@@ -368,6 +398,9 @@ def batch_generate(model, tokenizer, prompts: list[str | list[int]], *, max_toke
                 res.finish_reason = o.finish
                 res.text, res.reasoning = "".join(text.answer), "".join(text.reasoning)
                 res.stop_string = text.router.matched
+                if s.draft is not None:
+                    c = s.draft.counts
+                    res.draft_tokens, res.accepted_tokens, res.target_forwards = c.drafted, c.accepted, c.steps
                 if o.finish == "error":
                     raise RuntimeError(f"prompt {i}: generation failed: {s.error}") from s.error
     return results

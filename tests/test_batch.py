@@ -174,7 +174,7 @@ def test_cpu_dense_head_matches_the_quantized_head():
     import mlx.nn as nn
 
     import mlx_v4
-    from mlx_v4.batch import _apply_head, _dense_head
+    from mlx_v4.batch import _dense_head, apply_head
     from mlx_v4.platform import metal_available
 
     model, _ = mlx_v4.load()
@@ -185,7 +185,7 @@ def test_cpu_dense_head_matches_the_quantized_head():
         return
     x = mx.random.normal((1, 5, model.args.hidden_size), key=mx.random.key(1))
     ref = head(x)
-    out = _apply_head(head, x)
+    out = apply_head(head, x)
     assert out.shape == ref.shape
     assert mx.abs(out - ref).max().item() <= 1e-5 * mx.abs(ref).max().item()
     first = _dense_head(head)

@@ -318,9 +318,11 @@ def test_draft_requests_dspark_cannot_serve(model, tok):
     with pytest.raises(DraftError, match="DeepSeek V4.1's DSpark drafter is not supported yet"):
         make_drafter(v41, "dspark", None, custom_sampler=False)
     assert make_drafter(v41, "auto", None, custom_sampler=False) is None
-    from mlx_v4.server.app import uses_drafts
+    from mlx_v4.batch_draft import BatchDrafting
 
-    assert uses_drafts(model, "auto") and uses_drafts(model, "dspark") and not uses_drafts(model, None)
+    with pytest.raises(DraftError, match="the dspark drafter does not run in the batching engine yet"):
+        BatchDrafting(model, "dspark", 5)
+    assert not BatchDrafting(model, "auto", None).enabled
 
 
 # ---- sampling: the proposal q of sampled drafts --------------------------------------------------

@@ -303,3 +303,147 @@ def test_the_round_robin_engine_refuses_logprobs(model, tok):
         assert r.status_code == 400
         assert r.json()["error"]["message"] == "logprobs are not supported by this server's engine (distributed serving)"
         assert _chat(url, _body("hi", 2))["usage"]["completion_tokens"] == 2
+
+
+# ---- drafting inside the batching engine ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def drafting_model():
+    return random_model(tiny_args(vocab_size=129280), seed=2, mtp=True)
+
+
+def test_exact_drafted_replies_equal_plain_under_concurrency(request, drafting_model, tok):
+    """With drafts (random MTP: rejected, every row rewinds every step) the batching engine's
+    concurrent greedy replies are the replies without drafts."""
+    if _checked_under_reference_blas(request):
+        return
+    limits = [16, 10, 20]
+    replies, engine = {}, None
+    for draft in (None, "mtp"):
+        app = create_app(drafting_model, tok, ServerConfig(model_name="t", cache_budget_bytes=0, draft=draft,
+                                                           draft_tokens=2))
+        engine = app.state.server.engine
+        assert isinstance(engine, BatchEngine)
+        got: dict = {}
+        with running(app) as url:
+            threads = [threading.Thread(target=_stream, args=(url, _body(PROMPTS[i], limits[i]), got, i))
+                       for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        replies[draft] = [got[i] for i in range(3)]
+    assert replies["mtp"] == replies[None]
+    stats = engine.stats()
+    assert stats["drafting"]["draft_tokens"] > 0 and stats["failed"] == 0 and engine.max_rows > 1
+
+
+def _events(url, path, body):
+    """A streamed reply's SSE data objects, with their event names (None on OpenAI's)."""
+    out, event = [], None
+    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: {"):
+                out.append((event, json.loads(line[6:])))
+    return out
+
+
+def test_drafting_usage_in_streamed_and_whole_replies(drafting_model, tok):
+    """usage.drafting: in the whole reply, in the final usage chunk of an OpenAI stream (with
+    stream_options.include_usage), in Anthropic's final message_delta and in the Responses API's
+    final event; the same counts for the same greedy request (no prefix cache: no reuse)."""
+    app = create_app(drafting_model, tok, ServerConfig(model_name="t", cache_budget_bytes=0, draft="auto"))
+    msgs = {"model": "t", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0,
+            **NO_THINK}
+    with running(app) as url:
+        whole = _chat(url, _body("hi", 8))
+        d = whole["usage"]["drafting"]
+        assert d["draft_tokens"] > 0 and d["target_forwards"] > 0
+        assert d["acceptance_rate"] == round(d["accepted_tokens"] / d["draft_tokens"], 4)
+        assert d["mean_accepted_length"] == round((d["accepted_tokens"] + d["target_forwards"]) / d["target_forwards"], 4)
+        chunks = _events(url, "/v1/chat/completions", {**_body("hi", 8), "stream_options": {"include_usage": True}})
+        usage = [c["usage"] for _, c in chunks if c.get("usage")]
+        assert len(usage) == 1 and usage[0]["drafting"] == d and chunks[-1][1].get("usage")
+        anthropic = _events(url, "/v1/messages", msgs)
+        delta = [c for e, c in anthropic if e == "message_delta"]
+        assert len(delta) == 1 and delta[0]["usage"]["drafting"] == d
+        assert all("drafting" not in json.dumps(c) for e, c in anthropic if e != "message_delta")
+        responses = _events(url, "/v1/responses", {"model": "t", "input": "hi", "max_output_tokens": 8,
+                                                   "temperature": 0, "reasoning": {"effort": "none"}})
+        final = responses[-1][1]
+        assert final["type"] in ("response.completed", "response.incomplete")
+        assert final["response"]["usage"]["drafting"]["draft_tokens"] > 0
+        assert app.state.server.engine.stats()["drafting"]["draft_tokens"] >= 3 * d["draft_tokens"]
+    plain = create_app(drafting_model, tok, ServerConfig(model_name="t", cache_budget_bytes=0))
+    with running(plain) as url:
+        assert "drafting" not in _chat(url, _body("hi", 8))["usage"]
+        chunks = _events(url, "/v1/chat/completions", {**_body("hi", 8), "stream_options": {"include_usage": True}})
+        assert [c["usage"] for _, c in chunks if c.get("usage")][0].get("drafting") is None
+
+
+def test_a_stop_sequence_inside_accepted_drafts(drafting_model, tok, monkeypatch):
+    """Drafts forced right (k=3): a stop sequence completes inside a step's accepted run; the
+    reply ends there as without drafts (streamed and whole), nothing of the rest of the step is
+    sent, and the engine goes on."""
+    from mlx_v4.batch_draft import BatchDrafting
+    from mlx_v4.batch_generation import BatchGenerator
+    from mlx_v4.draft.speculative import MTPDrafter
+
+    seen: dict = {}
+    real_add = BatchGenerator.add
+
+    def add(self, seq):
+        seen[tuple(seq.ids)] = seq
+        return real_add(self, seq)
+
+    monkeypatch.setattr(BatchGenerator, "add", add)
+    plain = create_app(drafting_model, tok, ServerConfig(model_name="t", cache_budget_bytes=0))
+    with running(plain) as url:
+        _chat(url, _body("hi", 16))
+        (ids, seq), = seen.items()
+        stop = tok.decode(seq.generated[5:7])
+        want = _chat(url, _body("hi", 16, stop=[stop]))["choices"][0]
+    assert want["finish_reason"] == "stop" and stop not in want["message"]["content"]
+    oracle = list(ids) + seq.generated
+
+    def draft(self, n):
+        start = self.cache.offset + 1  # the pending token sits at cache.offset
+        return [oracle[p] if p < len(oracle) else 5 for p in range(start, start + n)]
+
+    monkeypatch.setattr(MTPDrafter, "draft", draft)
+    monkeypatch.setattr(MTPDrafter, "draft_rows", staticmethod(lambda ds, ns: [d.draft(n) for d, n in zip(ds, ns)]))
+    app = create_app(drafting_model, tok, ServerConfig(model_name="t", cache_budget_bytes=0, draft="mtp",
+                                                       draft_tokens=3))
+    assert isinstance(app.state.server.engine.batch.drafting, BatchDrafting)
+    with running(app) as url:
+        got = _chat(url, _body("hi", 16, stop=[stop]))
+        streamed: dict = {}
+        _stream(url, _body("hi", 16, stop=[stop]), streamed, "s")
+        assert _chat(url, _body("again", 3))["usage"]["completion_tokens"] == 3
+    assert got["choices"][0] == want and streamed["s"] == want["message"]["content"]
+    d = got["usage"]["drafting"]
+    assert d["accepted_tokens"] == d["draft_tokens"] > 0
+    stats = app.state.server.engine.stats()
+    assert stats["failed"] == 0 and stats["served"] == 3  # each reply ended once
+
+
+def test_drafting_with_prefix_reuse_keeps_the_replies(drafting_model, tok):
+    """A second turn resumes the first turn's cache (its drafter primed only from the fed
+    suffix): the same replies with drafts as without, and the cache reuse is reported."""
+    turns = {}
+    for draft in (None, "mtp"):
+        app = create_app(drafting_model, tok, ServerConfig(model_name="t", draft=draft, draft_tokens=2))
+        with running(app) as url:
+            first = _chat(url, _body("hello there", 10))
+            reply = first["choices"][0]["message"]["content"]
+            body = {**_body("", 10), "messages": [{"role": "user", "content": "hello there"},
+                                                  {"role": "assistant", "content": reply},
+                                                  {"role": "user", "content": "and then?"}]}
+            second = _chat(url, body)
+        turns[draft] = (reply, second["choices"][0]["message"]["content"],
+                        second["usage"]["prompt_tokens_details"]["cached_tokens"], second["usage"].get("drafting"))
+    assert turns["mtp"][:3] == turns[None][:3] and turns["mtp"][2] > 0
+    assert turns["mtp"][3]["draft_tokens"] > 0 and turns[None][3] is None

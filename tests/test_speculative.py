@@ -245,3 +245,50 @@ def test_chat_turns_with_drafts_match_plain(tok):
     probe = mx.array([[42]])
     np.testing.assert_allclose(np.array(model(probe, cache=drafted.cache)), np.array(model(probe, cache=plain.cache)),
                                atol=1e-4, rtol=0)
+
+
+def test_observe_rows_matches_observe_per_drafter(model):
+    """The batched observe (one forward of the MTP block over several drafters' ragged rows)
+    against each drafter's own observe: the same logits and the same window caches, on a first
+    observe (which places each cache) and on a later one."""
+    rng = np.random.default_rng(11)
+    D, hc = model.args.hidden_size, model.args.hc_mult
+
+    def feed(n, position):
+        streams = mx.array(rng.standard_normal((1, n, hc, D)).astype(np.float32))
+        return streams, rng.integers(2, 1024, n).tolist(), position
+
+    rounds = [[feed(5, 0), feed(1, 40), feed(130, 7)], [feed(2, 5), feed(3, 41), feed(1, 137)]]
+    alone = [MTPDrafter(model) for _ in range(3)]
+    together = [MTPDrafter(model) for _ in range(3)]
+    for feeds in rounds:
+        for d, f in zip(alone, feeds):
+            d.observe(*f)
+        MTPDrafter.observe_rows(together, feeds)
+        for a, t in zip(alone, together):
+            np.testing.assert_allclose(np.array(t.logits), np.array(a.logits), atol=1e-5, rtol=0)
+            assert t.cache.offset == a.cache.offset
+            for x, y in zip(t.cache.window_parts, a.cache.window_parts):
+                np.testing.assert_allclose(np.array(x.astype(mx.float32)), np.array(y.astype(mx.float32)), atol=1e-5,
+                                           rtol=0)
+            assert t.draft(1) == a.draft(1)
+
+
+@pytest.mark.parametrize("ns", [[1, 1, 1], [3, 1, 2]])
+def test_draft_rows_matches_draft_per_drafter(model, ns):
+    """The batched draft (one argmax over all rows, one block forward per chained guess) against
+    each drafter's own draft, and the caches stay as each drafter's own draft leaves them."""
+    rng = np.random.default_rng(12)
+    D, hc = model.args.hidden_size, model.args.hc_mult
+    feeds = [(mx.array(rng.standard_normal((1, n, hc, D)).astype(np.float32)), rng.integers(2, 1024, n).tolist(), p)
+             for n, p in ((4, 0), (1, 60), (9, 130))]
+    alone = [MTPDrafter(model) for _ in feeds]
+    together = [MTPDrafter(model) for _ in feeds]
+    for a, t, f in zip(alone, together, feeds):
+        a.observe(*f)
+        t.observe(*f)
+    want = [d.draft(n) for d, n in zip(alone, ns)]
+    assert MTPDrafter.draft_rows(together, ns) == want
+    assert [len(g) for g in want] == ns
+    for a, t in zip(alone, together):
+        assert t.cache.offset == a.cache.offset and t.cache.speculating == a.cache.speculating

@@ -66,11 +66,22 @@ class MTPBlock(DecoderLayer):
     def __call__(self, h: mx.array, next_ids: mx.array, cache, embed: nn.Module) -> mx.array:
         """h [B, L, hc, D] main streams at positions cache.offset..; next_ids [B, L] the tokens
         one position later -> the block's streams [B, L, hc, D]."""
+        return super().__call__(self._input(h, next_ids, embed), next_ids, cache)
+
+    def call_rows(self, h: mx.array, next_ids: mx.array, caches: list, bounds: list[tuple[int, int]],
+                  positions: mx.array, embed: nn.Module) -> mx.array:
+        """Several drafters' rows stacked along L (as mlx_v4/batch.py stacks sequences): h
+        [1, T, hc, D], next_ids [1, T], row r = [:, s:e] for ``bounds[r] = (s, e)`` continuing
+        ``caches[r]`` at ``positions`` [T] -> streams [1, T, hc, D]; each row as __call__ computes it."""
+        x = self._input(h, next_ids, embed)
+        return self.forward(x, next_ids, lambda a: self.attn.call_rows(a, caches, bounds, positions))
+
+    def _input(self, h: mx.array, next_ids: mx.array, embed: nn.Module) -> mx.array:
         e = self.enorm(embed(next_ids))
         # e_proj/h_proj are FP8 GEMMs: the official linear() rounds their inputs (act_quant)
         x = (self.e_proj(gemm_input(e, self.act_quant))[:, :, None, :]
              + self.h_proj(gemm_input(self.hnorm(h), self.act_quant)))
-        return super().__call__(x.astype(h.dtype), next_ids, cache)
+        return x.astype(h.dtype)
 
     def logits(self, x: mx.array, head: nn.Module) -> mx.array:
         """streams [B, L, hc, D] -> logits [B, L, vocab] float32 through the shared head."""

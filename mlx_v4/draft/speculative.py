@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from ..batch import apply_head
 from ..cache import accept, checkpoint, speculate
 from .dspark import has_dspark
 from .mtp import has_mtp
@@ -69,12 +70,15 @@ class Sampling:
         return logprobs * (1 / self.temperature)
 
 
-def verify(rows: mx.array, drafts: list[int], sampling: Sampling, proposal: mx.array | None = None) -> tuple[int, int]:
+def verify(rows: mx.array, drafts: list[int], sampling: Sampling, proposal: mx.array | None = None, *,
+           key: mx.array | None = None) -> tuple[int, int]:
     """rows [k+1, V] target logprobs after each fed token, drafts [k] -> (accepted, next token).
 
     ``accepted`` drafts are kept; ``next`` is the token after them (the target's correction on
     a rejection, or its bonus token when every draft was kept). ``proposal`` [k, V]: the
-    distributions the drafts were sampled from (None: each draft was certain, q one-hot)."""
+    distributions the drafts were sampled from (None: each draft was certain, q one-hot).
+    ``key``: draw from this random key (a sequence's own stream) instead of the global random
+    state."""
     k = len(drafts)
     if sampling.greedy:
         best = mx.argmax(rows, axis=-1).tolist()
@@ -84,25 +88,26 @@ def verify(rows: mx.array, drafts: list[int], sampling: Sampling, proposal: mx.a
         return a, best[a]
     logits = sampling.filtered(rows)
     p = mx.softmax(logits, axis=-1, precise=True)
+    accept_key, draw_key = mx.random.split(key) if key is not None else (None, None)
     if k:
         d = mx.array(drafts, dtype=mx.int32)
         p_draft = mx.take_along_axis(p[:k], d[:, None], axis=-1)[:, 0]
         if proposal is not None:  # keep with probability min(1, p(d) / q(d))
             p_draft = p_draft / mx.take_along_axis(proposal[:k], d[:, None], axis=-1)[:, 0]
-        kept = (mx.random.uniform(shape=(k,)) < p_draft).tolist()
+        kept = (mx.random.uniform(shape=(k,), key=accept_key) < p_draft).tolist()
     else:
         kept = []
     a = 0
     while a < k and kept[a]:
         a += 1
     if a == k:
-        return a, int(mx.random.categorical(logits[k]).item())
+        return a, int(mx.random.categorical(logits[k], key=draw_key).item())
     if proposal is None:
         residual = mx.where(mx.arange(p.shape[-1]) == drafts[a], 0.0, p[a])  # norm(max(p - onehot, 0))
     else:
         residual = mx.maximum(p[a] - proposal[a].astype(p.dtype), 0.0)
         residual = mx.where(residual.sum() > 0, residual, p[a])  # p == q: a rejection has probability 0
-    return a, int(mx.random.categorical(mx.log(residual)).item())
+    return a, int(mx.random.categorical(mx.log(residual), key=draw_key).item())
 
 
 # ---- the MTP drafter -------------------------------------------------------------------------
@@ -131,15 +136,38 @@ class MTPDrafter:
     def observe(self, streams: mx.array, next_ids: list[int], position: int) -> None:
         """Teacher-force pairs: streams [1, n, hc, D] of the target at ``position``.., and the
         n tokens one position later. The first call sets where the block's cache starts."""
+        self._begin(position)
+        ids = mx.array([next_ids], dtype=mx.int32)
+        out = self.block(streams, ids, self.cache, self.model.embed)
+        self._out = out[:, -1:]
+        self.logits = self.block.logits(self._out, self.model.head)[0, 0]
+
+    def _begin(self, position: int) -> None:
         self.cache.abandon()  # the chained guesses of the last draft()
         if self._out is None:
             self.cache.offset = position  # fresh cache: history before here is not needed or not known
         if self.cache.offset != position:
             raise RuntimeError(f"MTP cache at {self.cache.offset}, fed position {position}")
-        ids = mx.array([next_ids], dtype=mx.int32)
-        out = self.block(streams, ids, self.cache, self.model.embed)
-        self._out = out[:, -1:]
-        self.logits = self.block.logits(self._out, self.model.head)[0, 0]
+
+    @staticmethod
+    def observe_rows(drafters: list[MTPDrafter], feeds: list[tuple[mx.array, list[int], int]]) -> None:
+        """:meth:`observe` for several drafters of one model in one forward of the block (their
+        rows stacked as mlx_v4/batch.py stacks sequences); ``feeds[r]``: observe's arguments."""
+        for d, (_, _, position) in zip(drafters, feeds, strict=True):
+            d._begin(position)
+        lengths = [len(ids) for _, ids, _ in feeds]
+        ends = [sum(lengths[:r + 1]) for r in range(len(lengths))]
+        bounds = [(e - n, e) for n, e in zip(lengths, ends)]
+        h = mx.concatenate([s for s, _, _ in feeds], axis=1)  # [1, T, hc, D]
+        ids = mx.array([[t for _, row, _ in feeds for t in row]], dtype=mx.int32)  # [1, T]
+        positions = mx.concatenate([mx.arange(p, p + n) for (_, _, p), n in zip(feeds, lengths)])
+        first = drafters[0]
+        out = first.block.call_rows(h, ids, [d.cache for d in drafters], bounds, positions, first.model.embed)
+        last = out[:, mx.array([e - 1 for e in ends])]  # [1, R, hc, D]
+        x = first.block.norm(first.block.hc_head(last)).astype(mx.float32)
+        logits = apply_head(first.model.head, x).astype(mx.float32)[0]  # [R, V]: one GEMM (batch.py)
+        for r, d in enumerate(drafters):
+            d._out, d.logits = last[:, r:r + 1], logits[r]
 
     def draft(self, n: int, sampling: Sampling | None = None) -> list[int]:
         """Up to ``n`` guesses for the positions after the pending token: the block's argmax
@@ -153,6 +181,30 @@ class MTPDrafter:
             for _ in range(n - 1):
                 x = self.block(x, mx.array([[out[-1]]], dtype=mx.int32), self.cache, self.model.embed)
                 out.append(int(mx.argmax(self.block.logits(x, self.model.head)[0, 0]).item()))
+        return out
+
+    @staticmethod
+    def draft_rows(drafters: list[MTPDrafter], ns: list[int]) -> list[list[int]]:
+        """:meth:`draft` for several drafters of one model (``ns[r]`` >= 1 guesses for
+        drafter r): one argmax over all rows, then one forward of the block per chained guess."""
+        out = [[t] for t in mx.argmax(mx.stack([d.logits for d in drafters]), axis=-1).tolist()]
+        live = [r for r, n in enumerate(ns) if n > 1]
+        xs = {r: drafters[r]._out for r in live}  # the block's streams at each row's last position
+        for r in live:
+            drafters[r].cache.speculate()
+        first = drafters[0]
+        while live:
+            h = mx.concatenate([xs[r] for r in live], axis=1)  # [1, R', hc, D]: one position per row
+            ids = mx.array([[out[r][-1] for r in live]], dtype=mx.int32)
+            positions = mx.array([drafters[r].cache.offset for r in live])
+            y = first.block.call_rows(h, ids, [drafters[r].cache for r in live], [(i, i + 1) for i in range(len(live))],
+                                      positions, first.model.embed)
+            x = first.block.norm(first.block.hc_head(y)).astype(mx.float32)
+            guesses = mx.argmax(apply_head(first.model.head, x)[0], axis=-1).tolist()
+            for i, r in enumerate(live):
+                out[r].append(guesses[i])
+                xs[r] = y[:, i:i + 1]
+            live = [r for r in live if len(out[r]) < ns[r]]
         return out
 
 

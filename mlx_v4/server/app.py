@@ -54,8 +54,8 @@ class ServerConfig:
     # localhost, 127.0.0.1 or [::1] (DNS rebinding, cross-site posts); these names widen
     # that ("*": any host).
     allowed_hosts: list[str] = field(default_factory=list)
-    # Speculative decoding per request ("auto", "mtp" or None, see stream_generate). The batching
-    # engine decodes without drafts; a drafter that can run selects the round-robin engine.
+    # Speculative decoding per request ("auto", "mtp" or None, see stream_generate): each decoding
+    # request drafts and verifies inside the batching engine's shared step.
     draft: str | None = None
     draft_tokens: int | None = None
 
@@ -63,16 +63,6 @@ class ServerConfig:
         # an empty key would switch authentication off while looking like one was set
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("ServerConfig.api_key is empty; pass None for no key, or a non-empty key")
-
-
-def uses_drafts(model, draft: str | None) -> bool:
-    """Whether ``draft`` would make requests draft on ``model`` (then the round-robin engine,
-    which decodes each request with stream_generate, serves them)."""
-    if draft is None:
-        return False
-    from ..draft.speculative import has_dspark, has_mtp
-
-    return draft in ("mtp", "dspark") or (draft == "auto" and (has_mtp(model) or has_dspark(model)))
 
 
 class _State:
@@ -84,13 +74,10 @@ class _State:
 
         self.options = conversion_options(self.names, self.context, model_version(model))
         self.pool = engine.pool if engine else PrefixCache(model, config.cache_budget_bytes, config.cache_dir)
-        if engine is None and uses_drafts(model, config.draft):
-            engine = Engine(model, tokenizer, self.pool, max_active=config.max_active,
-                            prefill_step=config.prefill_step, prefill_chunk=config.prefill_chunk,
-                            max_queue=config.max_queue, draft=config.draft, draft_tokens=config.draft_tokens)
         self.engine = engine or BatchEngine(model, tokenizer, self.pool, max_active=config.max_active,
                                             prefill_step=config.prefill_step, prefill_chunk=config.prefill_chunk,
-                                            max_queue=config.max_queue)
+                                            max_queue=config.max_queue, draft=config.draft,
+                                            draft_tokens=config.draft_tokens)
         self.started = time.time()
 
 

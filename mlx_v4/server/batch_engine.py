@@ -9,8 +9,10 @@ next token of every decoding request plus prompt chunks of the prefilling ones (
 of N, and a long prompt is prefilled a chunk per step between the others' tokens.
 
 Each request keeps its own sampling settings, seed, stop sequences (the protocol's stream
-processor) and log-probabilities. A failure in one request's work (its model rows, its output)
-ends that request alone with a 500; a cancelled one (client gone) leaves at the next step.
+processor) and log-probabilities. With ``draft`` each decoding request also drafts and verifies
+its own guesses inside the shared step (mlx_v4/batch_draft.py); its usage then reports them. A
+failure in one request's work (its model rows, its output) ends that request alone with a 500;
+a cancelled one (client gone) leaves at the next step.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ class BatchEngine(Engine):
     supports_logprobs = True
 
     def __init__(self, model, tokenizer, prefix_cache, *, max_active: int = 8, prefill_step: int = 512,
-                 prefill_chunk: int = 512, max_queue: int = 256):
-        self.batch = BatchGenerator(model, prefill_step=prefill_step, step_tokens=max(prefill_step, prefill_chunk))
+                 prefill_chunk: int = 512, max_queue: int = 256, draft: str | None = None, draft_tokens: int = 1):
+        self.batch = BatchGenerator(model, prefill_step=prefill_step, step_tokens=max(prefill_step, prefill_chunk),
+                                    draft=draft, draft_tokens=draft_tokens)
         self.steps = 0  # batched model steps run
         self.max_rows = 0  # most requests one step has carried
         super().__init__(model, tokenizer, prefix_cache, max_active=max_active, prefill_step=prefill_step,
-                         prefill_chunk=prefill_chunk, max_queue=max_queue)
+                         prefill_chunk=prefill_chunk, max_queue=max_queue, draft=draft, draft_tokens=draft_tokens)
 
     def _serve(self) -> None:  # run by Engine._loop, which answers the waiting requests if it dies
         while (admit := self._next_work()) is not None:
@@ -83,6 +86,8 @@ class BatchEngine(Engine):
 
     def _deliver(self, run: _Run, out: StepOutput) -> None:
         """Hand one step's output of ``run`` to its client."""
+        if run not in self.active:  # ended earlier in this step (a stop sequence inside accepted drafts)
+            return
         if out.finish == "error":
             self._fail(run, out.seq.error)
             return
@@ -97,6 +102,11 @@ class BatchEngine(Engine):
                 return
         if out.finish is not None:
             self._close(run, length=out.finish == "length")
+
+    def _draft_counts(self, run: _Run) -> tuple[int, int, int] | None:
+        seq = getattr(run, "seq", None)
+        d = seq.draft if seq is not None else None
+        return None if d is None else (d.counts.drafted, d.counts.accepted, d.counts.steps)
 
     def _close(self, run: _Run, length: bool) -> None:
         if run in self.active:

@@ -61,16 +61,6 @@ def drafting_usage(draft_tokens: int, accepted_tokens: int, target_forwards: int
             if target_forwards else 0.0}
 
 
-def with_drafting_usage(result: str, stats: Stats | None) -> str:
-    """A non-streamed response JSON with ``usage.drafting`` added when the reply used drafts."""
-    if stats is None or not stats.draft_tokens:
-        return result
-    import json
-
-    body = json.loads(result)
-    if isinstance(body.get("usage"), dict):
-        body["usage"]["drafting"] = drafting_usage(stats.draft_tokens, stats.accepted_tokens, stats.target_forwards)
-    return json.dumps(body)
 
 
 class Engine:
@@ -274,8 +264,6 @@ class Engine:
         for ev in run.gen:
             if isinstance(ev, Stats):
                 run.stats = ev
-                for k in self.drafting:
-                    self.drafting[k] += getattr(ev, k)
             if isinstance(ev, Token):
                 run.generated.append(ev.id)
                 if ev.id not in self.eos:  # the end is told by the finish chunk
@@ -292,13 +280,24 @@ class Engine:
         return True
 
     def _finish(self, run: _Run, length: bool) -> None:
-        pieces = run.sink.finish(length)
+        counts = self._draft_counts(run)
+        extra = None
+        if counts is not None and counts[0]:  # the reply's usage reports drafting when it drafted
+            extra = {"drafting": drafting_usage(*counts)}
+            for k, v in zip(("draft_tokens", "accepted_tokens", "target_forwards"), counts):
+                self.drafting[k] += v
+        pieces = run.sink.finish(length, extra)
         for piece in pieces:
             self._safe_emit(run.job, ("data", piece))
-        result = None if run.job.prep.stream else with_drafting_usage(run.sink.result(), run.stats)
+        result = None if run.job.prep.stream else run.sink.result()
         self._safe_emit(run.job, ("end", result))
         self.served += 1
         self._end(run, store=True)
+
+    def _draft_counts(self, run: _Run) -> tuple[int, int, int] | None:
+        """(draft tokens, accepted tokens, target forwards) of ``run``'s reply, if it drafted."""
+        s = run.stats
+        return None if s is None else (s.draft_tokens, s.accepted_tokens, s.target_forwards)
 
     def _end(self, run: _Run, store: bool) -> None:
         if run.gen is not None:

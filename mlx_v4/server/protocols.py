@@ -202,10 +202,27 @@ def prepare(protocol: Protocol, body: bytes, *, tokenizer, options, context: int
                     rid=protocol.id_prefix + uuid.uuid4().hex[:24], marks=marks, turn_mark=turn_mark)
 
 
+def with_usage(data: str, extra: dict) -> str:
+    """A response or chunk JSON whose usage (its own, or its ``response``'s: the Responses
+    API's final events) gains ``extra``'s keys; unchanged when it carries no usage."""
+    body = json.loads(data)
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict) and isinstance(body, dict) and isinstance(body.get("response"), dict):
+        usage = body["response"].get("usage")
+    if not isinstance(usage, dict):
+        return data
+    usage.update(extra)
+    return json.dumps(body, separators=(",", ":"))
+
+
 class Sink:
     """Turns generated ids into protocol output with the recipe's stream processor. Lives on
     the engine's worker thread. ``start``/``token``/``finish`` return SSE text pieces (for a
-    streamed request) or nothing; ``result`` is the whole response JSON (non-streamed)."""
+    streamed request) or nothing; ``result`` is the whole response JSON (non-streamed).
+
+    ``usage_extra`` (given to ``finish``): keys added to the reply's usage (the final usage
+    chunk of an OpenAI stream, Anthropic's final ``message_delta``, the Responses API's final
+    event, or the whole response), e.g. ``{"drafting": {...}}``."""
 
     def __init__(self, prep: Prepared, tokenizer):
         r = _recipe()
@@ -216,6 +233,7 @@ class Sink:
         self.sp = r.StreamProcessor(gen, prep.request.parsing_options, recipe_tokenizer(tokenizer))
         self.response = None
         self.completion_tokens = 0
+        self.usage_extra: dict | None = None
 
     @property
     def done(self) -> bool:
@@ -227,7 +245,9 @@ class Sink:
             for c in chunks:
                 self.response.accumulate(c)
             return []
-        return [self.prep.protocol.sse(cls.sse_event_name(c), c.to_json()) for c in chunks]
+        extra = self.usage_extra
+        return [self.prep.protocol.sse(cls.sse_event_name(c), with_usage(c.to_json(), extra) if extra else c.to_json())
+                for c in chunks]
 
     def start(self, prompt_tokens: int, cached_tokens: int) -> list[str]:
         r = _recipe()
@@ -245,8 +265,9 @@ class Sink:
         chunk = _recipe().InferenceChunk.tokens([token_id], logprobs=None if logprob is None else [logprob])
         return self._out(self.sp.push(chunk))
 
-    def finish(self, length: bool) -> list[str]:
+    def finish(self, length: bool, usage_extra: dict | None = None) -> list[str]:
         r = _recipe()
+        self.usage_extra = usage_extra or None
         out = []
         if not self.sp.finished:
             reason = r.InferenceFinishReason.Length if length else r.InferenceFinishReason.Stop
@@ -260,7 +281,10 @@ class Sink:
         return out
 
     def result(self) -> str:
-        return self.response.to_json() if self.response is not None else "{}"
+        if self.response is None:
+            return "{}"
+        data = self.response.to_json()
+        return with_usage(data, self.usage_extra) if self.usage_extra else data
 
     def close(self) -> None:
         try:
