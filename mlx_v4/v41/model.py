@@ -171,6 +171,7 @@ class Model(nn.Module):
             if cache.engram_history is None:
                 cache.engram_history = np.full((ids.shape[0], self._hasher.history_len), -1, dtype=np.int64)
             rows, cache.engram_history = self._hasher(ids, cache.engram_history)
+            cache.record_engram(self._hasher.token_map[ids])  # kept only while speculating
         shared = SharedState()
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             if "engram" in layer:
