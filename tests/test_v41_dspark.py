@@ -302,30 +302,31 @@ def test_random_drafts_are_rejected_and_rewound(checkpoint, tok):
     assert got == plain and stats.draft_tokens > 0 and stats.accepted_tokens < stats.draft_tokens
 
 
-_CRIT3 = 16.27  # chi-square, 3 degrees of freedom, p = 0.001
+_CRIT2 = 13.82  # chi-square, 2 degrees of freedom, p = 0.001
 
 
 def test_sampled_steps_follow_the_target(checkpoint):
-    """Sampling at temperature 1, top-k 4: the token a speculative step emits after the pending
-    one (a kept draft or the correction drawn on rejection) follows the target's filtered row."""
+    """Sampling at temperature 1, top-k 3: the token a speculative step emits after the pending
+    one (the kept draft or the correction drawn on rejection) follows the target's filtered row
+    (each step is abandoned, so all draw from the same position; 240 steps keep it quick)."""
     model = _load(checkpoint[0])
     ids = _ids(12, seed=5)
-    settings = Sampling(1.0, top_k=4)
+    settings = Sampling(1.0, top_k=3)
     row = model(mx.array([ids]))[0, -1]
     y = int(mx.argmax(row).item())
     target = model(mx.array([ids + [y]]))[0, -1]
     p = np.array(mx.softmax(settings.filtered(target - mx.logsumexp(target)), precise=True), dtype=np.float64)
-    top = np.argsort(-p)[:4]
+    top = np.argsort(-p)[:3]
     _teach_markov(model, [y, int(top[1])], wrong_every=10**9)  # drafts favour the second likeliest
     cache = model.make_cache()
-    spec = Speculator(model, cache, DSparkDrafter(model, 2), settings)
+    spec = Speculator(model, cache, DSparkDrafter(model, 1), settings)
     _, tail = spec.prefill(ids[:-1], step_size=64)
     _, start = spec.first(ids[-1], tail, ids)
     start(y)
     mx.random.seed(7)
-    counts, kept, n = np.zeros_like(p), 0, 600
+    counts, kept, n = np.zeros_like(p), 0, 240
     for _ in range(n):
-        emitted = spec.step(y, 3)
+        emitted = spec.step(y, 2)
         token = emitted[1] if len(emitted) > 1 else spec._pending[3]
         counts[token] += 1
         kept += len(emitted) > 1
@@ -334,4 +335,4 @@ def test_sampled_steps_follow_the_target(checkpoint):
     assert 0 < kept < n  # drafts both kept and rejected
     assert counts[np.setdiff1d(np.arange(len(p)), top)].sum() == 0
     expected = n * p[top]
-    assert float(((counts[top] - expected) ** 2 / expected).sum()) < _CRIT3
+    assert float(((counts[top] - expected) ** 2 / expected).sum()) < _CRIT2
