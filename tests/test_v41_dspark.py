@@ -336,3 +336,25 @@ def test_sampled_steps_follow_the_target(checkpoint):
     assert counts[np.setdiff1d(np.arange(len(p)), top)].sum() == 0
     expected = n * p[top]
     assert float(((counts[top] - expected) ** 2 / expected).sum()) < _CRIT2
+
+
+# ---- the converter keeps the drafter ---------------------------------------------------------------
+
+def test_a_native_conversion_keeps_the_drafter(checkpoint, tmp_path):
+    """``mlx-v4 convert --recipe native`` writes the drafter as dspark.*; the converted model
+    drafts exactly as the release does (mxfp8/mxfp4 kept bit for bit, dequantized here)."""
+    from quantize.convert import convert
+
+    out = convert(checkpoint[0], tmp_path / "native", recipe="native", max_shard_bytes=200_000).path
+    names = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
+    assert "dspark.main_proj.weight" in names and not any(n.startswith("mtp.") for n in names)
+    assert "dspark.layers.1.ffn.experts.3.w2.weight" in names
+    results = []
+    for path in (checkpoint[0], out):
+        model = _load(path)
+        drafter = DSparkDrafter(model)
+        ids = _ids(20, seed=2)
+        _, tapped = model.tapped_streams(mx.array([ids]), model.make_cache(), drafter.taps)
+        drafter.observe(tapped, ids[1:] + [7], 0)
+        results.append(np.array(drafter.logits))
+    np.testing.assert_array_equal(results[0], results[1])
