@@ -54,7 +54,7 @@ def _layer_state(c) -> list[np.ndarray]:
 def test_speculate_accept_keeps_exactly_a_prefix(model, start, fed):
     """For every k, feeding ``fed`` guesses and keeping k leaves the cache of a run fed only those
     k: windows, the ratio-2 open group, compressed entries, index keys, the Engram history."""
-    ids = _arr(start + fed + 24, seed=start)
+    ids = _arr(start + fed + 12, seed=start)
     for keep in range(fed + 1):
         spec, ref = model.make_cache(), model.make_cache()
         if start:
@@ -110,6 +110,10 @@ def test_the_dspark_fields_are_read():
     assert (a.dspark_block_size, a.dspark_noise_token_id, a.dspark_markov_rank) == (4, 500, 16)
     assert (a.dspark_n_routed_experts, a.dspark_n_activated_experts) == (4, 3)
     assert V41Args.from_dict(a.to_dict()) == a  # round trip, stage ratios included
+    # the release's config.json spells the drafter's top-k the transformers way
+    released = v41_dspark_config(BASE, dspark_n_activated_experts=None, dspark_num_experts_per_tok=2)
+    del released["text_config"]["dspark_n_activated_experts"]
+    assert V41Args.from_dict(released).dspark_n_activated_experts == 2
     plain = V41Args.from_dict(BASE)
     assert not plain.has_dspark and not any(k.startswith("dspark_") for k in plain.to_dict())
 

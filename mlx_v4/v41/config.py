@@ -36,6 +36,7 @@ _ALIASES = {
     "n_mtp_layers": "num_nextn_predict_layers", "kv_source_layers": "kv_source_layer_ids",
     "index_source_layers": "index_source_layer_ids", "candidate_source_layer": "candidate_source_layer_id",
     "engram_pad_id": "engram_pad_token_id",
+    "dspark_num_experts_per_tok": "dspark_n_activated_experts",  # the release config.json's name
 }
 
 

@@ -10,7 +10,11 @@ changes, and where each fact comes from:
   ``dspark_markov_rank``, and ``dspark_n_routed_experts`` / ``dspark_n_activated_experts``, the
   drafter's own MoE size (``get_moe_config``: layers from ``n_layers`` on use them, 0 falls back
   to the backbone's); ``n_mtp_layers`` draft layers are appended after the backbone, indices
-  ``n_layers ..``, each with a trailing 0 in ``compress_ratios`` (window-only attention).
+  ``n_layers ..``, each with a trailing 0 in ``compress_ratios`` (window-only attention). The
+  release's config.json (as third-party V4.1 ports quote it) spells these the transformers way:
+  ``num_nextn_predict_layers: 3``, ``dspark_block_size: 5``, ``dspark_noise_token_id: 128799``,
+  ``dspark_target_layer_ids: [37, 38, 39]``, ``dspark_markov_rank: 256``,
+  ``dspark_n_routed_experts: 128``, ``dspark_num_experts_per_tok: 3``.
 * **What it reads** (``Transformer.forward``): ``main_hiddens.append(h.mean(dim=2))`` at the
   input of each target layer, after that layer's Engram (the Engram runs first in the loop).
   The reference builds ``self.mtp`` empty and never calls a drafter forward ("only the forward
