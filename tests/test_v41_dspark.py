@@ -228,14 +228,31 @@ def test_drafter_matches_the_transcription(exact_model, n, start):
 
 
 def test_taps_are_the_input_streams_after_the_engram(exact_model):
-    """Layer 0's input is the embedding on every copy; a tap sits after that layer's Engram
-    (layer 5 here): tapping 5 differs from tapping 4's output only by the Engram's addition."""
+    """Layer 0's input is the embedding on every copy; the taps of the Engram layers (1 and 5)
+    are their streams after the Engram's addition, averaged over the copies (the official loop:
+    engram, then ``main_hiddens.append(h.mean(dim=2))``, then the block)."""
+    from mlx_v4.v41.cache import SharedState
+
     model, _ = exact_model
     ids = mx.array([[5, 9, 300, 7, 8, 11]])
     h, tapped = model.tapped_streams(ids, model.make_cache(), (0,))
     np.testing.assert_allclose(np.array(tapped), np.array(model.embed(ids)), atol=1e-6)
     np.testing.assert_array_equal(np.array(model.logits(h)), np.array(model(ids)))
     assert model.tapped_streams(ids, model.make_cache())[1] is None
+    _, tapped = model.tapped_streams(ids, model.make_cache(), (1, 5))
+    hc, D = model.args.hc_mult, model.args.hidden_size
+    x = mx.broadcast_to(model.embed(ids)[:, :, None], (1, 6, hc, D))
+    pre = mx.zeros((1, 6, hc)).at[..., 0].add(1.0)
+    rows, _ = model._hasher(np.array(ids), np.full((1, 2), -1))
+    want, cache, shared = [], model.make_cache(), SharedState()
+    for i, (layer, c) in enumerate(zip(model.layers, cache)):
+        if i in (1, 5):
+            before = x.mean(axis=2)
+            x = layer.engram(x, rows[:, :, model.args.engram_layer_ids.index(i)])
+            want.append(x.mean(axis=2))
+            assert not np.allclose(np.array(before), np.array(want[-1]))  # the Engram added something
+        x, pre = layer(x, pre, c, shared)
+    np.testing.assert_array_equal(np.array(tapped), np.array(mx.concatenate(want, axis=-1)))
 
 
 # ---- speculative decoding ------------------------------------------------------------------------
