@@ -189,6 +189,23 @@ def test_a_v41_checkpoint_loads_with_its_drafter(checkpoint, exact_model):
     assert make_drafter(model, "auto", None, custom_sampler=False).name == "dspark"
 
 
+def test_the_confidence_head_is_optional(tmp_path, tok):
+    write_tiny_v41_dspark_checkpoint(tmp_path, BASE, seed=4, confidence=False)
+    model = _load(tmp_path)
+    assert "confidence" not in model.dspark
+    drafter = make_drafter(model, "dspark", 2, custom_sampler=False)
+    ids = _ids(9, seed=6)
+    assert _run(model, tok, ids, max_tokens=5, draft="dspark")[0] == _run(model, tok, ids, max_tokens=5)[0]
+    from mlx_v4.draft.dspark import DSparkError
+
+    with pytest.raises(DSparkError, match="has no confidence head"):
+        drafter.net.acceptance(mx.zeros((1, 64)), mx.array([3]))
+    from quantize.convert import convert
+
+    out = convert(tmp_path, tmp_path / "native", recipe="native").path
+    assert "confidence" not in _load(out).dspark
+
+
 def test_without_dspark_fields_the_mtp_tensors_are_skipped(checkpoint, tmp_path):
     path, _ = checkpoint
     for f in path.iterdir():

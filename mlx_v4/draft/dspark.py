@@ -138,6 +138,8 @@ class DSparkHeads(nn.Module):
 
     def acceptance(self, hidden: mx.array, prev: mx.array) -> mx.array:
         """The confidence head: estimated acceptance [n] of each row's draft (float32)."""
+        if "confidence" not in self:
+            raise DSparkError("this checkpoint's DSpark drafter has no confidence head (confidence_head.proj)")
         x = mx.concatenate([hidden.astype(mx.float32), self.markov_w1(prev).astype(mx.float32)], axis=-1)
         return mx.sigmoid(x @ self.confidence.weight.astype(mx.float32).T)[:, 0]
 

@@ -54,14 +54,18 @@ def v41_dspark_shapes(text: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_tiny_v41_dspark_checkpoint(path, config: dict, seed: int = 0, **fields) -> tuple[dict, dict[str, np.ndarray]]:
-    """``config`` plus a drafter, written in the release layout with random weights ->
-    (config dict, the exact float32 values every stored tensor encodes)."""
+def write_tiny_v41_dspark_checkpoint(path, config: dict, seed: int = 0, confidence: bool = True,
+                                     **fields) -> tuple[dict, dict[str, np.ndarray]]:
+    """``config`` plus a drafter (without its confidence head unless ``confidence``), written in
+    the release layout with random weights -> (config dict, the exact float32 values every
+    stored tensor encodes)."""
     cfg = v41_dspark_config(config, **fields)
     text = cfg.get("text_config", cfg)
     weights = random_official_v41_weights(text, seed)
     rng = np.random.default_rng(seed + 7919)
     for name, shape in v41_dspark_shapes(text).items():
+        if not confidence and "confidence_head" in name:
+            continue
         if "norm.weight" in name:
             w = 1 + 0.1 * rng.standard_normal(shape)
         elif name.endswith(("hc_attn_fn", "hc_ffn_fn")):

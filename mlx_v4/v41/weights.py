@@ -197,7 +197,7 @@ def _drafter_names(path: Path, model: Model, infos: dict) -> tuple[dict, dict[st
         return infos, {}
     from .dspark import attach_v41_dspark, v41_dspark_name
 
-    attach_v41_dspark(model)
+    net = attach_v41_dspark(model)
     out, official = {}, {}
     for name, info in infos.items():
         ours = v41_dspark_name(name) or name
@@ -207,6 +207,8 @@ def _drafter_names(path: Path, model: Model, infos: dict) -> tuple[dict, dict[st
         out[ours] = info
         if ours != name:
             official[ours] = name
+    if "dspark.confidence.weight" not in out:  # optional, as in vLLM (its confidence_head is dropped)
+        del net["confidence"]
     return out, official
 
 
