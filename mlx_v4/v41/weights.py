@@ -25,10 +25,10 @@ from .. import platform
 from ..weights import (
     MXFP8,
     WeightsError,
-    _scan,
     apply_quantization,
     dequantize_fp8,
     resolve_model_path,
+    scan_checkpoint,
 )
 from .config import V41Args
 from .converted import converted_weights, is_converted
@@ -77,7 +77,7 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
             raise WeightsError(f"{flag}={value!r}: choose 'mx{flag}' or 'dequantize'")
     token_map = compressed_token_map(str(tokenizer_file(path))) if args.engram_layer_ids else None
     model = Model(args, token_map)
-    infos, _ = _scan(path)
+    infos = scan_checkpoint(path)
     infos, official = _drafter_names(path, model, infos)
     loaded: dict[Path, dict[str, mx.array]] = {}
 
