@@ -22,12 +22,15 @@ changes, and where each fact comes from:
 * **Stages** (vLLM ``vllm/models/deepseek_v4_1/nvidia/dspark.py``, ``DSparkDeepseekV4Model``):
   ``n_mtp_layers`` V4.1 decoder layers (``layers.{n_layers + i}``): window-only attention in
   V4.1 form (no query norm), V4.1 MoE, staggered mHC: the block enters as its embeddings copied
-  over the ``hc_mult`` streams with the pre-mix selecting copy 0, and each sub-layer collapses
-  with the previous one's ``pre``.
+  over the ``hc_mult`` streams; the first stage gets no pre-mix (``pre_mix = None``), which
+  selects copy 0 as the reference's ``make_identity_pre_mix`` does for the backbone, and each
+  sub-layer then collapses with the previous one's ``pre``.
 * **Head**: "v4.1 has no learned hc_head": the streams are collapsed with the last stage's FFN
   pre-mix, then ``norm`` and the target's ``head`` (vLLM ``forward`` / ``compute_logits``). The
-  hidden fed to the confidence head is the normed one, as for V4-Flash-0731.
-* **Context KV** (vLLM ``precompute_and_store_context_kv``): ``main_x = main_norm(main_proj(hiddens))``;
+  hidden fed to the confidence head is the normed one, as for V4-Flash-0731; the confidence
+  head is optional (vLLM drops it when the checkpoint has none).
+* **Context KV** (vLLM ``combine_hidden_states`` / ``precompute_and_store_context_kv``):
+  ``main_x = main_norm(main_proj(hiddens))``;
   each stage makes its own context KV with its ``wkv`` (the wkv half of the fused
   ``wq_a|wkv``), ``kv_norm`` and RoPE at the context positions, quantized like its window
   entries (V4.1: FP8 in blocks of 32 over all dims).
@@ -36,8 +39,8 @@ changes, and where each fact comes from:
   factors named ``markov_head.embed`` / ``markov_head.head`` (or ``markov_w1`` / ``markov_w2``);
   everything else of ``mtp.{i}`` is stage i's decoder layer.
 
-Unverified without the released weights: the block size, noise id and head placement of the
-real V4.1 checkpoint (this reads them from its config.json and names).
+Unverified without the released weights: the drafter's exact tensor names and head placement
+in the real V4.1 checkpoint (this follows vLLM's mapping), and its acceptance.
 """
 
 from __future__ import annotations
