@@ -118,6 +118,14 @@ def test_the_dspark_fields_are_read():
     assert not plain.has_dspark and not any(k.startswith("dspark_") for k in plain.to_dict())
 
 
+def test_the_release_preset_declares_its_drafter():
+    from mlx_v4.v41.config import preset
+
+    a = preset("v41-flash")
+    assert a.has_dspark and a.dspark_stages == 3 and a.dspark_target_layer_ids == [37, 38, 39]
+    assert (a.dspark_n_routed_experts, a.dspark_n_activated_experts, a.dspark_noise_token_id) == (128, 3, 128799)
+
+
 @pytest.mark.parametrize("fields,message", [
     (dict(dspark_noise_token_id=None), "dspark_noise_token_id is missing"),
     (dict(dspark_noise_token_id=512), "dspark_noise_token_id=512 is outside the vocabulary"),

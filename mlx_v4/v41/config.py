@@ -336,7 +336,9 @@ def _flash() -> dict[str, Any]:
         rope_scaling={"rope_type": "yarn", "factor": 16, "beta_fast": 32, "beta_slow": 1,
                       "original_max_position_embeddings": 65536},
         engram_layer_ids=[1, 14], engram_num_embeddings=[384006168, 384016682], engram_compressed_vocab_size=99092,
-        num_nextn_predict_layers=3,
+        num_nextn_predict_layers=3,  # the DSpark drafter's layers, with its fields as the release states them
+        dspark_block_size=5, dspark_noise_token_id=128799, dspark_target_layer_ids=[37, 38, 39], dspark_markov_rank=256,
+        dspark_n_routed_experts=128, dspark_num_experts_per_tok=3,
         quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [32, 32],
                              "scale_fmt": "ue8m0", "expert_dtype": "fp4"},
     )
