@@ -37,7 +37,7 @@ _FIXES = {
     "DraftError": "use --draft auto (the checkpoint's drafter when it can run) or --draft none",
 }
 
-DRAFT_HELP = ("Speculative decoding drafter: auto (the checkpoint's drafter when it has one: DSpark on V4-Flash-0731, "
+DRAFT_HELP = ("Speculative decoding drafter: auto (the checkpoint's drafter when it has one: DSpark on V4-Flash-0731 and V4.1, "
               "else its MTP block), mtp, dspark, or none. Greedy output is unchanged; sampled output keeps its "
               "distribution.")
 DRAFT_TOKENS_HELP = ("Draft tokens verified per target forward (default: 1 for the MTP block, more chains it on its "

@@ -13,8 +13,9 @@ does, except routed experts (``layers.N.ffn.experts.E.wK.weight``, stacked here 
   from disk row by row (mlx_v4/v41/engram.py), whatever the recipe;
 * the compressor, the index-key ``wk`` and ``weights_proj`` feed float32 math and stay dense.
 
-The DSpark drafter (``mtp.*``) and the vision tower are not converted (the text model does not
-run them). The calibrated recipes (``3bit-experts``, ``2bit-experts``) run the V4 model on text,
+The DSpark drafter (``mtp.*``) is kept, under our ``dspark.*`` names (mlx_v4/v41/dspark.py),
+when config.json declares it (``dspark_*`` fields); otherwise it is dropped, as the vision tower
+always is (the text model does not run it). The calibrated recipes (``3bit-experts``, ``2bit-experts``) run the V4 model on text,
 so they do not apply here.
 """
 
@@ -37,7 +38,7 @@ from .recipes import ConvertError, Override, Recipe, classify
 RECIPES_V41 = ("native", "mxfp4", "mxfp8", "4bit", "8bit", "mixed-4-8", "bf16")
 
 SKIPPED = re.compile(r"^(mtp\.|vision\.|aligner\.|image_(start|end|newline)$)")
-_EXPERT = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+_EXPERT = re.compile(r"^((?:dspark\.)?layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
 _TABLE = re.compile(r"^layers\.\d+\.engram\.embed\.weight$")
 #: Dense whatever the recipe: they feed float32 math (the V4.1 loader keeps them dense too).
 _KEEP_DENSE = re.compile(r"(compressor\.|indexer\.(wk|weights_proj)\.)")
@@ -45,7 +46,7 @@ _FLOATS = ("BF16", "F16", "F32")
 
 # V4.1 names the V4 classes do not know; everything else classifies as in V4.
 _CLASSES_V41 = [(re.compile(p), c) for p, c in [
-    (r"layers\.\d+\.hc_(attn|ffn)_(fn|base|scale)", "hyper"),
+    (r"(dspark\.)?layers\.\d+\.hc_(attn|ffn)_(fn|base|scale)", "hyper"),
     (r".*\.ffn\.gate\.bias_vl", "router_bias"),
     (r".*\.attn\.wo_a\.weight", "attention"),  # V4.1 runs the grouped wo_a quantized
     (r".*\.attn\.indexer\.(wk|weights_proj)\.weight", "index_dense"),
@@ -89,7 +90,7 @@ def open_source(path: Path) -> Source:
     return Source(path, config, args, infos, h.hexdigest()[:16], block, {}, family="v41", materialise=materialise)
 
 
-def _expected(args: V41Args) -> dict[str, tuple[int, ...]]:
+def _expected(args: V41Args, drafter: bool) -> dict[str, tuple[int, ...]]:
     """Our parameter names and shapes for ``args`` (lazy zeros: nothing is allocated)."""
     from mlx.utils import tree_flatten
 
@@ -97,24 +98,37 @@ def _expected(args: V41Args) -> dict[str, tuple[int, ...]]:
 
     size = args.engram_compressed_vocab_size
     model = Model(args, (range(size), size) if args.engram_layer_ids else None, cpu=True)
+    if drafter:
+        from mlx_v4.v41.dspark import attach_v41_dspark
+
+        attach_v41_dspark(model, cpu=True)
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
 def plan_entries(src: Source) -> tuple[dict[str, _Entry], list[str]]:
     """Source tensors -> ({our name: entry}, skipped names); every parameter of the model must be
     there and nothing else (ConvertError naming the tensor)."""
+    from mlx_v4.v41.dspark import v41_dspark_name
+
     infos, path = src.infos, src.path
-    expected = _expected(src.args)
+    drafter = src.args.has_dspark and any(n.startswith("mtp.") for n in infos)
+    expected = _expected(src.args, drafter)
+    if drafter and not any(".confidence_head." in n for n in infos):  # optional (mlx_v4/v41/weights.py)
+        expected.pop("dspark.confidence.weight")
     entries: dict[str, _Entry] = {}
     experts: dict[str, dict[int, _Part]] = {}
     skipped = []
-    for name, info in infos.items():
+    for source_name, info in infos.items():
+        name = (drafter and v41_dspark_name(source_name)) or source_name  # the drafter's: dspark.*
         if SKIPPED.match(name):
             skipped.append(name)
             continue
-        if name.endswith(".scale") and name.removesuffix(".scale") + ".weight" in infos:
+        if source_name.endswith(".scale") and source_name.removesuffix(".scale") + ".weight" in infos:
             continue
-        part = _Part(info, infos.get(name.removesuffix(".weight") + ".scale") if name.endswith(".weight") else None)
+        scale = source_name.removesuffix(".weight") + ".scale"
+        part = _Part(info, infos.get(scale) if source_name.endswith(".weight") else None)
+        if name in entries:
+            raise ConvertError(f"{info.file}: tensor '{source_name}' is a second '{name}'")
         if m := _EXPERT.match(name):
             experts.setdefault(f"{m[1]}.{m[3]}.weight", {})[int(m[2])] = part
         elif name in expected or _TABLE.match(name):

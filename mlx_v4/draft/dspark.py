@@ -97,26 +97,21 @@ class DSparkStage(DecoderLayer):
         return self.forward(x, ids, attend_block)
 
 
-class DSpark(nn.Module):
-    """The drafter's weights and forward (``model.dspark``, weights ``dspark.*``)."""
+class DSparkHeads(nn.Module):
+    """What every DSpark drafter has around its stages (V4-Flash-0731 and V4.1 alike): the
+    projection of the target hiddens, the Markov and confidence heads, the block settings.
+    Subclasses add ``layers`` (stages with ``context_kv``) and :meth:`hidden`."""
 
-    def __init__(self, args: ModelArgs, cpu: bool | None = None, use_kernel: bool | None = None):
+    def __init__(self, D: int, targets: int, vocab: int, rank: int, eps: float, act_quant, block_size: int,
+                 noise_id: int, hc_mult: int, window: int):
         super().__init__()
-        cpu = not metal_available() if cpu is None else cpu
-        use_kernel = metal_available() if use_kernel is None else use_kernel
-        stage_args = dspark_layer_args(args)
-        D, n = args.hidden_size, len(args.dspark_target_layer_ids)
-        self.act_quant = args.act_quant
-        self.main_proj = nn.Linear(n * D, D, bias=False)
-        self.main_norm = RMSNorm(D, args.rms_norm_eps)
-        self.layers = [DSparkStage(stage_args, args.num_hidden_layers + i, cpu, use_kernel) for i in range(n)]
-        self.hc_head = HyperHead(args.hc_mult, D, args.hc_eps, args.rms_norm_eps)
-        self.norm = RMSNorm(D, args.rms_norm_eps)
-        self.markov_w1 = nn.Embedding(args.vocab_size, args.dspark_markov_rank)
-        self.markov_w2 = nn.Linear(args.dspark_markov_rank, args.vocab_size, bias=False)
-        self.confidence = nn.Linear(D + args.dspark_markov_rank, 1, bias=False)
-        self.block_size, self.noise_id, self.hc_mult = args.dspark_block_size, args.dspark_noise_token_id, args.hc_mult
-        self.window = args.sliding_window
+        self.act_quant = act_quant
+        self.main_proj = nn.Linear(targets * D, D, bias=False)
+        self.main_norm = RMSNorm(D, eps)
+        self.markov_w1 = nn.Embedding(vocab, rank)
+        self.markov_w2 = nn.Linear(rank, vocab, bias=False)
+        self.confidence = nn.Linear(D + rank, 1, bias=False)
+        self.block_size, self.noise_id, self.hc_mult, self.window = block_size, noise_id, hc_mult, window
 
     def contexts(self, hiddens: mx.array, positions: mx.array) -> list[mx.array]:
         """Target hiddens [1, n, len(targets) * D] at ``positions`` [n] -> each stage's context
@@ -124,18 +119,13 @@ class DSpark(nn.Module):
         main_x = self.main_norm(self.main_proj(gemm_input(hiddens, self.act_quant)))
         return [stage.context_kv(main_x, positions) for stage in self.layers]
 
-    def hidden(self, anchor: int, position: int, contexts: list[mx.array | None], embed: nn.Module) -> mx.array:
-        """The block ``[anchor, noise...]`` at ``position ..`` over each stage's context window
-        (positions before ``position``) -> normed hidden [block_size, D], row j for the token at
-        ``position + j + 1``."""
+    def block_input(self, anchor: int, position: int, embed: nn.Module) -> tuple[mx.array, mx.array, mx.array]:
+        """The block ``[anchor, noise...]`` -> (ids [1, B], positions [B], streams [1, B, hc, D]:
+        the embeddings copied over the hyper-connection streams)."""
         B = self.block_size
         ids = mx.array([[anchor] + [self.noise_id] * (B - 1)], dtype=mx.int32)
-        positions = mx.arange(position, position + B)
         e = embed(ids)
-        x = mx.broadcast_to(e[:, :, None, :], (1, B, self.hc_mult, e.shape[-1]))
-        for stage, context in zip(self.layers, contexts, strict=True):
-            x = stage.block(x, ids, positions, context)
-        return self.norm(self.hc_head(x))[0]
+        return ids, mx.arange(position, position + B), mx.broadcast_to(e[:, :, None, :], (1, B, self.hc_mult, e.shape[-1]))
 
     @staticmethod
     def base_logits(hidden: mx.array, head: nn.Module) -> mx.array:
@@ -148,8 +138,34 @@ class DSpark(nn.Module):
 
     def acceptance(self, hidden: mx.array, prev: mx.array) -> mx.array:
         """The confidence head: estimated acceptance [n] of each row's draft (float32)."""
+        if "confidence" not in self:
+            raise DSparkError("this checkpoint's DSpark drafter has no confidence head (confidence_head.proj)")
         x = mx.concatenate([hidden.astype(mx.float32), self.markov_w1(prev).astype(mx.float32)], axis=-1)
         return mx.sigmoid(x @ self.confidence.weight.astype(mx.float32).T)[:, 0]
+
+
+class DSpark(DSparkHeads):
+    """The V4-Flash-0731 drafter's weights and forward (``model.dspark``, weights ``dspark.*``)."""
+
+    def __init__(self, args: ModelArgs, cpu: bool | None = None, use_kernel: bool | None = None):
+        cpu = not metal_available() if cpu is None else cpu
+        use_kernel = metal_available() if use_kernel is None else use_kernel
+        stage_args = dspark_layer_args(args)
+        D, n = args.hidden_size, len(args.dspark_target_layer_ids)
+        super().__init__(D, n, args.vocab_size, args.dspark_markov_rank, args.rms_norm_eps, args.act_quant,
+                         args.dspark_block_size, args.dspark_noise_token_id, args.hc_mult, args.sliding_window)
+        self.layers = [DSparkStage(stage_args, args.num_hidden_layers + i, cpu, use_kernel) for i in range(n)]
+        self.hc_head = HyperHead(args.hc_mult, D, args.hc_eps, args.rms_norm_eps)
+        self.norm = RMSNorm(D, args.rms_norm_eps)
+
+    def hidden(self, anchor: int, position: int, contexts: list[mx.array | None], embed: nn.Module) -> mx.array:
+        """The block ``[anchor, noise...]`` at ``position ..`` over each stage's context window
+        (positions before ``position``) -> normed hidden [block_size, D], row j for the token at
+        ``position + j + 1``."""
+        ids, positions, x = self.block_input(anchor, position, embed)
+        for stage, context in zip(self.layers, contexts, strict=True):
+            x = stage.block(x, ids, positions, context)
+        return self.norm(self.hc_head(x))[0]
 
 
 def attach_dspark(model, cpu: bool | None = None, use_kernel: bool | None = None) -> DSpark:

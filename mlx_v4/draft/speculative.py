@@ -297,12 +297,9 @@ def make_drafter(model, draft: str | None, tokens: int | None, *, custom_sampler
                          "not a custom sampler function")
     if draft in ("auto", "dspark") and has_dspark(model):
         return DSparkDrafter(model, tokens)
-    if draft == "dspark" and str(getattr(model.args, "model_type", "")).startswith("deepseek_v41"):
-        raise DraftError("DeepSeek V4.1's DSpark drafter is not supported yet (its cache cannot keep a verified "
-                         "prefix); use --draft none, or auto, which decodes V4.1 without drafts")
     if draft == "dspark":
-        raise DraftError("this checkpoint has no DSpark drafter (V4-Flash-0731's mtp.0-2 with dspark_* fields in "
-                         "config.json): --draft dspark needs one")
+        raise DraftError("this checkpoint has no DSpark drafter (V4-Flash-0731's or V4.1's mtp.* with dspark_* "
+                         "fields in config.json): --draft dspark needs one")
     if not has_mtp(model):
         if auto:
             return None

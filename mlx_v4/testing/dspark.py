@@ -112,6 +112,12 @@ def _sigmoid(z):
 
 def _hc_split(x, W, p, a):
     """mHC before a sub-block: x [L, hc, D] -> (input [L, D], post [L, hc], comb [L, hc, hc])."""
+    pre, post, comb = _hc_mixes(x, W, p, a)
+    return (pre[..., None] * x).sum(1), post, comb
+
+
+def _hc_mixes(x, W, p, a):
+    """The Sinkhorn mixes of a sub-block: x [L, hc, D] -> (pre [L, hc], post [L, hc], comb [L, hc, hc])."""
     hc = a.hc_mult
     flat = x.reshape(len(x), -1)
     mixes = flat @ W[p + "_fn"].T / np.sqrt((flat * flat).mean(-1, keepdims=True) + a.rms_norm_eps)
@@ -125,7 +131,7 @@ def _hc_split(x, W, p, a):
     for _ in range(a.hc_sinkhorn_iters - 1):
         comb = comb / (comb.sum(-1, keepdims=True) + a.hc_eps)
         comb = comb / (comb.sum(-2, keepdims=True) + a.hc_eps)
-    return (pre[..., None] * x).sum(1), post, comb
+    return pre, post, comb
 
 
 def _hc_merge(o, x, post, comb):

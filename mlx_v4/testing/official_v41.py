@@ -39,10 +39,10 @@ QUANTIZATION_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic", "w
                        "scale_fmt": "ue8m0", "expert_dtype": "fp4"}
 
 _FP8_NAMES = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|ffn\.shared_experts\.w[123]"
-                        r"|engram\.wkv)\.weight$")
+                        r"|engram\.wkv|main_proj)\.weight$")  # main_proj: the DSpark drafter's
 _EXPERT = re.compile(r"ffn\.experts\.\d+\.w[123]\.weight$")
 _TABLE = re.compile(r"engram\.embed\.weight$")
-_F32 = re.compile(r"(hc_(attn|ffn)_(fn|base|scale)|attn_sink|gate\.bias(_vl)?)$")
+_F32 = re.compile(r"(hc_(attn|ffn)_(fn|base|scale)|attn_sink|gate\.bias(_vl)?|confidence_head\.proj\.weight)$")
 
 
 def engram_layout(text: dict) -> EngramLayout | None:

@@ -56,15 +56,18 @@ class Compressor(nn.Module):
             self.wgate = nn.Linear(dim, head_dim, bias=False)
         self.norm = RMSNorm(head_dim, eps)
 
-    def __call__(self, x: mx.array, offset: int, state: GroupState):
+    def __call__(self, x: mx.array, offset: int, state: GroupState, record=None):
         """x [B, L, D] at positions offset.. -> (latents [B, n, d] or None, index of the first
-        group, new state); ``n`` groups close in this chunk."""
+        group, new state); ``n`` groups close in this chunk. ``record(kv, score)`` (a speculating
+        cache's) receives the chunk's projected rows."""
         if self.ratio == 1:
             return self.norm(self.wkv(x)), offset, state
         B, L, _ = x.shape
         r = self.ratio
         xf = x.astype(mx.float32)
         kv, score = self.wkv(xf).astype(mx.float32), self.wgate(xf).astype(mx.float32)
+        if record is not None:
+            record(kv, score)
         m = 0
         if state.kv is not None:
             m = state.kv.shape[1]
@@ -232,7 +235,8 @@ class Attention(nn.Module):
         """Compress (sources) and select (index sources) -> (the store read, picks or None)."""
         store = cache.source
         if self.is_kv_source:
-            latent, first, store.group = self.compressor(x, cache.offset, store.group)
+            record = cache.record_rows if cache.speculating else None
+            latent, first, store.group = self.compressor(x, cache.offset, store.group, record)
             if latent is not None:
                 if self.indexer.owns_keys:
                     keys, packed = self.indexer.keys(latent, first)

@@ -12,7 +12,9 @@
 Entries are stored in the form the model rounded them to (lossless); with ``fake_quant`` off the
 same stores keep unrounded values. Entry stores are append-only, so :func:`checkpoint` snapshots
 only the small state (windows, open groups, Engram history) by reference and :func:`rewind`
-truncates the stores.
+truncates the stores. Speculation (:meth:`LayerCache.speculate` / :meth:`~LayerCache.accept`, as
+V4's caches do it in mlx_v4/cache.py) records what a step feeds (window entries, ratio-2 rows,
+compressed token ids) so that any prefix of it can be kept exactly.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ class GroupState:
 class SourceStore:
     """What one kv source layer owns: compressed entries, its open group, maybe index keys."""
 
-    def __init__(self, packed: bool, owns_keys: bool):
-        self.packed = packed
+    def __init__(self, packed: bool, owns_keys: bool, ratio: int = 1):
+        self.packed, self.ratio = packed, ratio
         self.entries = EntryStore()
         self.index_keys = EntryStore() if owns_keys else None
         self.group = GroupState()
@@ -73,6 +75,33 @@ class SourceStore:
         return n + (self.index_keys.nbytes if self.index_keys is not None else 0)
 
 
+@dataclass
+class _Speculation:
+    offset: int  # where recording started
+    state: tuple  # LayerCache._state() there
+    window: tuple | None = None  # window parts pushed since (before trimming)
+    rows: tuple | None = None  # a ratio-2 source's projected (kv, score) rows since
+
+
+def _cat(a: mx.array | None, b: mx.array) -> mx.array:
+    return b if a is None else mx.concatenate([a, b], axis=1)
+
+
+def _cat_parts(old: tuple | None, new: tuple) -> tuple:
+    return tuple(new) if old is None else tuple(_cat(a, b) for a, b in zip(old, new))
+
+
+def _kept_history(start: np.ndarray | None, fed: list | None, keep: int, now: np.ndarray | None) -> np.ndarray | None:
+    """The Engram history after ``keep`` of the compressed ids ``fed`` since ``start``."""
+    if now is None or not keep:
+        return None if start is None else start.copy()
+    if start is None:  # nothing was fed before: the history was all -1
+        start = np.full_like(now, -1)
+    seq = np.concatenate([start] + list(fed or []), axis=1)
+    h = start.shape[1]
+    return seq[:, : h + keep][:, -h:].copy() if h else seq[:, :0].copy()
+
+
 class LayerCache:
     """One layer's view: its own window, and (compressed layers) the source store it reads."""
 
@@ -89,6 +118,7 @@ class LayerCache:
         self.keys: SourceStore | None = None  # index sources: the store holding their index keys
         self.model_cache: V41Cache | None = None  # set on layer 0, which snapshots the Engram history
         self._snapshots: dict[int, tuple] = {}
+        self._spec: _Speculation | None = None
 
     def window_values(self, dtype) -> mx.array | None:
         if self.window_parts is None:
@@ -96,13 +126,15 @@ class LayerCache:
         return dequantize_window(*self.window_parts, dtype) if self.packed else self.window_parts[0].astype(dtype)
 
     def push_window(self, parts: tuple[mx.array, ...]) -> None:
+        if self._spec is not None:
+            self._spec.window = _cat_parts(self._spec.window, parts)
         keep = self.window - 1
         if self.window_parts is not None:
             parts = tuple(mx.concatenate([old, new], axis=1) for old, new in zip(self.window_parts, parts))
         self.window_parts = [mx.contiguous(p[:, -keep:]) for p in parts] if keep > 0 else None
 
-    def checkpoint(self) -> int:
-        """Remember this position (by reference: no copies); see :meth:`rewind`."""
+    def _state(self) -> tuple:
+        """(window parts, (open group, entries, index keys) on sources, Engram history on layer 0)."""
         own = None
         if self.own is not None:
             keys = self.own.index_keys
@@ -111,8 +143,78 @@ class LayerCache:
         history = None
         if self.model_cache is not None and self.model_cache.engram_history is not None:
             history = self.model_cache.engram_history.copy()
-        self._snapshots[self.offset] = (self.window_parts, own, history)
+        return self.window_parts, own, history
+
+    def checkpoint(self) -> int:
+        """Remember this position (by reference: no copies); see :meth:`rewind`."""
+        self._snapshots[self.offset] = self._state()
         return self.offset
+
+    # ---- speculation: feed guesses, keep a prefix ------------------------------------------
+    @property
+    def speculating(self) -> bool:
+        return self._spec is not None
+
+    def speculate(self) -> int:
+        """Start recording: the positions fed from here on can be dropped by :meth:`accept`."""
+        if self._spec is not None:
+            raise RuntimeError("speculate() called twice without accept()")
+        self._spec = _Speculation(self.offset, self._state())
+        if self.model_cache is not None:
+            self.model_cache.engram_fed = []
+        return self.offset
+
+    def record_rows(self, kv: mx.array, score: mx.array) -> None:
+        """A ratio-2 compressor's projected rows [B, L, d] of the chunk just fed (while recording)."""
+        if self._spec is not None:
+            old = self._spec.rows
+            self._spec.rows = (kv, score) if old is None else (_cat(old[0], kv), _cat(old[1], score))
+
+    def abandon(self) -> None:
+        """Drop everything fed since :meth:`speculate` (no-op when not speculating)."""
+        if self._spec is not None:
+            self.accept(self._spec.offset)
+
+    def accept(self, offset: int) -> None:
+        """Stop recording and keep the positions before ``offset`` fed since :meth:`speculate`:
+        afterwards this cache equals one only ever fed those positions."""
+        spec, self._spec = self._spec, None
+        if spec is None:
+            raise RuntimeError("accept() without speculate()")
+        if not spec.offset <= offset <= self.offset:
+            raise ValueError(f"cannot keep positions up to {offset}: speculation fed {spec.offset}..{self.offset}")
+        fed = None
+        if self.model_cache is not None:
+            fed, self.model_cache.engram_fed = self.model_cache.engram_fed, None
+        if offset == self.offset:
+            return
+        keep = offset - spec.offset
+        self.window_parts, own, history = spec.state
+        if keep and spec.window is not None:
+            self.push_window(tuple(p[:, :keep] for p in spec.window))
+        if own is not None:
+            self._keep_source(own, spec.rows, keep)
+        if self.model_cache is not None:
+            self.model_cache.engram_history = _kept_history(history, fed, keep, self.model_cache.engram_history)
+        self.offset = offset
+        self._snapshots = {o: v for o, v in self._snapshots.items() if o <= offset}
+
+    def _keep_source(self, own: tuple, rows: tuple | None, keep: int) -> None:
+        """Entries, index keys and the open group of a source after ``keep`` recorded positions:
+        ``(m + keep) // ratio`` more groups closed, the rest of them open (m: rows open at the start)."""
+        group, n, k = own
+        r, m = self.own.ratio, 0 if group.kv is None else group.kv.shape[1]
+        closed = (m + keep) // r
+        self.own.entries.truncate(n + closed)
+        if k is not None:
+            self.own.index_keys.truncate(k + closed)
+        open_rows = (m + keep) % r
+        if not open_rows:
+            self.own.group = GroupState()
+            return
+        kv, score = rows
+        kv, score = _cat(group.kv, kv)[:, closed * r: m + keep], _cat(group.score, score)[:, closed * r: m + keep]
+        self.own.group = GroupState(mx.contiguous(kv), mx.contiguous(score))
 
     def rewind(self, offset: int) -> None:
         """Return to a position saved by :meth:`checkpoint` (later checkpoints are dropped)."""
@@ -167,6 +269,8 @@ class V41Cache(list):
     def __init__(self, layers: list[LayerCache], engram_history: np.ndarray | None = None):
         super().__init__(layers)
         self.engram_history = engram_history
+        # while layer 0 speculates: the compressed ids [B, L] of each chunk fed (see record_engram)
+        self.engram_fed: list[np.ndarray] | None = None
         if layers:
             layers[0].model_cache = self
 
@@ -187,6 +291,11 @@ class V41Cache(list):
             c.checkpoint()
         return self.offset
 
+    def record_engram(self, compressed_ids: np.ndarray) -> None:
+        """The model fed tokens whose compressed ids are [B, L]: kept while speculating."""
+        if self.engram_fed is not None:
+            self.engram_fed.append(compressed_ids)
+
     def clone_at(self, offset: int) -> V41Cache:
         """A new cache equal to this one rewound to checkpoint ``offset``; this one is untouched.
         Arrays are shared (immutable); entry stores are sliced, so appends never reach the other."""
@@ -200,7 +309,7 @@ class V41Cache(list):
             n.offset, n.window_parts = offset, windows
             n._snapshots = {k: v for k, v in c.checkpoints.items() if k <= offset}
             if c.own is not None:
-                s = SourceStore(c.packed, c.own.index_keys is not None)
+                s = SourceStore(c.packed, c.own.index_keys is not None, c.own.ratio)
                 group, rows, keys = own if own is not None else (c.own.group, c.own.entries.length,
                                                                  None if c.own.index_keys is None else c.own.index_keys.length)
                 s.group = GroupState(group.kv, group.score)
@@ -230,7 +339,7 @@ def make_cache(args, packed: bool | None = None) -> V41Cache:
     owns_keys = set(args.kv_source_layer_ids) & set(args.index_source_layer_ids)
     layers = []
     for i in range(args.num_hidden_layers):
-        own = SourceStore(packed, i in owns_keys) if i in args.kv_source_layer_ids else None
+        own = SourceStore(packed, i in owns_keys, args.compress_ratios[i]) if i in args.kv_source_layer_ids else None
         layers.append(LayerCache(args.sliding_window, packed, own))
     for i, c in enumerate(layers):
         src = args.kv_source(i)

@@ -36,6 +36,7 @@ _ALIASES = {
     "n_mtp_layers": "num_nextn_predict_layers", "kv_source_layers": "kv_source_layer_ids",
     "index_source_layers": "index_source_layer_ids", "candidate_source_layer": "candidate_source_layer_id",
     "engram_pad_id": "engram_pad_token_id",
+    "dspark_num_experts_per_tok": "dspark_n_activated_experts",  # the release config.json's name
 }
 
 
@@ -89,6 +90,15 @@ class V41Args:
     num_nextn_predict_layers: int = 0
     mtp_compress_ratios: list[int] = field(default_factory=list)
     image_token_id: int = 129264
+    # The DSpark drafter (mlx_v4/v41/dspark.py; official ModelArgs.dspark_*): block length, the
+    # noise token filling the block, the target layers whose input streams it reads, the Markov
+    # head's rank, and its stages' own expert counts (0: the backbone's; get_moe_config).
+    dspark_block_size: int = 0
+    dspark_noise_token_id: int | None = None
+    dspark_target_layer_ids: list[int] = field(default_factory=list)
+    dspark_markov_rank: int = 256
+    dspark_n_routed_experts: int = 0
+    dspark_n_activated_experts: int = 0
     bos_token_id: int = 0
     eos_token_id: int = 1
     tie_word_embeddings: bool = False
@@ -119,8 +129,47 @@ class V41Args:
     def uses_candidates(self, layer: int) -> bool:
         return 0 <= self.candidate_source_layer_id < layer and layer in self.index_source_layer_ids
 
+    @property
+    def has_dspark(self) -> bool:
+        """Whether the config declares a DSpark drafter (``dspark_block_size`` or its targets)."""
+        return self.dspark_block_size > 0 or bool(self.dspark_target_layer_ids)
+
+    @property
+    def dspark_stages(self) -> int:
+        """The drafter's layers, appended after the backbone (official ``n_mtp_layers``)."""
+        return self.num_nextn_predict_layers
+
+    def _validate_dspark(self) -> None:
+        n = self.num_hidden_layers
+        if self.dspark_block_size < 2:
+            raise ConfigError(f"dspark_block_size={self.dspark_block_size}: a DSpark block is the anchor and at "
+                              "least one noise token (the release uses 5)")
+        noise = self.dspark_noise_token_id
+        if noise is None:
+            raise ConfigError("dspark_noise_token_id is missing: a DSpark drafter fills its block with that token")
+        if not 0 <= noise < self.vocab_size:
+            raise ConfigError(f"dspark_noise_token_id={noise} is outside the vocabulary (vocab_size={self.vocab_size})")
+        ids = self.dspark_target_layer_ids
+        if not ids or any(not 0 <= t < n for t in ids) or list(ids) != sorted(set(ids)):
+            raise ConfigError(f"dspark_target_layer_ids={ids}: must be increasing layer ids below "
+                              f"num_hidden_layers={n}")
+        if self.dspark_markov_rank < 1:
+            raise ConfigError(f"dspark_markov_rank={self.dspark_markov_rank} must be positive")
+        E = self.dspark_n_routed_experts or self.n_routed_experts
+        k = self.dspark_n_activated_experts or self.num_experts_per_tok
+        if self.dspark_n_routed_experts < 0 or not 1 <= k <= E:
+            raise ConfigError(f"dspark_n_activated_experts={k} must be between 1 and dspark_n_routed_experts={E}")
+        stages = self.dspark_stages
+        if stages < 1:
+            raise ConfigError("n_mtp_layers (num_nextn_predict_layers) is 0: a DSpark drafter needs its layers")
+        if len(self.mtp_compress_ratios) != stages or any(self.mtp_compress_ratios):
+            raise ConfigError(f"compress_ratios gives {self.mtp_compress_ratios} after the {n} backbone layers: the "
+                              f"{stages} DSpark layers (n_mtp_layers) are window-only, one 0 each")
+
     def __post_init__(self):
         self.validate()
+        if self.has_dspark:
+            self._validate_dspark()
         ragged = self.gemm_input_widths_not_blocked()
         if self.act_quant is None:
             self.act_quant = self.fake_quant and not ragged
@@ -231,7 +280,8 @@ class V41Args:
         if len(ratios) < n:
             raise ConfigError(f"compress_ratios has {len(ratios)} entries, fewer than num_hidden_layers={n}")
         cfg["compress_ratios"], cfg["mtp_compress_ratios"] = ratios[:n], ratios[n:]
-        for k in ("kv_source_layer_ids", "index_source_layer_ids", "engram_layer_ids", "engram_num_embeddings"):
+        for k in ("kv_source_layer_ids", "index_source_layer_ids", "engram_layer_ids", "engram_num_embeddings",
+                  "dspark_target_layer_ids"):
             if k in cfg:
                 cfg[k] = [int(i) for i in cfg[k]]
         rs = cfg.get("rope_scaling")
@@ -264,6 +314,9 @@ class V41Args:
         d["compress_ratios"] = d["compress_ratios"] + d.pop("mtp_compress_ratios")
         d.pop("fake_quant")
         d.pop("act_quant")
+        if not self.has_dspark:  # configs without a drafter keep their dict (and model fingerprint)
+            for k in [k for k in d if k.startswith("dspark_")]:
+                d.pop(k)
         return d
 
     # ---- rope ----------------------------------------------------------------------------
@@ -283,7 +336,9 @@ def _flash() -> dict[str, Any]:
         rope_scaling={"rope_type": "yarn", "factor": 16, "beta_fast": 32, "beta_slow": 1,
                       "original_max_position_embeddings": 65536},
         engram_layer_ids=[1, 14], engram_num_embeddings=[384006168, 384016682], engram_compressed_vocab_size=99092,
-        num_nextn_predict_layers=3,
+        num_nextn_predict_layers=3,  # the DSpark drafter's layers, with its fields as the release states them
+        dspark_block_size=5, dspark_noise_token_id=128799, dspark_target_layer_ids=[37, 38, 39], dspark_markov_rank=256,
+        dspark_n_routed_experts=128, dspark_num_experts_per_tok=3,
         quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [32, 32],
                              "scale_fmt": "ue8m0", "expert_dtype": "fp4"},
     )

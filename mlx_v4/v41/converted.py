@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from ..weights import WeightsError
 
-_STACKED = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(w[123])\.weight$")
+_STACKED = re.compile(r"^((?:dspark\.)?layers\.\d+\.ffn\.experts)\.(w[123])\.weight$")
 
 
 def is_converted(path: Path) -> bool:

@@ -100,8 +100,13 @@ class Block(nn.Module):
 
     def __call__(self, x: mx.array, pre_mix: mx.array, cache, shared: SharedState):
         """x [B, L, hc, D], pre_mix [B, L, hc] (the previous FFN's) -> (x, this FFN's pre)."""
+        return self.forward(x, pre_mix, lambda h: self.attn(h, cache, shared))
+
+    def forward(self, x: mx.array, pre_mix: mx.array, attend):
+        """:meth:`__call__` with the attention given as ``attend(h [B, L, D]) -> [B, L, D]``
+        (the DSpark stages attend their block differently, mlx_v4/v41/dspark.py)."""
         attn_pre, post, comb = self._mix(x, "attn")
-        h = self.attn(self.attn_norm(collapse(x, pre_mix)), cache, shared)
+        h = attend(self.attn_norm(collapse(x, pre_mix)))
         x = HyperConnection.expand(h, x, post, comb)
         ffn_pre, post, comb = self._mix(x, "ffn")
         h = self.ffn(self.ffn_norm(collapse(x, attn_pre)))
@@ -137,6 +142,25 @@ class Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache: V41Cache | None = None, last_only: bool = False) -> mx.array:
         """inputs [B, L] token ids -> logits [B, L, vocab] float32 (or [B, 1, vocab])."""
+        x, pre, _ = self._run(inputs, cache, ())
+        if last_only:
+            x, pre = x[:, -1:], pre[:, -1:]
+        return self.logits(collapse(x, pre))
+
+    def tapped_streams(self, inputs: mx.array, cache: V41Cache | None = None, taps=()) -> tuple[mx.array, mx.array | None]:
+        """-> (the collapsed last streams [B, L, D], before ``norm``: what :meth:`logits` takes;
+        the input streams of the layers in ``taps``, after their Engram, averaged over the copies
+        and concatenated [B, L, len(taps) * D], or None without taps): what the DSpark drafter
+        reads (official ``Transformer.forward``: ``main_hiddens.append(h.mean(dim=2))``)."""
+        x, pre, tapped = self._run(inputs, cache, taps)
+        return collapse(x, pre), (mx.concatenate(tapped, axis=-1) if tapped else None)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """collapsed streams [B, L, D] -> logits [B, L, vocab] float32."""
+        return self.head(self.norm(h).astype(mx.float32)).astype(mx.float32)
+
+    def _run(self, inputs: mx.array, cache: V41Cache | None, taps) -> tuple[mx.array, mx.array, list]:
+        """inputs [B, L] -> (streams [B, L, hc, D], the last FFN's pre-mix [B, L, hc], tapped)."""
         if cache is None:
             cache = self.make_cache()
         B, L = inputs.shape
@@ -153,28 +177,29 @@ class Model(nn.Module):
         x = self.embed(inputs)
         x = mx.broadcast_to(x[:, :, None, :], (B, L, self.args.hc_mult, x.shape[-1]))
         pre = mx.zeros((B, L, self.args.hc_mult)).at[..., 0].add(1.0)  # one-hot: copy 0
+        tapped: list[mx.array] = []
         if self.expert_store is None:
-            x, pre = self._blocks(x, pre, cache, ids)
+            x, pre = self._blocks(x, pre, cache, ids, taps, tapped)
         else:  # a failed expert or Engram read rewinds the cache (and Engram history): no half step
             from ..experts import StepGuard
 
             with StepGuard(cache):
-                x, pre = self._blocks(x, pre, cache, ids)
-        if last_only:
-            x, pre = x[:, -1:], pre[:, -1:]
-        x = self.norm(collapse(x, pre))
-        return self.head(x.astype(mx.float32)).astype(mx.float32)
+                x, pre = self._blocks(x, pre, cache, ids, taps, tapped)
+        return x, pre, tapped
 
-    def _blocks(self, x: mx.array, pre: mx.array, cache: V41Cache, ids: np.ndarray):
+    def _blocks(self, x: mx.array, pre: mx.array, cache: V41Cache, ids: np.ndarray, taps=(), tapped=None):
         rows = None
         if self._hasher is not None:
             if cache.engram_history is None:
                 cache.engram_history = np.full((ids.shape[0], self._hasher.history_len), -1, dtype=np.int64)
             rows, cache.engram_history = self._hasher(ids, cache.engram_history)
+            cache.record_engram(self._hasher.token_map[ids])  # kept only while speculating
         shared = SharedState()
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             if "engram" in layer:
                 x = layer.engram(x, rows[:, :, self.args.engram_layer_ids.index(i)])
+            if i in taps:  # the drafter reads the input of its target layers, after their Engram
+                tapped.append(x.mean(axis=2))
             x, pre = layer(x, pre, c, shared)
         return x, pre
 

@@ -6,8 +6,9 @@ for routed experts (stacked into ``ffn.experts.w1.weight`` [E, out, in]) and Eng
 (attached as on-disk readers, never loaded). FP8 weights carry one E8M0 scale per 32x32 tile,
 which is exactly MLX ``mxfp8`` once each tile scale is repeated down its 32 rows: ``fp8="mxfp8"``
 keeps them quantized, ``"dequantize"`` expands them. FP4 experts are ``mxfp4`` as stored
-(``fp4="mxfp4"``) or dequantised. ``mtp.*`` (the DSpark drafter) and the vision tower are
-recognised and not loaded.
+(``fp4="mxfp4"``) or dequantised. ``mtp.*`` is the DSpark drafter (mlx_v4/v41/dspark.py),
+loaded as ``dspark.*`` when config.json declares it (``dspark_*`` fields), else skipped; the
+vision tower is recognised and not loaded.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ from .streaming import fp4_expert_arrays
 
 #: Tensors of the release that the text model does not use.
 SKIPPED = re.compile(r"^(mtp\.|vision\.|aligner\.|image_(start|end|newline)$)")
-_EXPERT = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
-_ROUTED = re.compile(r"layers\.\d+\.ffn\.experts\.w[123]\.weight")  # our stacked names
+_EXPERT = re.compile(r"^((?:dspark\.)?layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+_ROUTED = re.compile(r"(dspark\.)?layers\.\d+\.ffn\.experts\.w[123]\.weight")  # our stacked names
 #: Kept in float32 whatever the compute dtype (as the reference does).
-_FP32 = re.compile(r"(hc_(attn|ffn)_(fn|base|scale)|attn_sink|gate\.bias(_vl)?|compressor\..*)$")
+_FP32 = re.compile(r"(hc_(attn|ffn)_(fn|base|scale)|attn_sink|gate\.bias(_vl)?|compressor\..*|dspark\.confidence\.weight)$")
 #: Never quantized: the grouped ``wo_a`` is fine as mxfp8, but these feed float32 math.
 _KEEP_DENSE = re.compile(r"(compressor\.|indexer\.(wk|weights_proj)\.)")
 
@@ -77,13 +78,14 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
     token_map = compressed_token_map(str(tokenizer_file(path))) if args.engram_layer_ids else None
     model = Model(args, token_map)
     infos = scan_checkpoint(path)
+    infos, official = _drafter_names(path, model, infos)
     loaded: dict[Path, dict[str, mx.array]] = {}
 
     def get(name: str) -> mx.array:
         info = infos[name]
         if info.file not in loaded:
             loaded[info.file] = mx.load(str(info.file))  # lazy: read when evaluated
-        return loaded[info.file][name]
+        return loaded[info.file][official.get(name, name)]
 
     expected = dict(tree_flatten(model.parameters()))
     weights, quantization, used = {}, {}, set()
@@ -114,6 +116,9 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
         if ours in weights or ours.endswith(".scales") or _ROUTED.fullmatch(ours):
             continue
         if ours not in infos:
+            if _UNUSED_BY_DRAFTER.fullmatch(ours):  # bias_vl steers image spans only: text never reads it
+                weights[ours] = mx.zeros(param.shape, dtype=mx.float32)
+                continue
             raise WeightsError(f"{path}: the checkpoint has no tensor '{ours}'")
         used.add(ours)
         scale_name = ours.removesuffix(".weight") + ".scale"
@@ -136,10 +141,11 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
 
     store = None
     if budget is not None:
-        store, engram_budget_bytes = _expert_store(path, args, infos, sources, expected, weights, budget,
+        backbone = {k: v for k, v in sources.items() if not k[0].startswith("dspark.")}
+        store, engram_budget_bytes = _expert_store(path, args, infos, backbone, expected, weights, budget,
                                                    fp4=fp4, dtype=dtype, policy=expert_policy)
-    if store is None:  # every routed expert resident, stacked [E, out, in]
-        for (prefix, proj), pairs in sources.items():
+    for (prefix, proj), pairs in sources.items():  # resident, stacked [E, out, in] (the drafter's always)
+        if store is None or prefix.startswith("dspark."):
             w, s = mx.stack([get(x) for x, _ in pairs]), mx.stack([get(x) for _, x in pairs])
             arrays, quant = fp4_expert_arrays(w, s, fp4, dtype)
             weights.update({f"{prefix}.{proj}.{k}": v for k, v in arrays.items()})
@@ -179,6 +185,31 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
     model.generation_defaults = load_generation_defaults(path)
     model.eval()
     return model, path
+
+
+_UNUSED_BY_DRAFTER = re.compile(r"dspark\.layers\.\d+\.ffn\.gate\.bias_vl")
+
+
+def _drafter_names(path: Path, model: Model, infos: dict) -> tuple[dict, dict[str, str]]:
+    """With a DSpark config and ``mtp.*`` tensors (or a conversion's ``dspark.*``): attach the
+    drafter and rename its tensors to ours -> (infos by our names, ours -> the file's name)."""
+    if not model.args.has_dspark or not any(n.startswith(("mtp.", "dspark.")) for n in infos):
+        return infos, {}
+    from .dspark import attach_v41_dspark, v41_dspark_name
+
+    net = attach_v41_dspark(model)
+    out, official = {}, {}
+    for name, info in infos.items():
+        ours = v41_dspark_name(name) or name
+        if ours in out:
+            raise WeightsError(f"{path}: DSpark tensors '{official.get(ours, ours)}' and '{name}' are both "
+                               f"'{ours}'")
+        out[ours] = info
+        if ours != name:
+            official[ours] = name
+    if "dspark.confidence.weight" not in out:  # optional, as in vLLM (its confidence_head is dropped)
+        del net["confidence"]
+    return out, official
 
 
 def _expert_store(path: Path, args: V41Args, infos, sources, expected, weights, budget, *, fp4, dtype, policy):
