@@ -137,3 +137,68 @@ def test_resident_only_within_budget():
     ids = mx.array([[5, 6, 7, 5, 6, 7, 9]])
     np.testing.assert_array_equal(np.array(resident(ids)), np.array(lazy(ids)))
     assert resident.layers[1].engram.table.rows_read == 0 and resident.layers[5].engram.table.rows_read > 0
+
+
+# ---- read-ahead: every Engram layer's rows requested when the step starts -----------------------
+TINY = __import__("pathlib").Path(__file__).parent / "fixtures" / "tiny_v41" / "model"
+
+
+def prefill_decode_rewind(model) -> list[np.ndarray]:
+    """Logits of a prefill, three decode steps, a second chunk, a rewind and the steps after."""
+    ids = mx.array(np.random.default_rng(5).integers(2, 512, (2, 64)).astype(np.int32))
+    cache, outs = model.make_cache(), []
+    for lo, hi in ((0, 40), (40, 41), (41, 42), (42, 43)):
+        outs.append(np.array(model(ids[:, lo:hi], cache)))
+    assert cache.checkpoint() == 43
+    outs.append(np.array(model(ids[:, 43:60], cache)))
+    cache.rewind(43)
+    for lo, hi in ((50, 58), (58, 59), (59, 60)):
+        outs.append(np.array(model(ids[:, lo:hi], cache)))
+    return outs
+
+
+def test_read_ahead_bit_identical(monkeypatch):
+    import time
+
+    import mlx_v4
+
+    model, _ = mlx_v4.load(TINY, dtype=mx.float32)
+    assert model.engram_read_ahead  # the default
+    overlapped = []
+    async_eval = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (overlapped.append(1), async_eval(*a)))
+    for i in model.args.engram_layer_ids:  # a slow disk: layers compute while rows are still read
+        model.layers[i].engram.table.read_hook = lambda: time.sleep(2e-4)
+    ahead = prefill_decode_rewind(model)
+    assert overlapped  # the path where a layer waits on rows still in flight was taken
+    model.engram_read_ahead = False
+    at_layer = prefill_decode_rewind(model)
+    for a, b in zip(ahead, at_layer):
+        np.testing.assert_array_equal(a, b)
+    table = model.layers[1].engram.table
+    assert table.rows_read > 0 and table.wait_seconds <= table.read_seconds
+
+
+def test_read_ahead_requests_every_layer_before_the_first_engram_layer(monkeypatch):
+    import mlx_v4
+    from mlx_v4.v41 import engram
+
+    model, _ = mlx_v4.load(TINY, dtype=mx.float32)
+    tables = {id(model.layers[i].engram.table): i for i in model.args.engram_layer_ids}
+    modules = {id(model.layers[i].engram): i for i in model.args.engram_layer_ids}
+    events = []
+    request, call = engram.EngramTable.request, engram.Engram.__call__
+
+    def logged_request(self, rows, inline=False):
+        events.append(("request", tables[id(self)]))
+        return request(self, rows, inline)
+
+    def logged_call(self, x, rows):
+        events.append(("use", modules[id(self)], type(rows).__name__))
+        return call(self, x, rows)
+
+    monkeypatch.setattr(engram.EngramTable, "request", logged_request)
+    monkeypatch.setattr(engram.Engram, "__call__", logged_call)
+    mx.eval(model(mx.array([[5, 6, 7, 5, 6, 7]]), model.make_cache()))
+    assert list(model.args.engram_layer_ids) == [1, 5]
+    assert events == [("request", 1), ("request", 5), ("use", 1, "EngramRead"), ("use", 5, "EngramRead")]

@@ -304,10 +304,12 @@ def test_chat_stats_show_engram_reads(capsys):
     assert f"2 on disk (18.0 KB); rows 0 from memory, {engram['misses']:,} read from disk" in err
 
 
-def test_truncated_engram_table_names_the_file_and_leaves_the_cache_intact(tmp_path, sizes):
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_truncated_engram_table_names_the_file_and_leaves_the_cache_intact(tmp_path, sizes, read_ahead):
     path = tmp_path / "ckpt"
     shutil.copytree(MODEL, path)
     model, _ = load_model(path, dtype=mx.float32, expert_budget=sizes["minimum"])
+    model.engram_read_ahead = read_ahead  # the error surfaces at the layer, from the reader thread or not
     cache = model.make_cache()
     mx.eval(model(IDS[:, :40], cache))
     shard = Path(model.layers[5].engram.table.path)

@@ -171,14 +171,22 @@ class Model(nn.Module):
             if cache.engram_history is None:
                 cache.engram_history = np.full((ids.shape[0], self._hasher.history_len), -1, dtype=np.int64)
             rows, cache.engram_history = self._hasher(ids, cache.engram_history)
+            if self.engram_read_ahead:  # every layer's rows requested now, read while layers run
+                rows = {i: self.layers[i].engram.table.request(rows[:, :, j])
+                        for j, i in enumerate(self.args.engram_layer_ids)}
+            else:
+                rows = {i: rows[:, :, j] for j, i in enumerate(self.args.engram_layer_ids)}
         shared = SharedState()
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             if "engram" in layer:
-                x = layer.engram(x, rows[:, :, self.args.engram_layer_ids.index(i)])
+                x = layer.engram(x, rows[i])
             x, pre = layer(x, pre, c, shared)
         return x, pre
 
     weights_id: str = ""
+    #: Request all Engram rows of a step when it starts (False: each layer reads its own when
+    #: it gets there). Bit-identical either way.
+    engram_read_ahead: bool = True
     #: The store of routed experts and Engram tables under one budget (load(expert_budget=...)).
     expert_store = None
 
