@@ -31,8 +31,10 @@ import numpy as np
 
 from ..layers.fake_quant import gemm_input
 
-#: Rows one reader thread fetches per task; more rows than this are read by READ_THREADS threads.
+#: Rows one reader thread fetches per task (at most); a lookup is spread over up to READ_THREADS
+#: tasks of at least READ_MIN_SPAN rows, so a decode step's few rows are in flight together.
 READ_BATCH = 256
+READ_MIN_SPAN = 4
 READ_THREADS = 16
 _POOL = None
 
@@ -159,10 +161,12 @@ class EngramTable:
                     self.read_hook()
             return time.perf_counter()
 
-        if inline and len(ids) <= READ_BATCH:
+        if inline and len(ids) <= READ_BATCH:  # the step waits for all of it
             pending.done_at = [fetch(0, len(ids))]
+            pending.waited = pending.done_at[0] - pending.started
         else:  # pread releases the GIL: several reads in flight keep an SSD's queue busy
-            spans = [(lo, min(len(ids), lo + READ_BATCH)) for lo in range(0, len(ids), READ_BATCH)]
+            span = min(READ_BATCH, max(READ_MIN_SPAN, -(-len(ids) // READ_THREADS)))
+            spans = [(lo, min(len(ids), lo + span)) for lo in range(0, len(ids), span)]
             pending.futures = [_pool().submit(fetch, lo, hi) for lo, hi in spans]
         return pending
 
@@ -180,6 +184,7 @@ class EngramRead:
         self.futures: list = []
         self.done_at: list[float] = []
         self.started = time.perf_counter()
+        self.waited = 0.0
 
     def done(self) -> bool:
         return all(f.done() for f in self.futures)
@@ -197,7 +202,7 @@ class EngramRead:
             table.rows_read += n
             table.reads += 2 * n
             table.read_seconds += max(self.done_at, default=t0) - self.started
-            table.wait_seconds += time.perf_counter() - t0
+            table.wait_seconds += self.waited + time.perf_counter() - t0
         width = table.dim // 32
         values = mx.from_fp8(mx.array(self.codes), dtype=mx.float32).reshape(n, width, 32)
         exps = mx.array(self.scales).astype(mx.uint32)
