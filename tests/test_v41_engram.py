@@ -202,3 +202,81 @@ def test_read_ahead_requests_every_layer_before_the_first_engram_layer(monkeypat
     mx.eval(model(mx.array([[5, 6, 7, 5, 6, 7]]), model.make_cache()))
     assert list(model.args.engram_layer_ids) == [1, 5]
     assert events == [("request", 1), ("request", 5), ("use", 1, "EngramRead"), ("use", 5, "EngramRead")]
+
+
+# ---- the tokenizer's compressed map (the hash input): lean build, cached outside the model ------
+@pytest.fixture(scope="module")
+def reference_map():
+    from mlx_v4.testing.token_map_reference import reference_compressed_token_map
+    from mlx_v4.tokenizer import bundled_tokenizer_path
+
+    path = str(bundled_tokenizer_path())
+    return path, reference_compressed_token_map(path)
+
+
+@pytest.fixture
+def map_home(tmp_path, monkeypatch):
+    from mlx_v4.v41 import engram_hash
+
+    monkeypatch.setenv("MLX_V4_HOME", str(tmp_path / "home"))
+    engram_hash.compressed_token_map.cache_clear()
+    yield tmp_path / "home" / "engram"
+    engram_hash.compressed_token_map.cache_clear()
+
+
+def test_token_map_equals_the_reference_and_is_cached(reference_map, map_home, monkeypatch):
+    from mlx_v4.v41 import engram_hash
+
+    path, (want, want_size) = reference_map
+    monkeypatch.setattr(engram_hash, "TOKEN_MAP_CHUNK", 997)  # ragged chunks, the last one short
+    lookup, size = engram_hash.compressed_token_map(path)
+    assert size == want_size and lookup.dtype == np.int32 and not lookup.flags.writeable
+    np.testing.assert_array_equal(lookup, np.array(want, dtype=np.int32))
+    [cached] = map_home.iterdir()
+    assert cached.name.startswith("token_map-") and cached.suffix == ".npy"
+
+    def no_build(_):
+        raise AssertionError("rebuilt although cached")
+
+    monkeypatch.setattr(engram_hash, "build_compressed_token_map", no_build)
+    engram_hash.compressed_token_map.cache_clear()
+    again, again_size = engram_hash.compressed_token_map(path)
+    assert again_size == want_size
+    np.testing.assert_array_equal(again, lookup)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong size"])
+def test_damaged_token_map_cache_is_rebuilt(reference_map, map_home, damage):
+    from mlx_v4.v41 import engram_hash
+
+    path, (want, want_size) = reference_map
+    cached = engram_hash._cached_map_path(path)
+    cached.parent.mkdir(parents=True)
+    good = np.append(np.array(want, dtype=np.int32), np.int32(want_size))
+    if damage == "garbage":
+        cached.write_bytes(b"not a map")
+    elif damage == "truncated":
+        np.save(cached, good)
+        cached.write_bytes(cached.read_bytes()[:1000])
+    else:
+        np.save(cached, np.append(good[:-1], np.int32(want_size + 1)))  # a compressed id never used
+    lookup, size = engram_hash.compressed_token_map(path)
+    assert size == want_size
+    np.testing.assert_array_equal(lookup, good[:-1])
+    np.testing.assert_array_equal(np.load(cached), good)  # replaced by the good map
+
+
+def test_token_map_without_a_writable_cache(reference_map, tmp_path, monkeypatch):
+    from mlx_v4.v41 import engram_hash
+
+    path, (want, want_size) = reference_map
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setenv("MLX_V4_HOME", str(blocker))  # engram/ cannot be made under a file
+    engram_hash.compressed_token_map.cache_clear()
+    try:
+        lookup, size = engram_hash.compressed_token_map(path)
+    finally:
+        engram_hash.compressed_token_map.cache_clear()
+    assert size == want_size and list(tmp_path.iterdir()) == [blocker]
+    np.testing.assert_array_equal(lookup, np.array(want, dtype=np.int32))
