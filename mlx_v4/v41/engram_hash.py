@@ -141,7 +141,11 @@ def build_compressed_token_map(tokenizer_file: str) -> tuple[np.ndarray, int]:
 def _cached_map_path(tokenizer_file: str) -> Path:
     from importlib.metadata import PackageNotFoundError, version
 
-    digest = hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest()[:32]
+    sha = hashlib.sha256()
+    with open(tokenizer_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):  # not the whole file at once
+            sha.update(block)
+    digest = sha.hexdigest()[:32]
     try:
         lib = version("tokenizers")  # its normalisers (Unicode tables) decide the map
     except PackageNotFoundError:
@@ -161,7 +165,7 @@ def _read_cached_map(path: Path) -> tuple[np.ndarray, int] | None:
     if stored.dtype != np.int32 or stored.ndim != 1 or len(stored) < 2:
         return None
     lookup, size = stored[:-1], int(stored[-1])
-    if lookup.min() < 0 or lookup.max() + 1 != size or len(np.unique(lookup)) != size:
+    if lookup.min() < 0 or lookup.max() + 1 != size or not np.bincount(lookup, minlength=size).all():
         return None
     return lookup, size
 
