@@ -280,3 +280,22 @@ def test_token_map_without_a_writable_cache(reference_map, tmp_path, monkeypatch
         engram_hash.compressed_token_map.cache_clear()
     assert size == want_size and list(tmp_path.iterdir()) == [blocker]
     np.testing.assert_array_equal(lookup, np.array(want, dtype=np.int32))
+
+
+def test_repetitive_prompt_reads_each_distinct_row_once_per_step():
+    import mlx_v4
+
+    model, _ = mlx_v4.load(TINY, dtype=mx.float32)
+    phrase = [17, 230, 41, 99, 5, 311]
+    ids = np.array([phrase * 10], dtype=np.int32)  # one chunk of 60 tokens: the same 6 ten times
+    history = np.full((1, model._hasher.history_len), -1, dtype=np.int64)
+    rows, _ = model._hasher(ids, history)  # [1, 60, layers, cols]
+    mx.eval(model(mx.array(ids), model.make_cache()))
+    for j, i in enumerate(model.args.engram_layer_ids):
+        table = model.layers[i].engram.table
+        distinct = np.unique(rows[:, :, j])
+        assert table.rows_requested == rows[:, :, j].size == 60 * model._hasher.layout.n_cols
+        assert table.rows_read == len(distinct) < rows[:, :, j].size // 5  # read once, not per repeat
+        print(f"layer {i}: {table.rows_requested} rows looked up, {table.rows_read} read from disk")
+        one_by_one = mx.stack([table.read(np.array([r]))[0] for r in rows[0, :, j].reshape(-1)])
+        assert mx.array_equal(table.read(rows[0, :, j]).reshape(-1, table.dim), one_by_one).item()

@@ -69,6 +69,7 @@ class EngramTable:
         self._resident: tuple[np.ndarray, np.ndarray] | None = None
 
     def reset_stats(self) -> None:
+        self.rows_requested = 0  # rows looked up, repeats included (a step reads each distinct row once)
         self.rows_read = 0  # distinct rows per lookup read from disk (misses)
         self.rows_hit = 0  # ... served from the resident table
         self.reads = 0  # pread calls
@@ -76,7 +77,7 @@ class EngramTable:
         self.wait_seconds = 0.0  # of those, the time the step waited for the rows
 
     def stats(self) -> dict:
-        return {"hits": self.rows_hit, "misses": self.rows_read, "bytes_read": self.rows_read * self.row_bytes,
+        return {"requested": self.rows_requested, "hits": self.rows_hit, "misses": self.rows_read, "bytes_read": self.rows_read * self.row_bytes,
                 "reads": self.reads, "read_seconds": self.read_seconds, "wait_seconds": self.wait_seconds}
 
     @property
@@ -192,6 +193,7 @@ class EngramRead:
     def result(self) -> mx.array:
         """Wait for the reads -> float32 values [*shape, dim] (the first read error is raised)."""
         table, n = self.table, len(self.unique)
+        table.rows_requested += len(self.inverse)
         if self.from_memory:
             table.rows_hit += n
         else:
