@@ -299,3 +299,29 @@ def test_repetitive_prompt_reads_each_distinct_row_once_per_step():
         print(f"layer {i}: {table.rows_requested} rows looked up, {table.rows_read} read from disk")
         one_by_one = mx.stack([table.read(np.array([r]))[0] for r in rows[0, :, j].reshape(-1)])
         assert mx.array_equal(table.read(rows[0, :, j]).reshape(-1, table.dim), one_by_one).item()
+
+
+def test_prefill_reads_the_next_chunk_while_the_current_one_computes(monkeypatch):
+    import mlx_v4
+    from mlx_v4 import generation
+    from mlx_v4.v41 import engram
+
+    model, _ = mlx_v4.load(TINY, dtype=mx.float32)
+    ids = np.random.default_rng(9).integers(2, 512, 70).tolist()
+    want = model.make_cache()
+    for lo, hi in ((0, 30), (30, 50), (50, 69)):  # the same chunks, no prefetch
+        mx.eval(model(mx.array([ids[lo:hi]]), want))
+    events = []
+    request, eval_cache = engram.EngramTable.request, generation._eval_cache
+    monkeypatch.setattr(engram.EngramTable, "request",
+                        lambda self, rows, inline=False: (events.append("request"), request(self, rows, inline))[1])
+    monkeypatch.setattr(generation, "_eval_cache", lambda cache: (events.append("eval"), eval_cache(cache))[1])
+    cache = model.make_cache()
+    assert generation.prefill(model, ids[:-1], cache, step_size=30, checkpoints=(50,)) == 69
+    # chunks 0:30, 30:50 (the checkpoint), 50:69: each next chunk's 2 tables requested before the
+    # current chunk is evaluated, and never again by the step itself
+    assert events == ["request"] * 4 + ["eval"] + ["request"] * 2 + ["eval", "eval"]
+    last = mx.array([ids[-1:]])
+    model.prefetch([[123]], cache)  # a head start the next step cannot use (other ids): read anew
+    np.testing.assert_array_equal(np.array(model(last, cache)), np.array(model(last, want)))
+    assert np.array_equal(cache.engram_history, want.engram_history)
