@@ -11,7 +11,9 @@ sleeps ``--latency-us`` after every row read (sleep, like pread, releases the GI
 flight on the reader threads overlap as an SSD's queue would). The real disk is NOT measured.
 
 Each (latency, mode) runs in its own process, modes interleaved ``--repeats`` times: a
-``--prompt``-token prefill, then ``--decode`` steps teacher-forced from a fixed random sequence.
+``--prompt``-token prefill in chunks of ``--chunk`` (``generation.prefill``, which with read-ahead
+also starts the next chunk's reads before evaluating the current one), then ``--decode`` steps
+teacher-forced from a fixed random sequence.
 Reported: prefill time, median decode step, and the time per decode step the model waited for
 Engram rows (``wait_seconds`` of the tables' stats).
 
@@ -77,6 +79,7 @@ def child(spec: dict) -> dict:
     import mlx.core as mx
     import numpy as np
 
+    from mlx_v4.generation import prefill
     from mlx_v4.loader import load_model
 
     model, _ = load_model(Path(spec["path"]))
@@ -94,7 +97,7 @@ def child(spec: dict) -> dict:
     for t in tables:
         t.reset_stats()
     t0 = time.perf_counter()
-    mx.eval(model(prompt, cache, last_only=True))
+    prefill(model, prompt[0].tolist(), cache, step_size=spec["chunk"])  # read-ahead: next chunk's rows too
     prefill_s = time.perf_counter() - t0
     prefill_wait = sum(t.wait_seconds for t in tables)
     prefill_rows = sum(t.rows_read for t in tables)
@@ -114,7 +117,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=10_000_000, help="engram_vocab_size: rows per hash range")
     ap.add_argument("--latencies", default="0,100,1000", help="simulated microseconds per row read, comma-separated")
-    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--chunk", type=int, default=32, help="prefill step size")
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -127,16 +131,17 @@ def main() -> None:
         path = Path(tmp) / "ckpt"
         table_bytes = make_checkpoint(path, args.hidden, args.vocab)
         print(f"synthetic V4.1: hidden {args.hidden}, 8 layers, Engram at 1 and 5, two sparse tables of "
-              f"{table_bytes / 2**30:.0f} GiB in all; prompt {args.prompt}, {args.decode} decode steps, "
+              f"{table_bytes / 2**30:.0f} GiB in all; prompt {args.prompt} in chunks of {args.chunk}, "
+              f"{args.decode} decode steps, "
               f"median of {args.repeats} runs per row (each in its own process)")
         print(f"{'latency/row':>12} {'mode':>13} {'prefill ms':>11} {'(waited)':>9} {'step ms':>8} "
-              f"{'waited/step':>12} {'step ratio':>11}")
+              f"{'waited/step':>12} {'step ratio':>11} {'rows/step':>10}")
         for latency in [float(v) for v in args.latencies.split(",")]:
             runs: dict[str, list[dict]] = {m: [] for m in MODES}
             for _ in range(args.repeats):
                 for mode in MODES:
                     spec = {"path": str(path), "mode": mode, "latency_us": latency, "prompt": args.prompt,
-                            "decode": args.decode, "seed": args.seed}
+                            "chunk": args.chunk, "decode": args.decode, "seed": args.seed}
                     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=True,
                                          capture_output=True, text=True)
                     runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -145,7 +150,8 @@ def main() -> None:
                 r = med[mode]
                 ratio = med[MODES[0]]["step_ms"] / r["step_ms"]
                 print(f"{latency:>10.0f}us {mode:>13} {r['prefill_ms']:>11.1f} {r['prefill_wait_ms']:>9.1f} "
-                      f"{r['step_ms']:>8.2f} {r['wait_ms_per_step']:>12.2f} {ratio:>10.2f}x")
+                      f"{r['step_ms']:>8.2f} {r['wait_ms_per_step']:>12.2f} {ratio:>10.2f}x "
+                      f"{r['rows_per_step']:>10.0f}")
         shutil.rmtree(path, ignore_errors=True)
 
 
