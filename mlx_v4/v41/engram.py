@@ -55,6 +55,9 @@ class EngramTableError(ValueError):
 class EngramTable:
     """Rows of one FP8 table [rows, dim] + E8M0 scales [rows, dim / 32], read on demand."""
 
+    #: Called after every row read from disk (benchmarks simulate a slower disk with it).
+    read_hook = None
+
     def __init__(self, weight_info, scale_info, rows: int, dim: int):
         for info, width in ((weight_info, dim), (scale_info, dim // 32)):
             if info.dtype not in ("F8_E4M3", "F8_E8M0", "U8", "I8") or tuple(info.shape) != (rows, width):
@@ -77,8 +80,9 @@ class EngramTable:
         self.wait_seconds = 0.0  # of those, the time the step waited for the rows
 
     def stats(self) -> dict:
-        return {"requested": self.rows_requested, "hits": self.rows_hit, "misses": self.rows_read, "bytes_read": self.rows_read * self.row_bytes,
-                "reads": self.reads, "read_seconds": self.read_seconds, "wait_seconds": self.wait_seconds}
+        return {"requested": self.rows_requested, "hits": self.rows_hit, "misses": self.rows_read,
+                "bytes_read": self.rows_read * self.row_bytes, "reads": self.reads,
+                "read_seconds": self.read_seconds, "wait_seconds": self.wait_seconds}
 
     @property
     def row_bytes(self) -> int:
@@ -170,9 +174,6 @@ class EngramTable:
             spans = [(lo, min(len(ids), lo + span)) for lo in range(0, len(ids), span)]
             pending.futures = [_pool().submit(fetch, lo, hi) for lo, hi in spans]
         return pending
-
-    #: Called after every row read from disk (benchmarks simulate a slower disk with it).
-    read_hook = None
 
 
 class EngramRead:
