@@ -271,10 +271,13 @@ def test_token_map_equals_the_reference_and_is_cached(reference_map, map_home, m
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong size"])
-def test_damaged_token_map_cache_is_rebuilt(reference_map, map_home, damage):
+def test_damaged_token_map_cache_is_rebuilt(reference_map, map_home, damage, monkeypatch):
     from mlx_v4.v41 import engram_hash
 
     path, (want, want_size) = reference_map
+    built = []  # the build itself is tested above (seconds each): here, that a damaged cache rebuilds
+    monkeypatch.setattr(engram_hash, "build_compressed_token_map",
+                        lambda _: (built.append(1), (np.array(want, dtype=np.int32), want_size))[1])
     cached = engram_hash._cached_map_path(path)
     cached.parent.mkdir(parents=True)
     good = np.append(np.array(want, dtype=np.int32), np.int32(want_size))
@@ -286,7 +289,7 @@ def test_damaged_token_map_cache_is_rebuilt(reference_map, map_home, damage):
     else:
         np.save(cached, np.append(good[:-1], np.int32(want_size + 1)))  # a compressed id never used
     lookup, size = engram_hash.compressed_token_map(path)
-    assert size == want_size
+    assert size == want_size and built == [1]
     np.testing.assert_array_equal(lookup, good[:-1])
     np.testing.assert_array_equal(np.load(cached), good)  # replaced by the good map
 
