@@ -181,9 +181,11 @@ class ExpertStore:
             out["engram"] = {
                 "tables": len(rows), "resident_tables": sum(t.resident for t in self.tables.values()),
                 "resident_bytes": self.table_bytes, "total_bytes": sum(t.nbytes for t in self.tables.values()),
+                "requested": sum(r["requested"] for r in rows),
                 "hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
                 "bytes_read": sum(r["bytes_read"] for r in rows), "reads": sum(r["reads"] for r in rows),
-                "read_seconds": round(sum(r["read_seconds"] for r in rows), 4)}
+                "read_seconds": round(sum(r["read_seconds"] for r in rows), 4),
+                "wait_seconds": round(sum(r["wait_seconds"] for r in rows), 4)}
         return out
 
     def reset_stats(self) -> None:

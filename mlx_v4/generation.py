@@ -196,11 +196,18 @@ def prefill(model, ids: list[int], cache, *, step_size: int = 512, checkpoints=(
     fed = 0
     if marks and marks[0] == 0:
         checkpoint(cache)
+
+    def chunk_end(start: int) -> int:
+        return min([start + step_size, len(ids)] + [p for p in marks if p > start])
+
+    prefetch = getattr(model, "prefetch", None)  # DeepSeek V4.1: the next chunk's Engram rows
     while fed < len(ids):
         if guard is not None and guard.hit:
             break
-        end = min([fed + step_size, len(ids)] + [p for p in marks if p > fed])
+        end = chunk_end(fed)
         model(mx.array([ids[fed:end]], dtype=mx.int32), cache=cache)
+        if prefetch is not None and end < len(ids):  # read while this chunk computes
+            prefetch([ids[end:chunk_end(end)]], cache)
         _eval_cache(cache)
         fed = end
         if fed in marks:

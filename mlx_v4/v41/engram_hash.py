@@ -15,8 +15,11 @@ Everything here is exact integer arithmetic, so it is bit-identical to the refer
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -81,12 +84,36 @@ def hash_multipliers(layer_ids, max_ngram_size: int, compressed_vocab_size: int)
     return np.stack(rows)
 
 
-@lru_cache(maxsize=4)
-def compressed_token_map(tokenizer_file: str) -> tuple[tuple[int, ...], int]:
-    """token id -> compressed id for every id of ``tokenizer.json``, and the compressed size.
+#: Bump when the map's recipe changes: maps cached by another version are rebuilt.
+TOKEN_MAP_VERSION = 1
+#: Token ids decoded and normalised per batch while the map is built (bounds the transient memory).
+TOKEN_MAP_CHUNK = 4096
 
-    The same normaliser chain as the reference (``build_compressed_token_map``), from the
-    same ``tokenizers`` library; partial UTF-8 byte tokens are keyed by their raw form."""
+
+@lru_cache(maxsize=4)
+def compressed_token_map(tokenizer_file: str) -> tuple[np.ndarray, int]:
+    """token id -> compressed id for every id of ``tokenizer.json`` (a read-only int32 array),
+    and the compressed size.
+
+    Built once per tokenizer file (:func:`build_compressed_token_map`) and kept in our cache
+    directory, ``$MLX_V4_HOME/engram`` (default ``~/.cache/mlx-v4/engram``), keyed by the file's
+    SHA-256 and the ``tokenizers`` version; later loads read 4 bytes per id from there instead
+    of loading a second tokenizer and normalising every token (~80 MB and seconds). Nothing is
+    written next to the model; a cache that cannot be written or read back is rebuilt."""
+    path = _cached_map_path(tokenizer_file)
+    found = _read_cached_map(path)
+    if found is None:
+        found = build_compressed_token_map(tokenizer_file)
+        _write_cached_map(path, *found)
+    lookup, size = found
+    lookup.flags.writeable = False  # shared by every model built from this file
+    return lookup, size
+
+
+def build_compressed_token_map(tokenizer_file: str) -> tuple[np.ndarray, int]:
+    """The map itself: the same normaliser chain as the reference (``build_compressed_token_map``),
+    from the same ``tokenizers`` library; partial UTF-8 byte tokens are keyed by their raw form.
+    Ids are decoded and normalised TOKEN_MAP_CHUNK at a time, into an int32 array."""
     from tokenizers import Regex, Tokenizer, normalizers
 
     sentinel = "\ue000"  # keeps a lone space from stripping to "" and merging with others
@@ -96,18 +123,69 @@ def compressed_token_map(tokenizer_file: str) -> tuple[tuple[int, ...], int]:
         normalizers.Strip(), normalizers.Replace(sentinel, " "),
     ])
     tok = Tokenizer.from_file(tokenizer_file)
-    key_to_new: dict[str, int] = {}
-    lookup = []
     n = tok.get_vocab_size(with_added_tokens=True)
-    texts = tok.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
-    for token_id, text in enumerate(texts):
-        if "\ufffd" in text:
-            key = tok.id_to_token(token_id)
-        else:
-            normalized = normalizer.normalize_str(text)
-            key = normalized if normalized else text
-        lookup.append(key_to_new.setdefault(key, len(key_to_new)))
-    return tuple(lookup), len(key_to_new)
+    lookup = np.empty(n, dtype=np.int32)
+    key_to_new: dict[str, int] = {}
+    for lo in range(0, n, TOKEN_MAP_CHUNK):
+        texts = tok.decode_batch([[i] for i in range(lo, min(n, lo + TOKEN_MAP_CHUNK))], skip_special_tokens=False)
+        for token_id, text in enumerate(texts, lo):
+            if "\ufffd" in text:
+                key = tok.id_to_token(token_id)
+            else:
+                normalized = normalizer.normalize_str(text)
+                key = normalized if normalized else text
+            lookup[token_id] = key_to_new.setdefault(key, len(key_to_new))
+    return lookup, len(key_to_new)
+
+
+def _cached_map_path(tokenizer_file: str) -> Path:
+    from importlib.metadata import PackageNotFoundError, version
+
+    sha = hashlib.sha256()
+    with open(tokenizer_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):  # not the whole file at once
+            sha.update(block)
+    digest = sha.hexdigest()[:32]
+    try:
+        lib = version("tokenizers")  # its normalisers (Unicode tables) decide the map
+    except PackageNotFoundError:
+        lib = "unknown"
+    home = os.environ.get("MLX_V4_HOME")
+    root = Path(home).expanduser() if home else Path.home() / ".cache" / "mlx-v4"
+    return root / "engram" / f"token_map-{digest}-tokenizers{lib}-v{TOKEN_MAP_VERSION}.npy"
+
+
+def _read_cached_map(path: Path) -> tuple[np.ndarray, int] | None:
+    """-> (lookup, size) from a cached map [n + 1] (the lookup, then the size), or None when it is
+    missing or not a map (every id in [0, size), each compressed id used)."""
+    try:
+        stored = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if stored.dtype != np.int32 or stored.ndim != 1 or len(stored) < 2:
+        return None
+    lookup, size = stored[:-1], int(stored[-1])
+    if lookup.min() < 0 or lookup.max() + 1 != size or not np.bincount(lookup, minlength=size).all():
+        return None
+    return lookup, size
+
+
+def _write_cached_map(path: Path, lookup: np.ndarray, size: int) -> None:
+    """Temp name, fsync, rename: a crash never leaves half a map under the final name. Best
+    effort: a cache directory that cannot be written only means the next load rebuilds."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.save(f, np.append(lookup, np.int32(size)).astype(np.int32), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 class NgramHasher:

@@ -113,6 +113,17 @@ class Block(nn.Module):
         return HyperConnection.expand(h, x, post, comb), ffn_pre
 
 
+class _Prefetched:
+    """Engram reads started for a step before it runs (a plain object: nn.Module would keep a
+    tuple among its children)."""
+
+    def __init__(self, ids: np.ndarray, history: np.ndarray, rows: dict, history_after: np.ndarray):
+        self.ids, self.history, self.rows, self.history_after = ids, history.copy(), rows, history_after
+
+    def serves(self, ids: np.ndarray, history: np.ndarray) -> bool:
+        return ids.shape == self.ids.shape and np.array_equal(ids, self.ids) and np.array_equal(history, self.history)
+
+
 class Model(nn.Module):
     def __init__(self, args: V41Args, token_map=None, cpu: bool | None = None):
         """``token_map``: (compressed id per token id, compressed vocab size) from the tokenizer,
@@ -187,23 +198,57 @@ class Model(nn.Module):
                 x, pre = self._blocks(x, pre, cache, ids, taps, tapped)
         return x, pre, tapped
 
+    def prefetch(self, inputs, cache: V41Cache) -> None:
+        """Start the Engram reads of the step that will feed ``inputs`` [B, L] into ``cache``
+        next (prefill calls this before evaluating the current chunk). That step uses them when
+        its ids and n-gram history are these (the rows depend on nothing else), else reads anew."""
+        self._prefetched = None
+        if self._hasher is None or not self.engram_read_ahead:
+            return
+        ids = np.asarray(inputs, dtype=np.int64)
+        history = self._history(cache, ids.shape[0])
+        try:
+            self._prefetched = _Prefetched(ids, history, *self._request(ids, history))
+        except Exception:  # only a head start: the step itself reads again and reports the error
+            self._prefetched = None
+
+    def _history(self, cache: V41Cache, batch: int) -> np.ndarray:
+        if cache.engram_history is None:
+            return np.full((batch, self._hasher.history_len), -1, dtype=np.int64)
+        return cache.engram_history
+
+    def _request(self, ids: np.ndarray, history: np.ndarray):
+        """-> (rows per Engram layer: their reads under way, or the row ids), history after ids."""
+        rows, after = self._hasher(ids, history)
+        layers = self.args.engram_layer_ids
+        if self.engram_read_ahead:  # every layer's rows requested now, read while layers run
+            return {i: self.layers[i].engram.table.request(rows[:, :, j]) for j, i in enumerate(layers)}, after
+        return {i: rows[:, :, j] for j, i in enumerate(layers)}, after
+
     def _blocks(self, x: mx.array, pre: mx.array, cache: V41Cache, ids: np.ndarray, taps=(), tapped=None):
         rows = None
         if self._hasher is not None:
-            if cache.engram_history is None:
-                cache.engram_history = np.full((ids.shape[0], self._hasher.history_len), -1, dtype=np.int64)
-            rows, cache.engram_history = self._hasher(ids, cache.engram_history)
+            history = self._history(cache, ids.shape[0])
+            ahead, self._prefetched = self._prefetched, None
+            if ahead is not None and ahead.serves(ids, history):
+                rows, cache.engram_history = ahead.rows, ahead.history_after
+            else:
+                rows, cache.engram_history = self._request(ids, history)
             cache.record_engram(self._hasher.token_map[ids])  # kept only while speculating
         shared = SharedState()
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             if "engram" in layer:
-                x = layer.engram(x, rows[:, :, self.args.engram_layer_ids.index(i)])
+                x = layer.engram(x, rows[i])
             if i in taps:  # the drafter reads the input of its target layers, after their Engram
                 tapped.append(x.mean(axis=2))
             x, pre = layer(x, pre, c, shared)
         return x, pre
 
     weights_id: str = ""
+    #: Request all Engram rows of a step when it starts (False: each layer reads its own when
+    #: it gets there). Bit-identical either way.
+    engram_read_ahead: bool = True
+    _prefetched = None  # the next step's Engram reads, started by prefetch
     #: The store of routed experts and Engram tables under one budget (load(expert_budget=...)).
     expert_store = None
 
