@@ -404,3 +404,34 @@ def test_a_native_conversion_keeps_the_drafter(checkpoint, tmp_path):
         drafter.observe(tapped, ids[1:] + [7], 0)
         results.append(np.array(drafter.logits))
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_speculative_prefill_reads_the_next_chunk_ahead(checkpoint, monkeypatch):
+    """Speculator.prefill starts each next chunk's Engram reads before the current chunk is
+    evaluated, as generation.prefill does; cache and drafter features are those of a prefill
+    without read-ahead, bit for bit."""
+    from mlx_v4.v41 import engram
+
+    ids = _ids(70, seed=3)
+    plain = _load(checkpoint[0])
+    plain.engram_read_ahead = False
+    want_cache = plain.make_cache()
+    _, want_tail = Speculator(plain, want_cache, DSparkDrafter(plain, 2), Sampling(0.0)).prefill(ids, step_size=30)
+    model = _load(checkpoint[0])
+    events = []
+    request = engram.EngramTable.request
+    monkeypatch.setattr(engram.EngramTable, "request",
+                        lambda self, rows, inline=False: (events.append(rows.shape[1]), request(self, rows, inline))[1])
+    cache = model.make_cache()
+    spec = Speculator(model, cache, DSparkDrafter(model, 2), Sampling(0.0))
+    forward = spec._forward
+    monkeypatch.setattr(spec, "_forward", lambda ids: (events.append("step"), forward(ids))[1])
+    fed, tail = spec.prefill(ids, step_size=30)
+    assert fed == 70
+    # chunks 0:30, 30:60, 60:70 (two Engram tables each): the step of chunk 0 reads its own rows,
+    # the next chunk's are requested right after each step is built, and never again by that step
+    assert events == ["step", 30, 30, 30, 30, "step", 10, 10, "step"]
+    np.testing.assert_array_equal(np.array(tail), np.array(want_tail))
+    np.testing.assert_array_equal(cache.engram_history, want_cache.engram_history)
+    last = mx.array([ids[-1:]])
+    np.testing.assert_array_equal(np.array(model(last, cache)), np.array(plain(last, want_cache)))

@@ -346,11 +346,18 @@ class Speculator:
         if marks and marks[0] == 0:
             checkpoint(self.cache)
         reach = self.drafter.reach
+        prefetch = getattr(self.model, "prefetch", None)  # DeepSeek V4.1: the next chunk's Engram rows
+
+        def chunk_end(start: int) -> int:
+            return min([start + step_size, len(ids)] + [p for p in marks if p > start])
+
         while fed < len(ids):
             if guard is not None and guard.hit:
                 break
-            end = min([fed + step_size, len(ids)] + [p for p in marks if p > fed])
+            end = chunk_end(fed)
             _, feats = self._forward(ids[fed:end])
+            if prefetch is not None and end < len(ids):  # read while this chunk computes
+                prefetch([ids[end:chunk_end(end)]], self.cache)
             tail = feats if tail is None else mx.concatenate([tail, feats], axis=1)
             tail = mx.contiguous(tail[:, -reach:])
             mx.eval(tail, [c.state for c in self.cache])
