@@ -172,3 +172,22 @@ def test_a_drafter_the_store_cannot_plan_stays_resident_with_a_notice(checkpoint
     ids = np.random.default_rng(2).integers(2, 500, 6).tolist()
     plain, _, _ = _run(_load(path), tok, ids, max_tokens=6)
     assert _run(model, tok, ids, max_tokens=6, draft="mtp")[0] == plain
+
+
+def test_the_batching_engine_drafts_with_streamed_mtp_experts(checkpoints, tok):
+    """Rows drafting with the MTP block in the batching engine (its rows stacked through the
+    block's MoE) give the same tokens and counts with its experts streamed as resident."""
+    from mlx_v4.batch_generation import batch_generate
+
+    path = checkpoints["mtp"]
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(2, 500, n).tolist() for n in (5, 40, 130)]
+    kw = dict(max_tokens=10, temperature=0, draft="mtp", draft_tokens=2)
+    want = batch_generate(_load(path), tok, prompts, **kw)
+    budget = _minimum(path)
+    model = _load(path, budget)
+    asked = _guard(model.expert_store)
+    got = batch_generate(model, tok, prompts, **kw)
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    assert [(g.draft_tokens, g.accepted_tokens) for g in got] == [(w.draft_tokens, w.accepted_tokens) for w in want]
+    assert len(model.layers) in asked and model.expert_store.stats()["evictions"] > 0
