@@ -191,3 +191,31 @@ def test_the_batching_engine_drafts_with_streamed_mtp_experts(checkpoints, tok):
     assert [g.tokens for g in got] == [w.tokens for w in want]
     assert [(g.draft_tokens, g.accepted_tokens) for g in got] == [(w.draft_tokens, w.accepted_tokens) for w in want]
     assert len(model.layers) in asked and model.expert_store.stats()["evictions"] > 0
+
+
+def test_a_failed_drafter_read_names_the_file_and_keeps_what_was_handed_out(checkpoints, tok, tmp_path):
+    """The drafter's shard vanishes mid-run: generation stops with an error naming it; the cache
+    holds the prompt and every token handed out, as the resident model computes them."""
+    from dataclasses import replace
+
+    path = checkpoints["mtp"]
+    model = _load(path, _minimum(path))
+    store, n = model.expert_store, len(model.layers)
+    gone = tmp_path / "gone.safetensors"
+    ids = np.random.default_rng(5).integers(2, 500, 8).tolist()
+    cache, emitted = model.make_cache(), []
+    with pytest.raises(experts.ExpertReadError) as e:
+        for ev in stream_generate(model, tok, ids, cache=cache, temperature=0.0, eos_token_ids={-1}, max_tokens=12,
+                                  draft="mtp"):
+            if isinstance(ev, Token):
+                emitted.append(ev.id)
+                if len(emitted) == 3:  # the MTP block's experts are evicted by every step: its next read fails
+                    for src in store.specs[n].experts:
+                        src.runs = [replace(r, file=gone) for r in src.runs]
+    assert str(gone) in str(e.value) and 3 <= len(emitted) < 12
+    assert cache[0].offset == len(ids) + len(emitted)
+    resident = _load(path)
+    ref = resident.make_cache()
+    resident(mx.array([ids + emitted]), ref)
+    nxt = mx.array([[7]])  # fed in other chunks than the run's: equal to float rounding
+    np.testing.assert_allclose(np.array(model(nxt, cache)), np.array(resident(nxt, ref)), atol=1e-4, rtol=0)
