@@ -171,8 +171,9 @@ def split_plan(model: str, *, machines: int, memory: str, parallel: str, layers:
         args = config.ModelArgs.from_file(directory)
     expert_bits, other_bits = split_bits(recipe, bits)
     split = planner.plan_split(args, machines, parallel, layers)
+    drafter = one.drafter.nbytes if one.drafter else 0.0  # ranks of a split do not load the drafter
     shares = planner.plan_ranks(args, split, context, expert_bits=expert_bits, other_bits=other_bits,
-                             total_bytes=one.weights_bytes)
+                                total_bytes=one.weights_bytes - drafter)
     sizes = parse_memory(memory, machines)
     rows = [RankPlan(s.rank, f"{s.layers[0]}-{s.layers[1] - 1}" if parallel == "pipeline" else f"all (1/{machines})",
                      s.weights_bytes, s.kv_bytes, mem) for s, mem in zip(shares, sizes)]
