@@ -32,7 +32,10 @@ def checkpoints(tmp_path_factory):
     d = tmp_path_factory.mktemp("drafters")
     write_tiny_dspark_checkpoint(d / "dspark", seed=4)
     write_tiny_v41_dspark_checkpoint(d / "v41", json.loads((V41 / "config.json").read_text()), seed=3)
-    return {"mtp": FIXTURES / "tiny", "dspark": d / "dspark", "v41": d / "v41"}
+    from mlx_v4.quantize import convert
+
+    q4 = convert(d / "dspark", d / "dspark-4bit", recipe="4bit", progress=False).path  # our names, affine experts
+    return {"mtp": FIXTURES / "tiny", "dspark": d / "dspark", "v41": d / "v41", "dspark-4bit": q4}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,7 @@ def _run(model, tok, ids, **kw):
 
 @pytest.mark.parametrize("kind,draft,prompt_len,k", [
     ("mtp", "mtp", 6, 2), ("mtp", "mtp", 126, 1),  # across the 4- and 128-position compression boundaries
-    ("dspark", "dspark", 6, None), ("v41", "dspark", 6, None)])
+    ("dspark", "dspark", 6, None), ("dspark-4bit", "dspark", 6, 3), ("v41", "dspark", 6, None)])
 def test_drafting_with_streamed_drafter_experts_equals_resident(checkpoints, tok, kind, draft, prompt_len, k):
     path = checkpoints[kind]
     ids = np.random.default_rng(7).integers(2, 500, prompt_len).tolist()
@@ -118,6 +121,8 @@ def test_the_drafter_experts_are_planned_with_their_own_names_and_sizes(checkpoi
     v4 = _load(checkpoints["dspark"], 1 << 40).expert_store
     n = 4  # tiny main layers
     assert [v4.specs[n + i].prefix for i in range(3)] == [f"dspark.layers.{i}.ffn.experts" for i in range(3)]
+    q4 = _load(checkpoints["dspark-4bit"], 1 << 40).expert_store  # a conversion's own quantization, by module
+    assert all(q4.specs[n + i].quant["w2"]["mode"] == "affine" for i in range(3))
     mtp = _load(checkpoints["mtp"], 1 << 40)
     assert mtp.expert_store.specs[n].prefix == "mtp.0.ffn.experts"
     names = {name for name, _, _ in mtp.expert_store.layout()}
