@@ -173,6 +173,14 @@ def test_a_drafter_the_store_cannot_plan_stays_resident_with_a_notice(checkpoint
         model = _load(path, _minimum(path))
     assert not isinstance(model.mtp[0].ffn.experts, StreamedExperts)
     assert "mtp.0.ffn.experts.w1.weight" in dict(tree_flatten(model.parameters()))
+    from mlx_v4.cache import planned_nbytes
+
+    resident, kv = _resident_bytes(model), planned_nbytes(model.args, expert_plan.AUTO_CONTEXT_TOKENS)
+    memory = int((resident + kv + model.expert_store.total_bytes // 2) / expert_plan.AUTO_MEMORY_SHARE) + 1
+    monkeypatch.setattr(platform, "total_memory_bytes", lambda: memory)
+    with pytest.warns(RuntimeWarning, match="stay resident"):
+        auto = _load(path, "auto")  # the resident drafter experts are counted among the resident weights
+    assert auto.expert_store.budget == int(memory * expert_plan.AUTO_MEMORY_SHARE) - resident - kv
     monkeypatch.undo()
     ids = np.random.default_rng(2).integers(2, 500, 6).tolist()
     plain, _, _ = _run(_load(path), tok, ids, max_tokens=6)
