@@ -78,9 +78,9 @@ def parameter_counts(args) -> tuple[int, int, int]:
 
     from mlx_v4.v41.model import Model
 
-    token_map = (range(args.engram_compressed_vocab_size), args.engram_compressed_vocab_size)
     from .stream_plan import drafter_parameters
 
+    token_map = (range(args.engram_compressed_vocab_size), args.engram_compressed_vocab_size)
     experts = matrices = rest = 0
     model = Model(args, token_map if args.engram_layer_ids else None)
     for name, p in tree_flatten(model.parameters()) + drafter_parameters(args):  # the DSpark drafter too

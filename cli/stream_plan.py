@@ -2,10 +2,11 @@
 routed experts from SSD (mlx_v4.experts) where they do not all fit.
 
 For each Mac size and recipe: the non-expert weights (the drafter's, MTP or DSpark, included),
-the KV cache at the context and a fixed overhead stay resident; what is left of the GPU's share of memory is the expert budget. The
+the KV cache at the context and a fixed overhead stay resident; what is left of the GPU's share
+of memory is the expert budget, the drafter's routed experts streaming with the model's. The
 decode speed is a PROJECTION, not a measurement: bytes read per token = (1 - hit rate) x top-k
-x MoE layers (the drafter's too) x one expert's bytes, divided by the SSD bandwidth you state. The hit rate at a
-resident fraction comes from benchmarks/expert_stream.py on a synthetic model with a
+x MoE layers (the drafter's too) x one expert's bytes, divided by the SSD bandwidth you state.
+The hit rate at a resident fraction comes from benchmarks/expert_stream.py on a synthetic model with a
 near-uniform router (the worst case: a trained router is uneven, which only helps); the real
 Flash routing pattern was not measured. Compute time is left out, so the figure is an upper
 bound set by the SSD alone.
@@ -71,16 +72,13 @@ def moe_experts(args) -> tuple[int, int, int]:
     """(routed experts over every MoE layer, experts read per token, the largest top-k), the
     drafter's MoE layers included (counted once per token: an upper bound, a drafter runs once
     per drafting step)."""
-    from .memory_plan import drafter_module
+    from .memory_plan import drafter_size
 
     L, E, k = args.num_hidden_layers, args.n_routed_experts, args.num_experts_per_tok
-    total, per_token, top = L * E, L * k, k
-    built = drafter_module(args)
-    if built is not None:
-        _, _, net, (dE, dk) = built
-        layers = len(getattr(net, "layers", [net]))
-        total, per_token, top = total + layers * dE, per_token + layers * dk, max(top, dk)
-    return total, per_token, top
+    d = drafter_size(args)
+    if d is None:
+        return L * E, L * k, k
+    return L * E + d.moe_layers * d.n_experts, L * k + d.moe_layers * d.top_k, max(k, d.top_k)
 
 
 def drafter_parameters(args):

@@ -5,9 +5,10 @@
 demand through :class:`mlx_v4.experts.ExpertStore`, exactly as V4's; the slots are converted
 by :func:`fp4_expert_arrays`, the function the resident loader stacks with, so logits are
 bit-identical. The DSpark drafter's routed experts (their own count and top-k) are store
-layers after the backbone's, under the same budget. The Engram tables are registered with the same store
-(:meth:`ExpertStore.admit_tables`): they are counted in its budget and its statistics, and a
-table is held resident only when it fits beside every routed expert (why: see admit_tables).
+layers after the backbone's, under the same budget. The Engram tables are registered with the
+same store (:meth:`ExpertStore.admit_tables`): they are counted in its budget and its
+statistics, and a table is held resident only when it fits beside every routed expert (why:
+see admit_tables).
 """
 
 from __future__ import annotations
