@@ -21,10 +21,14 @@ from .memory_plan import (
     DEFAULT_GPU_FRACTION,
     RAISED_RESERVE_BYTES,
     MemoryPlan,
+    checkpoint_drafter,
+    drafter_note,
+    drafter_size,
     get_recipe,
     parameter_bytes,
     recipe_bits,
     split_bits,
+    stream_drafter_note,
     uniform_bits,
 )
 
@@ -82,6 +86,8 @@ def plan(model: str, *, recipe: str | None, bits: float | None, context: int) ->
     if model in config.PRESETS:
         args = config.preset(model)
         params, weights = parameter_bytes(args, per_weight)
+        drafter = drafter_size(args, per_weight)  # the release ships it and mlx-v4 loads it
+        weights += drafter.nbytes if drafter else 0.0
         name, source = f"DeepSeek V4 {model.capitalize()}", f"{label}, from parameter counts"
     else:
         if model in ("demo", ""):
@@ -91,8 +97,11 @@ def plan(model: str, *, recipe: str | None, bits: float | None, context: int) ->
         directory, weights, source = _checkpoint(model)
         args = config.ModelArgs.from_file(directory)
         params, name = parameter_bytes(args, lambda n, s: 16.0)[0], model
+        drafter = checkpoint_drafter(directory, args)
         if recipe is not None or bits is not None:
             notes.append("--recipe/--bits apply to flash and pro; a checkpoint is sized from its files.")
+    if drafter is not None:
+        notes.append(drafter_note(drafter))
     if context > args.max_position_embeddings:
         raise UserError(f"--context {context} is past this model's maximum {args.max_position_embeddings}",
                         "choose a smaller --context")
@@ -104,7 +113,8 @@ def plan(model: str, *, recipe: str | None, bits: float | None, context: int) ->
     if model in config.PRESETS:
         notes.append(f"Smaller Mac? Routed experts can stream from SSD: mlx-v4 info {model} --memory 64GB.")
     return MemoryPlan(name=name, weights_bytes=weights, weights_source=source, context=context,
-                      cache_bytes=kv, params=params, machine_bytes=platform.total_memory_bytes(), notes=notes)
+                      cache_bytes=kv, params=params, machine_bytes=platform.total_memory_bytes(), notes=notes,
+                      drafter=drafter)
 
 
 def parse_memory(spec: str, machines: int) -> list[float]:
@@ -161,8 +171,9 @@ def split_plan(model: str, *, machines: int, memory: str, parallel: str, layers:
         args = config.ModelArgs.from_file(directory)
     expert_bits, other_bits = split_bits(recipe, bits)
     split = planner.plan_split(args, machines, parallel, layers)
+    drafter = one.drafter.nbytes if one.drafter else 0.0  # ranks of a split do not load the drafter
     shares = planner.plan_ranks(args, split, context, expert_bits=expert_bits, other_bits=other_bits,
-                             total_bytes=one.weights_bytes)
+                                total_bytes=one.weights_bytes - drafter)
     sizes = parse_memory(memory, machines)
     rows = [RankPlan(s.rank, f"{s.layers[0]}-{s.layers[1] - 1}" if parallel == "pipeline" else f"all (1/{machines})",
                      s.weights_bytes, s.kv_bytes, mem) for s, mem in zip(shares, sizes)]
@@ -229,4 +240,6 @@ def _stream_plan(model: str, memory: str, context: int, ssd_gbps: float) -> None
         raise UserError(f"--context {context} is past this model's maximum {args.max_position_embeddings}",
                         "choose a smaller --context")
     rows = stream_plan(args, context=context, ssd_gbps=ssd_gbps, sizes_gb=sorted(set(MAC_SIZES_GB) | {gb}))
-    UI().stream_plan(f"DeepSeek V4 {model.capitalize()}", rows, gb, context, ssd_gbps)
+    drafter = stream_drafter_note(args)
+    UI().stream_plan(f"DeepSeek V4 {model.capitalize()}", rows, gb, context, ssd_gbps,
+                     notes=[drafter] if drafter else [])

@@ -26,26 +26,40 @@ def is_v41_model(model: str) -> bool:
     return p.is_dir() and is_v41_checkpoint(p)
 
 
+def weight_bits(expert_bits: float, other_bits: float):
+    """-> bits(name, shape): routed experts, other matrices, 16-bit rest (as V4.1 is counted)."""
+    def bits(name: str, shape: tuple[int, ...]) -> float:
+        if ".experts." in name and "shared" not in name:
+            return expert_bits
+        return other_bits if len(shape) >= 2 and not name.startswith("embed") else 16.0
+    return bits
+
+
 def parameter_bytes(args, expert_bits: float, other_bits: float) -> tuple[float, float, float]:
-    """(parameters, bytes) of the resident model, and the Engram tables' parameters."""
+    """(parameters, bytes) of the resident model without its drafter, and the Engram tables'
+    parameters."""
     from mlx.utils import tree_flatten
 
     from mlx_v4.v41.model import Model
 
     token_map = (range(args.engram_compressed_vocab_size), args.engram_compressed_vocab_size)
+    bits = weight_bits(expert_bits, other_bits)
     count, nbytes = 0, 0.0
     for name, p in tree_flatten(Model(args, token_map if args.engram_layer_ids else None).parameters()):
         n = math.prod(p.shape)
         count += n
-        if ".experts." in name and "shared" not in name:
-            bits = expert_bits
-        elif p.ndim >= 2 and not name.startswith("embed"):
-            bits = other_bits
-        else:
-            bits = 16.0
-        nbytes += n * bits / 8
+        nbytes += n * bits(name, tuple(p.shape)) / 8
     engram = float(sum(args.engram_num_embeddings)) * args.engram_head_dim
     return count, nbytes, engram
+
+
+def _has_drafter_tensors(path: Path) -> bool:
+    from mlx_v4.weights import WeightsError, scan_checkpoint
+
+    try:
+        return any(n.startswith(("mtp.", "dspark.")) for n in scan_checkpoint(path))
+    except (OSError, WeightsError):
+        return False
 
 
 def load_args(model: str):
@@ -58,15 +72,18 @@ def load_args(model: str):
 
 
 def parameter_counts(args) -> tuple[int, int, int]:
-    """(routed expert weights, other matrix weights, the rest) as cli/stream_plan counts V4's; the
-    Engram tables are not parameters of the model (they stay on disk)."""
+    """(routed expert weights, other matrix weights, the rest) as cli/stream_plan counts V4's, the
+    drafter's included; the Engram tables are not parameters of the model (they stay on disk)."""
     from mlx.utils import tree_flatten
 
     from mlx_v4.v41.model import Model
 
+    from .stream_plan import drafter_parameters
+
     token_map = (range(args.engram_compressed_vocab_size), args.engram_compressed_vocab_size)
     experts = matrices = rest = 0
-    for name, p in tree_flatten(Model(args, token_map if args.engram_layer_ids else None).parameters()):
+    model = Model(args, token_map if args.engram_layer_ids else None)
+    for name, p in tree_flatten(model.parameters()) + drafter_parameters(args):  # the DSpark drafter too
         n = math.prod(p.shape)
         if ".experts." in name and "shared" not in name:
             experts += n
@@ -114,7 +131,10 @@ def stream_plan_v41(model: str, memory_gb: int, *, context: int, ssd_gbps: float
              f"budget saves far more reads as experts. Each token reads {n_rows} Engram rows "
              f"({row_bytes / 1e3:.1f} KB in {n_rows} small random reads the OS page cache partly absorbs), "
              "not included in read/tok*."]
-    return name, rows, notes
+    from .memory_plan import stream_drafter_note
+
+    drafter = stream_drafter_note(args)
+    return name, rows, notes + ([drafter] if drafter else [])
 
 
 def plan_v41(model: str, *, recipe: str | None, bits: float | None, context: int):
@@ -131,8 +151,14 @@ def plan_v41(model: str, *, recipe: str | None, bits: float | None, context: int
         raise UserError(f"--context {context} is past this model's maximum {args.max_position_embeddings}",
                         "choose a smaller --context")
     params, weights, engram = parameter_bytes(args, expert_bits, other_bits)
+    drafter = None
+    if model == PRESET or _has_drafter_tensors(Path(model).expanduser()):  # the loader drops mtp.* it cannot run
+        from .memory_plan import drafter_size
+
+        drafter = drafter_size(args, weight_bits(expert_bits, other_bits))
+        weights += drafter.nbytes if drafter else 0.0
     converted = converted_sizes(Path(model).expanduser()) if model != PRESET and recipe is None and bits is None else None
-    if converted is not None:  # an `mlx-v4 convert` output: its own files say what it weighs
+    if converted is not None:  # an `mlx-v4 convert` output: its own files say what it weighs (drafter included)
         weights, label = converted[0], converted[2]
     per_token = bytes_per_token(args)
     kv = per_token["total"] * context + per_token["window_constant"]
@@ -146,13 +172,17 @@ def plan_v41(model: str, *, recipe: str | None, bits: float | None, context: int
         f"{per_token['window_constant'] / 1e6:.1f} MB of windows.",
         "Images are not supported (text model only).",
     ]
+    if drafter is not None:
+        from .memory_plan import drafter_note
+
+        notes.insert(0, drafter_note(drafter))
     if converted is not None:
         notes.insert(0, f"Converted by mlx-v4 convert with the {label} recipe: {_size(converted[0])} of weights in "
                         f"memory, {_size(converted[1])} of Engram tables on disk (as released).")
     return MemoryPlan(name=name, weights_bytes=weights,
                       weights_source=f"{label}, from the conversion's files" if converted else f"{label}, from parameter counts",
                       context=context, cache_bytes=kv, params=params, machine_bytes=platform.total_memory_bytes(),
-                      notes=notes)
+                      notes=notes, drafter=drafter)
 
 
 def converted_sizes(path: Path) -> tuple[int, int, str] | None:

@@ -18,6 +18,119 @@ RAISED_RESERVE_BYTES = 8e9
 AFFINE_OVERHEAD_BITS = 0.5  # --bits: a bf16 scale and bias per 64 values
 
 @dataclass
+class Drafter:
+    """A checkpoint's drafter as the loader builds it (V4's MTP block, a DSpark drafter):
+    parameters, those of its routed experts, and its MoE layers' expert count and top-k."""
+
+    kind: str  # "MTP" or "DSpark"
+    params: int
+    expert_params: int
+    moe_layers: int
+    n_experts: int
+    top_k: int
+    nbytes: float = 0.0  # at the plan's bits per weight
+    expert_bytes: float = 0.0
+
+
+def drafter_module(args):
+    """-> (kind, the drafter built from ``args`` with our parameter names' prefix, its MoE
+    layers' (experts, top-k)) or None. Shapes only: nothing is evaluated."""
+    from mlx_v4.v41.config import V41Args
+
+    if isinstance(args, V41Args):
+        if not args.has_dspark:
+            return None
+        from mlx_v4.v41.dspark import V41DSpark
+
+        net = V41DSpark(args, cpu=True)
+        E = args.dspark_n_routed_experts or args.n_routed_experts
+        return "DSpark", "dspark.", net, (E, args.dspark_n_activated_experts or args.num_experts_per_tok)
+    moe = (args.n_routed_experts, args.num_experts_per_tok)
+    if args.has_dspark:
+        from mlx_v4.draft.dspark import DSpark
+
+        return "DSpark", "dspark.", DSpark(args, cpu=True, use_kernel=False), moe
+    if args.num_nextn_predict_layers >= 1:
+        from mlx_v4.draft.mtp import MTPBlock
+
+        return "MTP", "mtp.0.", MTPBlock(args, cpu=True, use_kernel=False), moe
+    return None
+
+
+def drafter_size(args, bits=None) -> Drafter | None:
+    """The drafter of ``args`` (None: it has none); ``bits(name, shape)`` sizes its bytes."""
+    built = drafter_module(args)
+    if built is None:
+        return None
+    from mlx.utils import tree_flatten
+
+    kind, prefix, net, (E, k) = built
+    d = Drafter(kind, 0, 0, len(getattr(net, "layers", [net])), E, k)
+    for name, p in tree_flatten(net.parameters()):
+        n = math.prod(p.shape)
+        routed = ".experts." in name and "shared" not in name
+        nbytes = n * bits(prefix + name, tuple(p.shape)) / 8 if bits else 0.0
+        d.params += n
+        d.nbytes += nbytes
+        if routed:
+            d.expert_params += n
+            d.expert_bytes += nbytes
+    return d
+
+
+def checkpoint_drafter_bytes(directory) -> tuple[float, float] | None:
+    """(all, routed experts') bytes of a local checkpoint's drafter tensors (``mtp.*``, a
+    conversion's ``dspark.*``), from the shard headers; None when there are none or the headers
+    cannot be read."""
+    from mlx_v4.weights import WeightsError, scan_checkpoint
+
+    item = {"BF16": 2, "F16": 2, "F32": 4, "U32": 4, "I32": 4, "I64": 8, "U8": 1, "I8": 1, "F8_E4M3": 1,
+            "F8_E8M0": 1}
+    try:
+        infos = scan_checkpoint(directory)
+    except (OSError, WeightsError):
+        return None
+    sizes = {n: item.get(i.dtype, 1) * math.prod(i.shape) for n, i in infos.items() if n.startswith(("mtp.", "dspark."))}
+    routed = sum(b for n, b in sizes.items() if ".ffn.experts." in n)
+    return (float(sum(sizes.values())), float(routed)) if sizes else None
+
+
+def checkpoint_drafter(directory, args) -> Drafter | None:
+    """The drafter a checkpoint directory holds (its tensors, not only its config): its bytes
+    from the shard headers where they are here, else (a repo's index alone) estimated from its
+    parameter counts as the release stores them."""
+    d = drafter_size(args, recipe_bits(get_recipe("native")))
+    if d is None:
+        return None
+    on_disk = checkpoint_drafter_bytes(directory)
+    if on_disk is not None:
+        d.nbytes, d.expert_bytes = on_disk
+        return d
+    try:
+        import json
+        from pathlib import Path
+
+        names = json.loads((Path(directory) / "model.safetensors.index.json").read_text())["weight_map"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    return d if any(n.startswith(("mtp.", "dspark.")) for n in names) else None
+
+
+def format_count(n: float) -> str:
+    """A parameter count: 6.61B, 12.3M, 4,096."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{int(n):,}"
+
+
+def drafter_note(d: Drafter) -> str:
+    from mlx_v4.experts import format_bytes
+
+    return (f"Drafter ({d.kind}, for speculative decoding): {format_count(d.params)} parameters, "
+            f"{format_bytes(d.nbytes)}, included in the weights above (parameters count the main model only). "
+            f"Under --expert-budget its routed experts ({format_bytes(d.expert_bytes)}) stream with the model's, "
+            "in the same budget.")
+
+
+@dataclass
 class MemoryPlan:
     name: str
     weights_bytes: float
@@ -27,6 +140,7 @@ class MemoryPlan:
     params: float | None = None
     machine_bytes: float = 0
     notes: list[str] = field(default_factory=list)
+    drafter: Drafter | None = None  # its bytes are in weights_bytes; params are the main model's
 
     @property
     def overhead_bytes(self) -> float:
@@ -107,3 +221,14 @@ def split_bits(recipe: str | None, bits: float | None) -> tuple[float, float]:
 
     rec = get_recipe(recipe or "native")
     return bits_per_weight(rec.experts), bits_per_weight(rec.linear)
+
+
+def stream_drafter_note(args) -> str | None:
+    """What --memory plans of the drafter (None: the model has none)."""
+    d = drafter_size(args)
+    if d is None:
+        return None
+    return (f"Included above: the {d.kind} drafter ({format_count(d.params)} parameters). Its "
+            f"{d.moe_layers * d.n_experts} routed experts ({format_count(d.expert_params)} parameters) stream in the "
+            f"same budget as the model's and count in read/tok* once per token (top-{d.top_k} on {d.moe_layers} "
+            "layer(s)); its other weights stay resident.")

@@ -1,11 +1,12 @@
 """`mlx-v4 info flash --memory 64GB`: which recipe and expert budget fit each Mac, streaming the
 routed experts from SSD (mlx_v4.experts) where they do not all fit.
 
-For each Mac size and recipe: the non-expert weights, the KV cache at the context and a fixed
-overhead stay resident; what is left of the GPU's share of memory is the expert budget. The
+For each Mac size and recipe: the non-expert weights (the drafter's, MTP or DSpark, included),
+the KV cache at the context and a fixed overhead stay resident; what is left of the GPU's share
+of memory is the expert budget, the drafter's routed experts streaming with the model's. The
 decode speed is a PROJECTION, not a measurement: bytes read per token = (1 - hit rate) x top-k
-x MoE layers x one expert's bytes, divided by the SSD bandwidth you state. The hit rate at a
-resident fraction comes from benchmarks/expert_stream.py on a synthetic model with a
+x MoE layers (the drafter's too) x one expert's bytes, divided by the SSD bandwidth you state.
+The hit rate at a resident fraction comes from benchmarks/expert_stream.py on a synthetic model with a
 near-uniform router (the worst case: a trained router is uneven, which only helps); the real
 Flash routing pattern was not measured. Compute time is left out, so the figure is an upper
 bound set by the SSD alone.
@@ -67,9 +68,32 @@ class Row:
     choice: Option | None
 
 
+def moe_experts(args) -> tuple[int, int, int]:
+    """(routed experts over every MoE layer, experts read per token, the largest top-k), the
+    drafter's MoE layers included (counted once per token: an upper bound, a drafter runs once
+    per drafting step)."""
+    from .memory_plan import drafter_size
+
+    L, E, k = args.num_hidden_layers, args.n_routed_experts, args.num_experts_per_tok
+    d = drafter_size(args)
+    if d is None:
+        return L * E, L * k, k
+    return L * E + d.moe_layers * d.n_experts, L * k + d.moe_layers * d.top_k, max(k, d.top_k)
+
+
+def drafter_parameters(args):
+    """(our name, parameter) of the drafter the loader builds for ``args`` (none: empty)."""
+    from mlx.utils import tree_flatten
+
+    from .memory_plan import drafter_module
+
+    built = drafter_module(args)
+    return [] if built is None else [(built[1] + n, p) for n, p in tree_flatten(built[2].parameters())]
+
+
 def parameter_counts(args) -> tuple[int, int, int]:
     """(routed expert weights, other matrix weights, 16-bit rest) as cli/info.parameter_bytes
-    classifies them (shapes only; nothing allocated)."""
+    classifies them, the drafter's (MTP, DSpark) included (shapes only; nothing allocated)."""
     import math
 
     from mlx.utils import tree_flatten
@@ -77,7 +101,7 @@ def parameter_counts(args) -> tuple[int, int, int]:
     from mlx_v4.model import Model
 
     experts = matrices = rest = 0
-    for name, p in tree_flatten(Model(args).parameters()):
+    for name, p in tree_flatten(Model(args).parameters()) + drafter_parameters(args):
         n = math.prod(p.shape)
         if ".experts." in name and "shared" not in name:
             experts += n
@@ -94,19 +118,21 @@ def _sizes(counts: tuple[int, int, int], expert_bits: float, other_bits: float) 
     return experts * expert_bits / 8, matrices * other_bits / 8 + rest * 2
 
 
-def option(args, recipe: str, memory: float, kv: float, ssd_bytes_per_s: float, sizes: tuple[float, float]) -> Option:
-    """One recipe on one Mac: ``sizes`` = (routed expert bytes, other bytes) in that recipe."""
+def option(args, recipe: str, memory: float, kv: float, ssd_bytes_per_s: float, sizes: tuple[float, float],
+           moe: tuple[int, int, int] | None = None) -> Option:
+    """One recipe on one Mac: ``sizes`` = (routed expert bytes, other bytes) in that recipe;
+    ``moe`` as :func:`moe_experts` gives it (the default)."""
     experts, other = sizes
     usable = GPU_FRACTION * memory
-    moe_layers, k, E = args.num_hidden_layers, args.num_experts_per_tok, args.n_routed_experts
-    one = experts / (moe_layers * E)
+    n_experts, per_token, k = moe_experts(args) if moe is None else moe
+    one = experts / n_experts
     fixed = other + kv + FIXED_OVERHEAD + 0.03 * other
     if fixed + experts * 1.03 <= usable:
         return Option(recipe, True, True, experts, experts, 1.0, 0.0, None)
     budget = max(0.0, (usable - fixed) / 1.03)
     fits = budget >= k * one
     h = hit_rate(budget / experts) if fits else 0.0
-    read = (1 - h) * k * moe_layers * one
+    read = (1 - h) * per_token * one
     return Option(recipe, fits, False, budget, experts, h, read, ssd_bytes_per_s / read if fits and read else None)
 
 
@@ -122,9 +148,10 @@ def stream_plan(args, *, context: int, ssd_gbps: float = DEFAULT_SSD_GBPS,
     counts = parameter_counts(args) if counts is None else counts
     recipes = STREAM_RECIPES if recipes is None else recipes
     sizes = {r: _sizes(counts, *bits) for r, bits in recipes.items()}
+    moe = moe_experts(args)
     rows = []
     for gb in sizes_gb:
-        opts = [option(args, r, gb * 2**30, kv, ssd_gbps * 1e9, sizes[r]) for r in recipes]
+        opts = [option(args, r, gb * 2**30, kv, ssd_gbps * 1e9, sizes[r], moe) for r in recipes]
         fitting = [o for o in opts if o.fits]
         choice = (next((o for o in fitting if o.resident or (o.tps and o.tps >= target_tps)), None)
                   or max(fitting, key=lambda o: o.tps or 0.0, default=None))

@@ -240,11 +240,16 @@ class UI:
 
     # ---- info / bench -----------------------------------------------------------------------
     def memory_plan(self, plan) -> None:
+        from .memory_plan import format_count
+
         table = Table(title=f"Memory plan: {plan.name}", show_header=False)
         table.add_column(style="bold")
         table.add_column(justify="right")
         table.add_row("parameters", f"{plan.params / 1e9:.1f} B" if plan.params else "-")
         table.add_row(f"weights ({plan.weights_source})", human_bytes(plan.weights_bytes))
+        if plan.drafter is not None:
+            d = plan.drafter
+            table.add_row(f"  of which the drafter ({d.kind}, {format_count(d.params)} params)", human_bytes(d.nbytes))
         table.add_row(f"KV cache at {plan.context:,} tokens", human_bytes(plan.cache_bytes))
         table.add_row("overhead (activations, buffers)", human_bytes(plan.overhead_bytes))
         table.add_row("total", Text(human_bytes(plan.total_bytes), style="bold"))

@@ -30,6 +30,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -129,16 +130,19 @@ class _Stats:
 class ExpertStore:
     """(layer, expert) slots under a byte budget, filled from the checkpoint files on demand."""
 
-    def __init__(self, specs: dict[int, _LayerSpec], convert: Conversion, budget: int, top_k: int, *,
-                 policy: str = DEFAULT_POLICY, threads: int = 4):
-        self.specs, self.convert, self.budget, self.top_k = specs, convert, int(budget), top_k
-        self.minimum = top_k * max((s.slot_bytes for s in specs.values()), default=0)
+    def __init__(self, specs: dict[int, _LayerSpec], convert: Conversion, budget: int, top_k: int | dict[int, int],
+                 *, policy: str = DEFAULT_POLICY, threads: int = 4):
+        """``top_k``: experts per token, one number or per layer (a drafter's MoE may differ)."""
+        self.specs, self.convert, self.budget = specs, convert, int(budget)
+        self.top_k = {layer: top_k[layer] if isinstance(top_k, dict) else top_k for layer in specs}
+        need = {layer: self.top_k[layer] * s.slot_bytes for layer, s in specs.items()}
+        self.minimum = max(need.values(), default=0)
         if self.budget < self.minimum:
-            biggest = max(specs.values(), key=lambda s: s.slot_bytes)
+            layer = max(need, key=need.get)
             raise ExpertBudgetError(
                 f"expert budget {format_bytes(self.budget)} ({self.budget} bytes) is below the minimum "
-                f"{format_bytes(self.minimum)} ({self.minimum} bytes): one layer's top-{top_k} experts of "
-                f"{format_bytes(biggest.slot_bytes)} each must fit at once")
+                f"{format_bytes(self.minimum)} ({self.minimum} bytes): one layer's top-{self.top_k[layer]} experts "
+                f"of {format_bytes(specs[layer].slot_bytes)} each must fit at once")
         self.policy = make_policy(policy)
         self.slots: dict[tuple[int, int], dict[str, mx.array]] = {}
         self.resident_bytes = 0
@@ -214,8 +218,8 @@ class ExpertStore:
 
     def layout(self) -> list[tuple[str, tuple[int, ...], str]]:
         """The parameters the resident model would have for the routed experts (fingerprints)."""
-        return [(f"layers.{layer}.ffn.experts.{name}", (len(s.experts), *shape), str(dtype))
-                for layer, s in self.specs.items() for name, (shape, dtype) in s.arrays.items()]
+        return [(f"{s.prefix}.{name}", (len(s.experts), *shape), str(dtype))
+                for s in self.specs.values() for name, (shape, dtype) in s.arrays.items()]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -403,7 +407,7 @@ class ExpertStore:
 
         arrays = {}
         for w, entry in src.entries.items():
-            converted, _ = self.convert(f"layers.{layer}.ffn.experts.{w}.weight", entry, get)
+            converted, _ = self.convert(f"{self.specs[layer].prefix}.{w}.weight", entry, get)
             for k, a in converted.items():
                 arrays[f"{w}.{k.rsplit('.', 1)[1]}"] = a
         mx.eval(arrays)
@@ -478,13 +482,37 @@ def _drop_views(comp: RoutedExperts) -> None:
 _EMPTY = mx.zeros((1,))
 
 
-def attach(model, store: ExpertStore) -> None:
-    """Replace the routed experts of every MoE layer of ``model`` by the store's."""
+def drafter_blocks(model) -> list[tuple[int, str, nn.Module]]:
+    """The drafter's MoE blocks as (store layer, name, block): V4's MTP block (layer n, as it is
+    built) or the DSpark stages (layers n + i), n the number of main layers."""
+    n = len(model.layers)
+    out = [(n + i, f"mtp.{i}", block) for i, block in enumerate(getattr(model, "mtp", None) or [])]
+    dspark = getattr(model, "dspark", None)
+    if dspark is not None:
+        out += [(n + i, f"dspark.layers.{i}", stage) for i, stage in enumerate(dspark.layers)]
+    return out
+
+
+def attach(model, store: ExpertStore) -> list[str]:
+    """Replace the routed experts of every MoE layer of ``model``, its drafter's included, by the
+    store's -> the drafter blocks left resident (the store has no plan for them), which a
+    RuntimeWarning names too: their bytes are outside the budget."""
     for i, layer in enumerate(model.layers):
         if i not in store.specs:
             raise WeightsError(f"the checkpoint has no routed experts for layer {i}")
         layer.ffn.experts = StreamedExperts(store, i, layer.ffn.experts)
+    resident = []
+    for i, name, block in drafter_blocks(model):
+        if i in store.specs and store.specs[i].prefix == f"{name}.ffn.experts":
+            block.ffn.experts = StreamedExperts(store, i, block.ffn.experts)
+        else:
+            resident.append(name)
+    if resident:
+        warnings.warn(f"expert store: the drafter's routed experts of {', '.join(resident)} stay resident, outside "
+                      "the expert budget: their tensors are in a layout the store cannot read expert by expert",
+                      RuntimeWarning, stacklevel=2)
     model.expert_store = store
+    return resident
 
 
 class StepGuard:

@@ -24,10 +24,13 @@ def _weights_id(path: Path) -> str:
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
 
 
-_ROUTED = re.compile(r"layers\.\d+\.ffn\.experts\.w[123](\.(weight|scales|biases))?")
+_ROUTED = re.compile(r"(?:(?:dspark\.)?layers|mtp)\.\d+\.ffn\.experts\.w[123](\.(weight|scales|biases))?")
 
 
 def _expert_store(path: Path, args, weights, quantization: dict, budget, *, fp8: str, dtype, policy):
+    """The store for every planned routed expert, the drafter's (MTP, DSpark) included; their
+    weights and quantization leave ``weights``/``quantization`` (never read resident). Routed
+    experts the plan does not cover stay in ``weights``, resident, and "auto" counts them there."""
     from . import experts
     from .cache import planned_nbytes
     from .weights import read_own_quantization, scan_checkpoint
@@ -36,7 +39,8 @@ def _expert_store(path: Path, args, weights, quantization: dict, budget, *, fp8:
     block = tuple(int(b) for b in (qc.get("weight_block_size") or (128, 128)))
     convert = experts.Conversion(fp8, "mxfp4", dtype, block, read_own_quantization(path))
     specs = experts.plan_layers(scan_checkpoint(path), args, convert)
-    routed = [k for k in weights if _ROUTED.fullmatch(k)]
+    planned = {s.prefix for s in specs.values()}
+    routed = [k for k in weights if _ROUTED.fullmatch(k) and k.rsplit(".", 2)[0] in planned]
     auto = budget == "auto"
     if auto:
         skip = set(routed)
@@ -49,7 +53,7 @@ def _expert_store(path: Path, args, weights, quantization: dict, budget, *, fp8:
         budget = max(budget, 0)
     for name in routed:
         del weights[name]  # never evaluated, so never read
-    for module in [k for k in quantization if _ROUTED.fullmatch(k)]:
+    for module in [k for k in quantization if _ROUTED.fullmatch(k) and k.rsplit(".", 1)[0] in planned]:
         del quantization[module]
     try:
         return experts.ExpertStore(specs, convert, budget, args.num_experts_per_tok,

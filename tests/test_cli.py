@@ -319,6 +319,37 @@ def test_info_tiny_checkpoint_counts_parameters(tiny_dir):
     r = run("info", tiny_dir, "--context", 4096)
     assert r.exit_code == 0, r.output
     assert "file sizes" in r.stdout and "4,096" in r.stdout
+    assert "drafter" not in r.stdout.lower()  # its config asks for an MTP block, its files hold none
+
+
+def test_info_reports_the_drafter_apart(tmp_path):
+    """A checkpoint's drafter (MTP, DSpark) is reported apart: its bytes from the shard headers
+    (inside the weights total), its parameters from the block the loader builds."""
+    import math
+    from pathlib import Path
+
+    from mlx_v4.cli.info import plan
+
+    from mlx_v4.testing.dspark import write_tiny_dspark_checkpoint
+    from mlx_v4.weights import scan_checkpoint
+
+    item = {"BF16": 2, "F32": 4, "I8": 1, "F8_E4M3": 1, "F8_E8M0": 1}
+    official = Path(__file__).parent / "fixtures" / "tiny"
+    write_tiny_dspark_checkpoint(tmp_path, seed=4)
+    for path, kind, layers in ((official, "MTP", 1), (tmp_path, "DSpark", 3)):
+        infos = scan_checkpoint(path)
+        on_disk = {n: item[i.dtype] * math.prod(i.shape) for n, i in infos.items() if n.startswith("mtp.")}
+        p = plan(str(path), recipe=None, bits=None, context=64)
+        d = p.drafter
+        assert (d.kind, d.moe_layers) == (kind, layers)
+        assert d.nbytes == sum(on_disk.values()) and d.nbytes < p.weights_bytes
+        assert d.expert_bytes == sum(b for n, b in on_disk.items() if ".ffn.experts." in n)
+        r = run("info", path, "--context", 64)
+        assert r.exit_code == 0, r.output
+        assert f"of which the drafter ({kind}, " in r.stdout
+        assert f"Drafter ({kind}, for speculative decoding)" in " ".join(r.stdout.split())
+    flash = plan("flash", recipe=None, bits=None, context=64)
+    assert flash.drafter.kind == "MTP" and 6.5e9 < flash.drafter.params < 6.7e9  # the release's 6.6B mtp.0
 
 
 # ---- the real demo model ---------------------------------------------------------------------

@@ -157,17 +157,19 @@ def test_concurrent_reads_are_bit_exact():
     model, _ = load_model(OFFICIAL, expert_budget=1 << 40)
     store = experts.ExpertStore(model.expert_store.specs, model.expert_store.convert, 1 << 40, 2, threads=8)
     E = resident.args.n_routed_experts
-    for layer in range(resident.args.num_hidden_layers):
+    blocks = list(resident.layers) + [b for _, _, b in experts.drafter_blocks(resident)]  # the MTP block: layer n
+    assert sorted(store.specs) == list(range(len(blocks)))
+    for layer, block in enumerate(blocks):
         groups = list(store.stream(layer, range(E)))  # every expert of the layer read at once
         assert [e for g, _ in groups for e in g] == list(range(E))
-        ref = resident.layers[layer].ffn.experts
+        ref = block.ffn.experts
         for group, arrays in groups:
             for e, slot in zip(group, arrays):
                 for name, a in slot.items():
                     w, leaf = name.split(".")
                     assert mx.array_equal(a, ref[w][leaf][e]).item() and a.dtype == ref[w][leaf].dtype
     s = store.stats()
-    assert s["misses"] == E * resident.args.num_hidden_layers
+    assert s["misses"] == E * len(blocks)
     assert s["reads"] == sum(len(x.runs) for spec in store.specs.values() for x in spec.experts)
 
     # two threads asking the same store at once get whole, correct answers (one at a time)

@@ -37,14 +37,27 @@ def _bits(expert_bits: float, other_bits: float):
     return bits
 
 
+def _mtp_bytes(args, bits) -> float:
+    """The MTP block's bytes (the release's mtp.0, which mlx-v4 loads), counted apart."""
+    import math
+
+    from mlx.utils import tree_flatten
+
+    from mlx_v4.draft.mtp import MTPBlock
+
+    return sum(math.prod(p.shape) * bits("mtp.0." + n, tuple(p.shape)) / 8
+               for n, p in tree_flatten(MTPBlock(args, cpu=True, use_kernel=False).parameters()))
+
+
 def test_flash_plan_arithmetic(flash):
     args, rows = flash
     assert [r.memory_gb for r in rows] == list(sp.MAC_SIZES_GB)
     kv = planned_nbytes(args, 32768)
     sizes = {}
-    for recipe, (eb, ob) in sp.STREAM_RECIPES.items():
-        other = parameter_bytes(args, _bits(0.0, ob))[1]
-        sizes[recipe] = (parameter_bytes(args, _bits(eb, ob))[1] - other, other)
+    for recipe, (eb, ob) in sp.STREAM_RECIPES.items():  # the main model and its MTP block
+        other = parameter_bytes(args, _bits(0.0, ob))[1] + _mtp_bytes(args, _bits(0.0, ob))
+        sizes[recipe] = (parameter_bytes(args, _bits(eb, ob))[1] + _mtp_bytes(args, _bits(eb, ob)) - other, other)
+    moe_layers = args.num_hidden_layers + 1  # the MTP block's experts stream with the rest
     for row in rows:
         for o in row.options:
             experts, other = sizes[o.recipe]
@@ -55,11 +68,11 @@ def test_flash_plan_arithmetic(flash):
                 assert fixed + 1.03 * o.expert_bytes <= usable
                 continue
             assert o.budget == pytest.approx(max(0.0, (usable - fixed) / 1.03))
-            one = o.expert_bytes / (args.num_hidden_layers * args.n_routed_experts)
+            one = o.expert_bytes / (moe_layers * args.n_routed_experts)
             assert o.fits == (o.budget >= args.num_experts_per_tok * one)
             if o.fits:
                 h = sp.hit_rate(o.budget / o.expert_bytes)
-                read = (1 - h) * args.num_experts_per_tok * args.num_hidden_layers * one
+                read = (1 - h) * args.num_experts_per_tok * moe_layers * one
                 assert o.hit == pytest.approx(h) and o.read_per_token == pytest.approx(read)
                 assert o.tps == pytest.approx(5e9 / read)
 
@@ -87,6 +100,8 @@ def test_info_memory_cli():
     assert "PROJECTION" in r.stdout and "real Flash routing pattern was not measured" in r.stdout
     for gb in sp.MAC_SIZES_GB:
         assert f"{gb} GB" in r.stdout
+    assert "Included above: the MTP drafter (6.61B parameters). Its 256 routed experts (6.44B parameters) stream" \
+        in " ".join(r.stdout.split())
     r = runner.invoke(app, ["info", "pro", "--memory", "80GB"])  # an odd size gets its own row
     assert r.exit_code == 0 and "80 GB: " in r.stdout
     for args, words in ((["info", "demo", "--memory", "64GB"], ["plans flash, pro or v41-flash"]),

@@ -4,9 +4,11 @@
 6 per token, FP4 with one E8M0 scale per 32 inputs, one tensor per expert as released) on
 demand through :class:`mlx_v4.experts.ExpertStore`, exactly as V4's; the slots are converted
 by :func:`fp4_expert_arrays`, the function the resident loader stacks with, so logits are
-bit-identical. The Engram tables are registered with the same store
-(:meth:`ExpertStore.admit_tables`): they are counted in its budget and its statistics, and a
-table is held resident only when it fits beside every routed expert (why: see admit_tables).
+bit-identical. The DSpark drafter's routed experts (their own count and top-k) are store
+layers after the backbone's, under the same budget. The Engram tables are registered with the
+same store (:meth:`ExpertStore.admit_tables`): they are counted in its budget and its
+statistics, and a table is held resident only when it fits beside every routed expert (why:
+see admit_tables).
 """
 
 from __future__ import annotations
@@ -40,9 +42,12 @@ class ExpertConversion:
 
 
 def plan_experts(infos: dict[str, TensorInfo], sources: dict[tuple[int, str], list[tuple[str, str]]],
-                 shapes: dict[tuple[int, str], tuple[int, ...]], n_experts: int, convert: ExpertConversion):
+                 shapes: dict[tuple[int, str], tuple[int, ...]], n_experts: int | dict[int, int],
+                 convert: ExpertConversion, prefixes: dict[int, str] | None = None):
     """``sources[(layer, "w1")]``: (weight, scale) tensor names of each expert, in expert order;
-    ``shapes[(layer, "w1")]``: the dense [out, in] the model expects -> the store's layer specs."""
+    ``shapes[(layer, "w1")]``: the dense [out, in] the model expects; ``n_experts`` and
+    ``prefixes`` (the module, e.g. ``dspark.layers.0.ffn.experts``) per layer where they differ
+    (the DSpark stages' own MoE) -> the store's layer specs."""
     from ..expert_plan import plan_expert_layers
 
     by_layer: dict[int, dict[str, _Entry]] = {}
@@ -59,7 +64,7 @@ def plan_experts(infos: dict[str, TensorInfo], sources: dict[tuple[int, str], li
                                    f"{[out, math.ceil(inp / 32)]} (one E8M0 per 32 inputs)")
             parts.append(_Part(w, scale=s))
         by_layer.setdefault(layer, {})[proj] = _Entry(parts)
-    return plan_expert_layers(by_layer, n_experts, convert)
+    return plan_expert_layers(by_layer, n_experts, convert, prefixes)
 
 
 def auto_budget(resident_bytes: int, args, experts_bytes: int) -> tuple[int | None, int]:

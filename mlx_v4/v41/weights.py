@@ -139,13 +139,13 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
                                    f"{list(param.shape)}")
             weights[ours] = v.astype(mx.float32 if _FP32.search(ours) else dtype)
 
-    store = None
-    if budget is not None:
-        backbone = {k: v for k, v in sources.items() if not k[0].startswith("dspark.")}
-        store, engram_budget_bytes = _expert_store(path, args, infos, backbone, expected, weights, budget,
+    store, streamed = None, set()
+    if budget is not None:  # the drafter's experts too: one store, one budget
+        store, engram_budget_bytes = _expert_store(path, args, infos, sources, expected, weights, budget,
                                                    fp4=fp4, dtype=dtype, policy=expert_policy)
-    for (prefix, proj), pairs in sources.items():  # resident, stacked [E, out, in] (the drafter's always)
-        if store is None or prefix.startswith("dspark."):
+        streamed = {s.prefix for s in store.specs.values()} if store is not None else set()
+    for (prefix, proj), pairs in sources.items():  # resident, stacked [E, out, in]
+        if prefix not in streamed:
             w, s = mx.stack([get(x) for x, _ in pairs]), mx.stack([get(x) for _, x in pairs])
             arrays, quant = fp4_expert_arrays(w, s, fp4, dtype)
             weights.update({f"{prefix}.{proj}.{k}": v for k, v in arrays.items()})
@@ -215,16 +215,21 @@ def _drafter_names(path: Path, model: Model, infos: dict) -> tuple[dict, dict[st
 def _expert_store(path: Path, args: V41Args, infos, sources, expected, weights, budget, *, fp4, dtype, policy):
     """-> (the expert store, or None when "auto" finds room for every expert; Engram bytes for
     the no-store path). ``weights`` holds the other (lazy) weights: "auto" sizes them."""
+    from ..expert_plan import store_layer
     from ..experts import DEFAULT_POLICY, ExpertBudgetError, ExpertStore
     from .streaming import ExpertConversion, auto_budget, plan_experts
 
     convert = ExpertConversion(fp4, dtype)
-    layer_sources, shapes = {}, {}
+    layer_sources, shapes, prefixes, n_experts, top_k = {}, {}, {}, {}, {}
     for (prefix, proj), pairs in sources.items():
-        layer = int(prefix.split(".")[1])
+        layer = store_layer(prefix.removesuffix(".ffn.experts"), args.num_hidden_layers)  # drafter: n + stage
+        drafter = prefix.startswith("dspark.")
         layer_sources[(layer, proj)] = pairs
         shapes[(layer, proj)] = tuple(expected[f"{prefix}.{proj}.weight"].shape[1:])
-    specs = plan_experts(infos, layer_sources, shapes, args.n_routed_experts, convert)
+        prefixes[layer] = prefix
+        n_experts[layer] = len(pairs)
+        top_k[layer] = (args.dspark_n_activated_experts if drafter else 0) or args.num_experts_per_tok
+    specs = plan_experts(infos, layer_sources, shapes, n_experts, convert, prefixes)
     auto = budget == "auto"
     if auto:
         budget, engram = auto_budget(sum(a.nbytes for a in weights.values()), args,
@@ -232,7 +237,7 @@ def _expert_store(path: Path, args: V41Args, infos, sources, expected, weights, 
         if budget is None:
             return None, engram
     try:
-        return ExpertStore(specs, convert, budget, args.num_experts_per_tok, policy=policy or DEFAULT_POLICY), 0
+        return ExpertStore(specs, convert, budget, top_k, policy=policy or DEFAULT_POLICY), 0
     except ExpertBudgetError as e:
         if not auto:
             raise
