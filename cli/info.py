@@ -17,13 +17,13 @@ import typer
 
 from .common import REAL_MODEL, UserError, looks_like_repo, user_errors
 from .convert import RECIPE_LIST
+from .drafter_plan import drafter_size
 from .memory_plan import (
     DEFAULT_GPU_FRACTION,
     RAISED_RESERVE_BYTES,
     MemoryPlan,
     checkpoint_drafter,
     drafter_note,
-    drafter_size,
     get_recipe,
     parameter_bytes,
     recipe_bits,

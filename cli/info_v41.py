@@ -153,7 +153,7 @@ def plan_v41(model: str, *, recipe: str | None, bits: float | None, context: int
     params, weights, engram = parameter_bytes(args, expert_bits, other_bits)
     drafter = None
     if model == PRESET or _has_drafter_tensors(Path(model).expanduser()):  # the loader drops mtp.* it cannot run
-        from .memory_plan import drafter_size
+        from .drafter_plan import drafter_size
 
         drafter = drafter_size(args, weight_bits(expert_bits, other_bits))
         weights += drafter.nbytes if drafter else 0.0

@@ -72,7 +72,7 @@ def moe_experts(args) -> tuple[int, int, int]:
     """(routed experts over every MoE layer, experts read per token, the largest top-k), the
     drafter's MoE layers included (counted once per token: an upper bound, a drafter runs once
     per drafting step)."""
-    from .memory_plan import drafter_size
+    from .drafter_plan import drafter_size
 
     L, E, k = args.num_hidden_layers, args.n_routed_experts, args.num_experts_per_tok
     d = drafter_size(args)
@@ -85,7 +85,7 @@ def drafter_parameters(args):
     """(our name, parameter) of the drafter the loader builds for ``args`` (none: empty)."""
     from mlx.utils import tree_flatten
 
-    from .memory_plan import drafter_module
+    from .drafter_plan import drafter_module
 
     built = drafter_module(args)
     return [] if built is None else [(built[1] + n, p) for n, p in tree_flatten(built[2].parameters())]

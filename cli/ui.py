@@ -240,7 +240,7 @@ class UI:
 
     # ---- info / bench -----------------------------------------------------------------------
     def memory_plan(self, plan) -> None:
-        from .memory_plan import format_count
+        from .drafter_plan import format_count
 
         table = Table(title=f"Memory plan: {plan.name}", show_header=False)
         table.add_column(style="bold")
