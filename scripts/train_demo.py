@@ -11,7 +11,8 @@ hyper-connections. The vocabulary and tokenizer are the real V4 ones (129280 ids
     python scripts/train_demo.py --minutes 1 --out /tmp/demo_check   # quick check
 
 Then the MTP stage (scripts/demo_mtp.py, ``--mtp-minutes``, 0 skips it) trains the drafter
-block ``mtp.0`` on the frozen saved model and adds it to the same files.
+block ``mtp.0`` on the frozen saved model and adds it to the same files (on the model's own
+chat replies, which take ~25 more minutes to generate on 2 CPU cores).
 
 Training runs with ``fake_quant`` off (the FP8/FP4 activation rounding is not
 differentiable); the saved model runs with it on, and the script reports the loss of the
@@ -376,7 +377,8 @@ def main():
     ap.add_argument("--skip-training", action="store_true", help="only quantize/save/check --trained")
     ap.add_argument("--init", type=Path, help="continue training from these float32 weights")
     ap.add_argument("--mtp-minutes", type=float, default=14.0,
-                    help="then train the MTP drafter on the saved model for this long (0: skip)")
+                    help="then train the MTP drafter on the saved model for this long, after generating its "
+                         "data (0: skip)")
     ap.add_argument("--mtp-only", action="store_true", help="only the MTP stage, on the model already in --out")
     a = ap.parse_args()
     if a.mtp_only:
