@@ -5,7 +5,9 @@ with its ``.scales``/``.biases``), stacked here; quantized modules listed in con
 ``"quantization"`` (MLX parameters per module); Engram tables as released (read by the loader
 as for the release). mxfp8/mxfp4 modules follow the loader's ``fp8``/``fp4`` choice exactly as
 the release's FP8/FP4 tensors do, so a ``native`` conversion gives the very same model: kept
-quantized, or dequantized (exact) into the compute dtype. Affine modules stay quantized.
+quantized, or dequantized (exact) into the compute dtype. Affine modules stay quantized. Under an
+expert budget the store reads each expert's own tensors (:func:`converted_expert_entries`) and
+converts them as the resident stack is (:class:`ConvertedExpertConversion`, :func:`loaded_arrays`).
 """
 
 from __future__ import annotations
