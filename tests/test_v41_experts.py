@@ -363,3 +363,119 @@ def test_expert_tensor_of_the_wrong_shape_is_named():
         plan_experts(infos, {(0, "w1"): pairs}, {(0, "w1"): (32, 128)}, 8, convert)
     assert str(e.value) == (f"{infos[pairs[0][0]].file}: expert tensor 'layers.0.ffn.experts.0.w1.weight' is I8 "
                             "[32, 32], expected packed FP4 (I8) [32, 64]")
+
+
+# ---- `mlx-v4 convert` outputs stream too ----------------------------------------------------------
+#: Recipe -> loader formats: ``native`` twice (FP4 experts dequantized as on CPU, kept mxfp4 as on Metal).
+CONVERSIONS = {"native": {}, "native-mx": {"fp8": "mxfp8", "fp4": "mxfp4"}, "mxfp4": {}, "4bit": {}, "8bit": {},
+               "mixed-4-8": {}, "bf16": {}}
+
+
+@pytest.fixture(scope="module")
+def conversions(tmp_path_factory):
+    from quantize import convert
+
+    d = tmp_path_factory.mktemp("v41conv")
+    return {r: convert(MODEL, d / r, recipe=r, max_shard_bytes=200_000, progress=False).path
+            for r in dict.fromkeys(c.removesuffix("-mx") for c in CONVERSIONS)}
+
+
+@pytest.mark.parametrize("case", list(CONVERSIONS))
+def test_conversion_streams_bit_identical_to_resident(conversions, case):
+    """A conversion (routed experts one tensor per expert, each expert's w1/w2/w3 adjacent) under
+    the smallest budget: the logits of the resident conversion, prefill and decode, bit for bit;
+    one read per miss; the budget never exceeded (run_checked)."""
+    path, kw = conversions[case.removesuffix("-mx")], CONVERSIONS[case]
+    load = load_v41 if kw else load_model  # (mlx_v4.load picks the formats for the machine)
+    resident, _ = load(path, dtype=mx.float32, **kw)
+    want = run_checked(resident)
+    minimum = load(path, dtype=mx.float32, expert_budget=1 << 40, **kw)[0].expert_store.minimum
+    model, _ = load(path, dtype=mx.float32, expert_budget=minimum, **kw)
+    store = model.expert_store
+    assert sorted(store.specs) == list(range(8))
+    assert not any(".ffn.experts.w" in k for k, _ in _flat(model))  # no stack left resident beside the store
+    if kw:  # slots as the resident stack holds them: the stored mxfp4 bytes
+        assert store.specs[0].quant["w1"]["mode"] == "mxfp4"
+    assert mx.array_equal(run_checked(model), want).item(), case
+    s = store.stats()
+    assert s["evictions"] > 0 and s["resident_bytes"] <= minimum == store.budget
+    assert all(spec.reads_per_expert == 1 for spec in store.specs.values())
+    assert s["reads"] == s["misses"] and s["bytes_read"] == s["misses"] * store.specs[0].read_bytes
+    assert model.fingerprint == resident.fingerprint
+
+
+def _flat(model):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(model.parameters())
+
+
+def test_conversion_auto_budget_counts_the_experts_once(conversions, monkeypatch):
+    """"auto" on a conversion sizes the other weights without the experts it has stacked (lazily)
+    for a resident load, so they are not counted twice; a machine with room loads them resident."""
+    from mlx_v4.v41 import streaming
+
+    path = conversions["4bit"]
+    seen, real = {}, streaming.auto_budget
+
+    def spy(resident, args, experts_bytes):
+        seen.update(resident=resident, experts=experts_bytes)
+        return real(resident, args, experts_bytes)
+
+    monkeypatch.setattr(streaming, "auto_budget", spy)
+    model, _ = load_model(path, dtype=mx.float32, expert_budget="auto")
+    assert model.expert_store is None  # a tiny model fits any machine
+    params = _flat(model)
+    stacked = sum(v.nbytes for k, v in params if ".ffn.experts.w" in k)
+    assert seen["resident"] == sum(v.nbytes for _, v in params) - stacked
+    assert seen["experts"] == load_model(path, dtype=mx.float32, expert_budget=1 << 40)[0].expert_store.total_bytes
+
+
+def test_conversion_with_a_drafter_streams_its_experts(tmp_path):
+    """A native conversion keeps DSpark (``dspark.*``): its stages' routed experts are store layers
+    too, under the same budget, and the drafter's logits are bit-identical to the resident ones."""
+    from mlx_v4.draft.speculative import DSparkDrafter
+    from mlx_v4.experts import StreamedExperts, drafter_blocks
+    from mlx_v4.testing.dspark_v41 import write_tiny_v41_dspark_checkpoint
+    from quantize import convert
+
+    write_tiny_v41_dspark_checkpoint(tmp_path / "src", json.loads((MODEL / "config.json").read_text()), seed=3)
+    ids = np.random.default_rng(2).integers(3, 500, 20).tolist()
+    for recipe in ("native", "4bit"):
+        path = convert(tmp_path / "src", tmp_path / recipe, recipe=recipe, progress=False).path
+        minimum = load_model(path, dtype=mx.float32, expert_budget=1 << 40)[0].expert_store.minimum
+        results = []
+        for budget in (None, minimum):
+            model, _ = load_model(path, dtype=mx.float32, expert_budget=budget)
+            if budget is not None:
+                blocks = drafter_blocks(model)
+                assert len(blocks) == 2 and all(isinstance(b.ffn.experts, StreamedExperts) for _, _, b in blocks)
+                assert {i for i, _, _ in blocks} <= set(model.expert_store.specs)
+            drafter = DSparkDrafter(model)
+            _, tapped = model.tapped_streams(mx.array([ids]), model.make_cache(), drafter.taps)
+            drafter.observe(tapped, ids[1:] + [7], 0)
+            results.append(np.array(drafter.logits))
+            if budget is not None:
+                s = model.expert_store.stats()
+                assert s["resident_bytes"] <= budget and s["evictions"] > 0
+        np.testing.assert_array_equal(results[1], results[0])
+
+
+def test_conversion_expert_tensor_missing_or_misshapen_is_named(conversions):
+    from mlx_v4.v41.converted import converted_expert_entries, own_quantization
+    from mlx_v4.weights import WeightsError, scan_checkpoint
+
+    path = conversions["4bit"]
+    infos, quant = scan_checkpoint(path), own_quantization(path)
+    assert quant["layers.0.ffn.experts.w1"]["bits"] == 4
+    stack = {"layers.0.ffn.experts.w1.weight": mx.zeros((8, 32, 64))}
+    assert len(converted_expert_entries(path, infos, stack, quant)["layers.0.ffn.experts"]["w1"].parts) == 8
+    w = infos["layers.0.ffn.experts.0.w1.weight"]
+    with pytest.raises(WeightsError) as e:  # a config whose hidden size disagrees with the tensors
+        converted_expert_entries(path, infos, {"layers.0.ffn.experts.w1.weight": mx.zeros((8, 32, 128))}, quant)
+    assert str(e.value) == (f"{w.file}: expert tensor 'layers.0.ffn.experts.0.w1.weight' has shape [32, 8], the "
+                            "config implies [32, 16]")
+    del infos["layers.0.ffn.experts.5.w1.scales"]
+    with pytest.raises(WeightsError) as e:
+        converted_expert_entries(path, infos, stack, quant)
+    assert str(e.value) == f"{path}: the conversion has no tensor 'layers.0.ffn.experts.5.w1.scales'"

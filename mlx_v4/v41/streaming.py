@@ -4,7 +4,8 @@
 6 per token, FP4 with one E8M0 scale per 32 inputs, one tensor per expert as released) on
 demand through :class:`mlx_v4.experts.ExpertStore`, exactly as V4's; the slots are converted
 by :func:`fp4_expert_arrays`, the function the resident loader stacks with, so logits are
-bit-identical. The DSpark drafter's routed experts (their own count and top-k) are store
+bit-identical. An ``mlx-v4 convert`` output is planned from its own per-expert tensors
+(mlx_v4/v41/converted.py) under the same store. The DSpark drafter's routed experts (their own count and top-k) are store
 layers after the backbone's, under the same budget. The Engram tables are registered with the
 same store (:meth:`ExpertStore.admit_tables`): they are counted in its budget and its
 statistics, and a table is held resident only when it fits beside every routed expert (why:

@@ -41,6 +41,7 @@ from .streaming import fp4_expert_arrays
 SKIPPED = re.compile(r"^(mtp\.|vision\.|aligner\.|image_(start|end|newline)$)")
 _EXPERT = re.compile(r"^((?:dspark\.)?layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
 _ROUTED = re.compile(r"(dspark\.)?layers\.\d+\.ffn\.experts\.w[123]\.weight")  # our stacked names
+_ROUTED_LEAF = re.compile(r"(dspark\.)?layers\.\d+\.ffn\.experts\.w[123]\.")  # their weight/scales/biases
 #: Kept in float32 whatever the compute dtype (as the reference does).
 _FP32 = re.compile(r"(hc_(attn|ffn)_(fn|base|scale)|attn_sink|gate\.bias(_vl)?|compressor\..*|dspark\.confidence\.weight)$")
 #: Never quantized: the grouped ``wo_a`` is fine as mxfp8, but these feed float32 math.
@@ -142,8 +143,13 @@ def load_v41(path_or_repo, *, model_config: dict | None = None, dtype=None, fp8:
     store, streamed = None, set()
     if budget is not None:  # the drafter's experts too: one store, one budget
         store, engram_budget_bytes = _expert_store(path, args, infos, sources, expected, weights, budget,
-                                                   fp4=fp4, dtype=dtype, policy=expert_policy)
+                                                   fp8=fp8, fp4=fp4, dtype=dtype, policy=expert_policy)
         streamed = {s.prefix for s in store.specs.values()} if store is not None else set()
+        for prefix in streamed:  # a conversion's experts, stacked (lazily) above: the store has them
+            for k in [k for k in weights if k.startswith(prefix + ".")]:
+                del weights[k]
+            for k in [k for k in quantization if k.startswith(prefix + ".")]:
+                del quantization[k]
     for (prefix, proj), pairs in sources.items():  # resident, stacked [E, out, in]
         if prefix not in streamed:
             w, s = mx.stack([get(x) for x, _ in pairs]), mx.stack([get(x) for _, x in pairs])
@@ -212,27 +218,45 @@ def _drafter_names(path: Path, model: Model, infos: dict) -> tuple[dict, dict[st
     return out, official
 
 
-def _expert_store(path: Path, args: V41Args, infos, sources, expected, weights, budget, *, fp4, dtype, policy):
+def _expert_store(path: Path, args: V41Args, infos, sources, expected, weights, budget, *, fp8, fp4, dtype, policy):
     """-> (the expert store, or None when "auto" finds room for every expert; Engram bytes for
-    the no-store path). ``weights`` holds the other (lazy) weights: "auto" sizes them."""
-    from ..expert_plan import store_layer
+    the no-store path). ``sources``: the release's FP4 experts, (weight, scale) names per expert;
+    a conversion's (``weights`` holds them stacked) are planned from its own per-expert tensors.
+    ``weights`` holds the other (lazy) weights: "auto" sizes them."""
+    from ..expert_plan import plan_expert_layers, store_layer
     from ..experts import DEFAULT_POLICY, ExpertBudgetError, ExpertStore
+    from .converted import ConvertedExpertConversion, converted_expert_entries, own_quantization
     from .streaming import ExpertConversion, auto_budget, plan_experts
 
-    convert = ExpertConversion(fp4, dtype)
-    layer_sources, shapes, prefixes, n_experts, top_k = {}, {}, {}, {}, {}
-    for (prefix, proj), pairs in sources.items():
-        layer = store_layer(prefix.removesuffix(".ffn.experts"), args.num_hidden_layers)  # drafter: n + stage
-        drafter = prefix.startswith("dspark.")
-        layer_sources[(layer, proj)] = pairs
-        shapes[(layer, proj)] = tuple(expected[f"{prefix}.{proj}.weight"].shape[1:])
-        prefixes[layer] = prefix
-        n_experts[layer] = len(pairs)
-        top_k[layer] = (args.dspark_n_activated_experts if drafter else 0) or args.num_experts_per_tok
-    specs = plan_experts(infos, layer_sources, shapes, n_experts, convert, prefixes)
+    def layer_of(prefix: str) -> int:  # drafter: n + stage
+        return store_layer(prefix.removesuffix(".ffn.experts"), args.num_hidden_layers)
+
+    def top_k_of(prefix: str) -> int:
+        return (args.dspark_n_activated_experts if prefix.startswith("dspark.") else 0) or args.num_experts_per_tok
+
+    if is_converted(path):
+        quant = own_quantization(path)
+        convert = ConvertedExpertConversion(quant, fp8, fp4, dtype)
+        by_prefix = converted_expert_entries(path, infos, expected, quant)
+        prefixes = {layer_of(p): p for p in by_prefix}
+        n_experts = {layer_of(p): len(e["w1"].parts) for p, e in by_prefix.items()}
+        top_k = {layer_of(p): top_k_of(p) for p in by_prefix}
+        specs = plan_expert_layers({layer_of(p): e for p, e in by_prefix.items()}, n_experts, convert, prefixes)
+    else:
+        convert = ExpertConversion(fp4, dtype)
+        layer_sources, shapes, prefixes, n_experts, top_k = {}, {}, {}, {}, {}
+        for (prefix, proj), pairs in sources.items():
+            layer = layer_of(prefix)
+            layer_sources[(layer, proj)] = pairs
+            shapes[(layer, proj)] = tuple(expected[f"{prefix}.{proj}.weight"].shape[1:])
+            prefixes[layer] = prefix
+            n_experts[layer] = len(pairs)
+            top_k[layer] = top_k_of(prefix)
+        specs = plan_experts(infos, layer_sources, shapes, n_experts, convert, prefixes)
     auto = budget == "auto"
     if auto:
-        budget, engram = auto_budget(sum(a.nbytes for a in weights.values()), args,
+        resident = sum(a.nbytes for k, a in weights.items() if not _ROUTED_LEAF.match(k))
+        budget, engram = auto_budget(resident, args,
                                      sum(s.slot_bytes * len(s.experts) for s in specs.values()))
         if budget is None:
             return None, engram
