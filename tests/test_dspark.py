@@ -15,7 +15,7 @@ from mlx_v4.draft.dspark_names import dspark_rename
 from mlx_v4.draft.speculative import DraftError, DSparkDrafter, Sampling, make_drafter, verify
 from mlx_v4.generation import Token, stream_generate
 from mlx_v4.model import Model
-from mlx_v4.testing.dspark import dspark_reference, tiny_dspark_config, write_tiny_dspark_checkpoint
+from mlx_v4.testing.dspark import dspark_reference, teach_markov, tiny_dspark_config, write_tiny_dspark_checkpoint
 from mlx_v4.testing.tiny import random_model, tiny_args
 from mlx_v4.tokenizer import load_tokenizer
 
@@ -237,20 +237,7 @@ def _run(model, tok, ids, **kw):
 
 
 def _teach_markov(model, sequence, wrong_every):
-    """Point the Markov head at the bigrams of ``sequence`` (the first of each previous token),
-    a wrong next token on every ``wrong_every``-th: a random drafter then guesses right often,
-    wrong sometimes, through its real forward and walk."""
-    net = model.dspark
-    V, r = net.markov_w1.weight.shape
-    w1, w2 = np.zeros((V, r), np.float32), np.zeros((V, r), np.float32)
-    pairs = {}
-    for p, n in zip(sequence, sequence[1:]):
-        pairs.setdefault(p, n)
-    for i, (p, n) in enumerate(list(pairs.items())[:r]):
-        w1[p, i] = 40.0
-        w2[(n + 1) % V if (i + 1) % wrong_every == 0 else n, i] = 1.0
-    net.markov_w1.update({"weight": mx.array(w1)})
-    net.markov_w2.update({"weight": mx.array(w2)})
+    teach_markov(model.dspark, sequence, wrong_every)
 
 
 @pytest.mark.parametrize("prompt_len,max_tokens", [(2, 16), (123, 16)])  # across 4/8/12.. and across 128

@@ -19,7 +19,7 @@ drafter is then fed what was kept.
 
 A drafter has ``name``, ``tokens`` (drafts per step), ``reach`` (positions of history it needs
 at the start), ``taps`` (target layers whose mean input streams it reads; empty: the last
-streams), ``observe(features, next_ids, position)``, ``draft(n, sampling=None)``, ``logits``
+streams), ``observe(features, next_ids, position)``, ``draft(n, sampling=None, key=None)``, ``logits``
 (evaluated after each observe) and ``proposal`` (the q rows of the last draft, None: one-hot).
 """
 
@@ -169,9 +169,9 @@ class MTPDrafter:
         for r, d in enumerate(drafters):
             d._out, d.logits = last[:, r:r + 1], logits[r]
 
-    def draft(self, n: int, sampling: Sampling | None = None) -> list[int]:
+    def draft(self, n: int, sampling: Sampling | None = None, key: mx.array | None = None) -> list[int]:
         """Up to ``n`` guesses for the positions after the pending token: the block's argmax
-        (whatever ``sampling``), chained on its own streams (those cache entries are dropped by
+        (whatever ``sampling``; ``key`` is not used), chained on its own streams (those cache entries are dropped by
         the next observe)."""
         first = int(mx.argmax(self.logits).item())
         out = [first]
@@ -248,19 +248,21 @@ class DSparkDrafter:
         self.hidden = self.net.hidden(self.anchor, self.offset, self.contexts, self.model.embed)
         self.logits = self.net.base_logits(self.hidden, self.model.head)
 
-    def draft(self, n: int, sampling: Sampling | None = None) -> list[int]:
+    def draft(self, n: int, sampling: Sampling | None = None, key: mx.array | None = None) -> list[int]:
         """Up to ``n`` guesses after the pending token, row by row: base logits plus the Markov
         bias of the previous token; argmax when greedy, else a sample from the row's tempered,
-        filtered distribution (kept in :attr:`proposal` for verification)."""
+        filtered distribution (kept in :attr:`proposal` for verification), drawn with ``key``
+        (a sequence's own stream) or the global random state."""
         n = min(n, self.tokens)
         prev, out, rows = mx.array([self.anchor], dtype=mx.int32), [], []
         random = sampling is not None and not sampling.greedy
+        keys = mx.random.split(key, n) if random and key is not None and n else [None] * n
         for j in range(n):  # one lazy graph: the walk is read back once, not row by row
             step = self.logits[j] + self.net.markov_bias(prev)[0]
             if random:
                 weights = sampling.filtered(step - mx.logsumexp(step))
                 rows.append(mx.softmax(weights, precise=True))
-                prev = mx.random.categorical(weights)[None].astype(mx.int32)
+                prev = mx.random.categorical(weights, key=keys[j])[None].astype(mx.int32)
             else:
                 prev = mx.argmax(step)[None].astype(mx.int32)
             out.append(prev)
