@@ -145,7 +145,8 @@ class BatchDrafting:
             sub = None
             if s.sampling.temperature > 0:
                 keys[id(s)], sub = mx.random.split(s._key)
-            a, nxt = verify(logprobs[o:o + n], guesses, _sampling(s.sampling, logprobs.shape[-1]), planned[2], key=sub)
+            a, nxt = verify(logprobs[o:o + n], guesses, _sampling(s.sampling, logprobs.shape[-1]),
+                            proposal=planned[2], key=sub)
             out = _until_end(s, guesses[:a] + [nxt])
             emitted[r], verified[r] = out, (len(guesses), a)
             accept(s.cache, starts[r] + len(out))  # the pending token and every emitted one but the last

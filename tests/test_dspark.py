@@ -15,7 +15,12 @@ from mlx_v4.draft.dspark_names import dspark_rename
 from mlx_v4.draft.speculative import DraftError, DSparkDrafter, Sampling, make_drafter, verify
 from mlx_v4.generation import Token, stream_generate
 from mlx_v4.model import Model
-from mlx_v4.testing.dspark import dspark_reference, teach_markov, tiny_dspark_config, write_tiny_dspark_checkpoint
+from mlx_v4.testing.dspark import (
+    dspark_reference,
+    teach_markov,
+    tiny_dspark_config,
+    write_tiny_dspark_checkpoint,
+)
 from mlx_v4.testing.tiny import random_model, tiny_args
 from mlx_v4.tokenizer import load_tokenizer
 
@@ -307,9 +312,11 @@ def test_draft_requests_dspark_cannot_serve(model, tok):
     assert make_drafter(v41, "auto", None, custom_sampler=False) is None
     from mlx_v4.batch_draft import BatchDrafting
 
-    with pytest.raises(DraftError, match="the dspark drafter does not run in the batching engine yet"):
-        BatchDrafting(model, "dspark", 5)
-    assert not BatchDrafting(model, "auto", None).enabled
+    for spec in ("dspark", "auto"):  # the batching engine drafts with DSpark too, reading its taps
+        drafting = BatchDrafting(model, spec, None)
+        assert drafting.enabled and drafting.taps == (1, 2, 3)
+    with pytest.raises(DraftError, match="draft_tokens=6: a DSpark block drafts 1 to 5 tokens"):
+        BatchDrafting(model, "dspark", 6)
 
 
 # ---- sampling: the proposal q of sampled drafts --------------------------------------------------
