@@ -12,10 +12,11 @@ come from one forward per chained guess (:meth:`MTPDrafter.draft_rows`).
 
 A DSpark drafter reads inner target layers: the shared step then also returns every row's taps
 (:func:`~mlx_v4.batch.tapped_stacked_streams`, the same function as
-:meth:`Model.tapped_streams` for one sequence), and each row's drafter observes its kept
-positions' taps and drafts its block one row at a time (its block forward is not stacked over
-rows). It drafts with the row's own sampling settings and random stream, and a sampled row's
-proposal q goes to that row's verification. A model has one drafter, so rows never mix kinds.
+:meth:`Model.tapped_streams` for one sequence); the drafters observe their rows' kept
+positions' taps in one forward of the DSpark stages over all rows' blocks
+(:meth:`DSparkDrafter.observe_rows`), then each walks its block with the Markov head, with its
+row's own sampling settings and random stream; a sampled row's proposal q goes to that row's
+verification. A model has one drafter, so rows never mix kinds.
 
 So greedy output is, token for token, each sequence's output alone without drafts, and
 sampled output follows the same distribution. As in :class:`~mlx_v4.draft.speculative.Speculator`:
@@ -195,12 +196,8 @@ class BatchDrafting:
         if not feeds:
             mx.eval(tails)
             return
-        mtp = [(rd, f) for rd, f in feeds if isinstance(rd.drafter, MTPDrafter)]
-        if mtp:
-            MTPDrafter.observe_rows([rd.drafter for rd, _ in mtp], [f for _, f in mtp])
-        for rd, f in feeds:
-            if not isinstance(rd.drafter, MTPDrafter):
-                rd.drafter.observe(*f)
+        # a model has one drafter: every row's is of one kind, taught in one batched forward
+        type(feeds[0][0].drafter).observe_rows([rd.drafter for rd, _ in feeds], [f for _, f in feeds])
         mx.eval([rd.drafter.logits for rd, _ in feeds], tails)
         for rd, _ in feeds:
             rd.primed = True

@@ -453,7 +453,7 @@ def test_dspark_sampled_rows_follow_the_target_distribution():
                              dspark_target_layer_ids=[0], dspark_noise_token_id=7, dspark_block_size=2)
     model = random_model(ModelArgs.from_dict(cfg), seed=5, dspark=True)
     model.head.weight = model.head.weight * 2.5  # sharper distributions: a wrong one shows sooner
-    prompt, n = [1, 2, 3, 4, 5], 400
+    prompt, n = [1, 2, 3, 4, 5], 600
     settings = Sampling(1.5, top_p=0.95)
     logits = model(mx.array([prompt + [t] for t in range(8)]))
     lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

@@ -261,6 +261,38 @@ def test_greedy_with_dspark_equals_plain(tok, prompt_len, max_tokens, k):
     np.testing.assert_allclose(np.array(model(nxt, cache)), np.array(model(nxt, pcache)), atol=1e-4, rtol=0)
 
 
+def test_observe_rows_matches_observe_per_drafter(model):
+    """The batched observe (one main_proj, one forward of the stages over every block, one head
+    GEMM) against each drafter's own observe: the same contexts, hidden and logits, for a first
+    observe, a window already full (past 128 positions) and a short history, fed ragged rows."""
+    D = 3 * model.args.hidden_size
+    rng = np.random.default_rng(11)
+    histories, feeds = [0, 130, 5], []
+    pairs = []
+    for start, n in zip(histories, (3, 2, 1)):
+        a, b = DSparkDrafter(model), DSparkDrafter(model)
+        if start:
+            h = mx.array(rng.standard_normal((1, start, D)), dtype=mx.float32)
+            ids = rng.integers(2, 1024, start).tolist()
+            a.observe(h, ids, 0)
+            b.observe(h, ids, 0)
+        pairs.append((a, b))
+        feeds.append((mx.array(rng.standard_normal((1, n, D)), dtype=mx.float32), rng.integers(2, 1024, n).tolist(),
+                      start))
+    for (a, _), f in zip(pairs, feeds):
+        a.observe(*f)
+    DSparkDrafter.observe_rows([b for _, b in pairs], feeds)
+    for a, b in pairs:
+        assert (a.offset, a.anchor) == (b.offset, b.anchor)
+        for ca, cb in zip(a.contexts, b.contexts):
+            np.testing.assert_allclose(np.array(cb), np.array(ca), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.array(b.hidden), np.array(a.hidden), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.array(b.logits), np.array(a.logits), atol=1e-4, rtol=0)
+    assert pairs[1][1].contexts[0].shape[1] == model.dspark.window
+    with pytest.raises(RuntimeError, match="DSpark context at 132, fed position 5"):
+        DSparkDrafter.observe_rows([pairs[1][1]], [feeds[2]])
+
+
 def test_random_drafts_are_rejected_and_rewound(model, tok):
     ids = _ids(125, seed=3)
     plain = _run(model, tok, ids, max_tokens=10)[0]

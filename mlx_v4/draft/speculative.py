@@ -237,16 +237,50 @@ class DSparkDrafter:
         """Target hiddens [1, n, taps * D] at ``position``.., and the n tokens one position
         later: the context grows by n positions and the block is drafted after them, anchored on
         the last token (the pending one, at ``position + n``)."""
-        if self.offset is not None and self.offset != position:
-            raise RuntimeError(f"DSpark context at {self.offset}, fed position {position}")
+        self._check(position)
         n = hiddens.shape[1]
-        new = self.net.contexts(hiddens, mx.arange(position, position + n))
-        self.contexts = [(c if old is None else mx.concatenate([old, c], axis=1))[:, -self.reach:]
-                         for old, c in zip(self.contexts, new, strict=True)]
-        self.offset = position + n
-        self.anchor = int(next_ids[-1])
+        self._grow(self.net.contexts(hiddens, mx.arange(position, position + n)), next_ids, position + n)
         self.hidden = self.net.hidden(self.anchor, self.offset, self.contexts, self.model.embed)
         self.logits = self.net.base_logits(self.hidden, self.model.head)
+
+    def _check(self, position: int) -> None:
+        if self.offset is not None and self.offset != position:
+            raise RuntimeError(f"DSpark context at {self.offset}, fed position {position}")
+
+    def _grow(self, new: list[mx.array], next_ids: list[int], end: int) -> None:
+        """Append each stage's new context KV (the window keeps the last ``reach``); the block is
+        next anchored on the last of ``next_ids``, at ``end``."""
+        self.contexts = [(c if old is None else mx.concatenate([old, c], axis=1))[:, -self.reach:]
+                         for old, c in zip(self.contexts, new, strict=True)]
+        self.offset, self.anchor = end, int(next_ids[-1])
+
+    @staticmethod
+    def observe_rows(drafters: list[DSparkDrafter], feeds: list[tuple[mx.array, list[int], int]]) -> None:
+        """:meth:`observe` for several drafters of one model (``feeds[r]``: observe's arguments):
+        one ``main_proj`` over all fed positions, one forward of the stages over all blocks
+        (:meth:`DSpark.hidden_rows`) and one head GEMM. A drafter without ``hidden_rows`` (V4.1's)
+        observes one sequence at a time."""
+        first = drafters[0]
+        if not hasattr(first.net, "hidden_rows"):
+            for d, f in zip(drafters, feeds, strict=True):
+                d.observe(*f)
+            return
+        for d, (_, _, position) in zip(drafters, feeds, strict=True):
+            d._check(position)
+        lengths = [h.shape[1] for h, _, _ in feeds]
+        h = mx.concatenate([h for h, _, _ in feeds], axis=1)  # [1, T, taps * D]
+        new = first.net.contexts(h, mx.concatenate([mx.arange(p, p + n) for (_, _, p), n in zip(feeds, lengths)]))
+        start = 0
+        for d, (_, ids, p), n in zip(drafters, feeds, lengths):
+            d._grow([c[:, start:start + n] for c in new], ids, p + n)
+            start += n
+        hidden = first.net.hidden_rows([d.anchor for d in drafters], [d.offset for d in drafters],
+                                       [d.contexts for d in drafters], first.model.embed)  # [R, block, D]
+        R, B, D = hidden.shape
+        logits = apply_head(first.model.head, hidden.reshape(1, R * B, D).astype(mx.float32)).astype(mx.float32)
+        logits = logits.reshape(R, B, -1)  # one GEMM for every block's rows (batch.py)
+        for r, d in enumerate(drafters):
+            d.hidden, d.logits = hidden[r], logits[r]
 
     def draft(self, n: int, sampling: Sampling | None = None, key: mx.array | None = None) -> list[int]:
         """Up to ``n`` guesses after the pending token, row by row: base logits plus the Markov
