@@ -41,7 +41,7 @@ class RowDraft:
     def __init__(self, drafter):
         self.drafter = drafter
         self.counts = DraftCounts()
-        self.tail: mx.array | None = None  # streams of the last reach prompt positions [1, n, hc, D]
+        self.tail: mx.array | None = None  # what the drafter reads at the last reach prompt positions [1, n, ...]
         self.primed = False  # the drafter has seen the sequence (it can draft)
         self.planned: tuple[int, list[int], mx.array | None] | None = None  # (len(generated), guesses, proposal q)
         self.key: mx.array | None = None  # the drafter's own random stream (sampled drafts)
