@@ -87,15 +87,18 @@ class BatchDrafting:
             guesses = MTPDrafter.draft_rows([s.draft.drafter for s, _ in mtp], [n for _, n in mtp])
             for (s, _), g in zip(mtp, guesses):
                 s.draft.planned = (len(s.generated), g, None)
-        vocab = self.model.args.vocab_size
-        for s, n in need:
-            rd = s.draft
-            if not isinstance(rd.drafter, MTPDrafter):  # DSpark: the row's settings and random stream
-                sampling, key = _sampling(s.sampling, vocab), None
+        rest = [(s, n) for s, n in need if not isinstance(s.draft.drafter, MTPDrafter)]
+        if rest:  # DSpark: each row walks its block with its own settings and random stream
+            samplings, keys = [_sampling(s.sampling, self.model.args.vocab_size) for s, _ in rest], []
+            for (s, _), sampling in zip(rest, samplings):
+                key = None
                 if not sampling.greedy:
-                    rd.key, key = mx.random.split(rd.key)
-                guesses = rd.drafter.draft(n, sampling, key)
-                rd.planned = (len(s.generated), guesses, rd.drafter.proposal if guesses else None)
+                    s.draft.key, key = mx.random.split(s.draft.key)
+                keys.append(key)
+            drafters = [s.draft.drafter for s, _ in rest]
+            guesses = type(drafters[0]).draft_rows(drafters, [n for _, n in rest], samplings, keys)
+            for (s, _), d, g in zip(rest, drafters, guesses):
+                s.draft.planned = (len(s.generated), g, d.proposal if g else None)
         return [[s.generated[-1]] + (s.draft.planned[1] if s.draft is not None and s.draft.primed else [])
                 for s in seqs]
 

@@ -410,19 +410,20 @@ def test_dspark_seeded_rows_reproduce_and_verify_their_own_proposal(flash0731, m
     import mlx_v4.batch_draft as bd
 
     seen, drawn = [], {}
-    real_verify, real_draft = bd.verify, DSparkDrafter.draft
+    real_verify, real_draft_rows = bd.verify, DSparkDrafter.draft_rows
 
     def verify_spy(rows, drafts, sampling, proposal=None, *, key=None):
         seen.append((sampling, drafts, None if proposal is None else np.array(proposal)))
         return real_verify(rows, drafts, sampling, proposal, key=key)
 
-    def draft_spy(self, n, sampling=None, key=None):
-        out = real_draft(self, n, sampling, key)
-        drawn.setdefault(tuple(out), []).append(None if self.proposal is None else np.array(self.proposal))
+    def draft_rows_spy(drafters, ns, samplings, keys):
+        out = real_draft_rows(drafters, ns, samplings, keys)
+        for d, g in zip(drafters, out):
+            drawn.setdefault(tuple(g), []).append(None if d.proposal is None else np.array(d.proposal))
         return out
 
     monkeypatch.setattr(bd, "verify", verify_spy)
-    monkeypatch.setattr(DSparkDrafter, "draft", draft_spy)
+    monkeypatch.setattr(DSparkDrafter, "draft_rows", staticmethod(draft_rows_spy))
     model = flash0731
     rng = np.random.default_rng(2)
     prompts = [rng.integers(2, 1024, n).tolist() for n in (30, 5, 90, 30)]

@@ -287,11 +287,15 @@ class DSparkDrafter:
         bias of the previous token; argmax when greedy, else a sample from the row's tempered,
         filtered distribution (kept in :attr:`proposal` for verification), drawn with ``key``
         (a sequence's own stream) or the global random state."""
+        return DSparkDrafter.draft_rows([self], [n], [sampling], [key])[0]
+
+    def _walk(self, n: int, sampling: Sampling | None, key: mx.array | None) -> tuple[mx.array | None, mx.array | None]:
+        """:meth:`draft` as one lazy graph -> (drafts [n] or None, proposal [n, V] or None)."""
         n = min(n, self.tokens)
         prev, out, rows = mx.array([self.anchor], dtype=mx.int32), [], []
         random = sampling is not None and not sampling.greedy
         keys = mx.random.split(key, n) if random and key is not None and n else [None] * n
-        for j in range(n):  # one lazy graph: the walk is read back once, not row by row
+        for j in range(n):
             step = self.logits[j] + self.net.markov_bias(prev)[0]
             if random:
                 weights = sampling.filtered(step - mx.logsumexp(step))
@@ -300,8 +304,18 @@ class DSparkDrafter:
             else:
                 prev = mx.argmax(step)[None].astype(mx.int32)
             out.append(prev)
-        self.proposal = mx.stack(rows) if rows else None
-        return mx.concatenate(out).tolist() if out else []
+        return (mx.concatenate(out) if out else None), (mx.stack(rows) if rows else None)
+
+    @staticmethod
+    def draft_rows(drafters: list[DSparkDrafter], ns: list[int], samplings: list[Sampling | None],
+                   keys: list[mx.array | None]) -> list[list[int]]:
+        """:meth:`draft` for several drafters (each with its own n, sampling settings and key):
+        every walk is one lazy graph, all read back at once."""
+        walks = [d._walk(n, s, k) for d, n, s, k in zip(drafters, ns, samplings, keys, strict=True)]
+        mx.eval([a for w in walks for a in w if a is not None])
+        for d, (_, q) in zip(drafters, walks):
+            d.proposal = q
+        return [[] if t is None else t.tolist() for t, _ in walks]
 
     def acceptance(self, drafts: list[int]) -> mx.array:
         """The confidence head's estimate [len(drafts)] that each draft is accepted."""
