@@ -14,9 +14,10 @@ A DSpark drafter reads inner target layers: the shared step then also returns ev
 (:func:`~mlx_v4.batch.tapped_stacked_streams`, the same function as
 :meth:`Model.tapped_streams` for one sequence); the drafters observe their rows' kept
 positions' taps in one forward of the DSpark stages over all rows' blocks
-(:meth:`DSparkDrafter.observe_rows`), then each walks its block with the Markov head, with its
-row's own sampling settings and random stream; a sampled row's proposal q goes to that row's
-verification. A model has one drafter, so rows never mix kinds.
+(:meth:`DSparkDrafter.observe_rows`); each walks its block with the Markov head, with its row's
+own sampling settings and random stream, all walks read back at once
+(:meth:`DSparkDrafter.draft_rows`); a sampled row's proposal q goes to that row's verification.
+A model has one drafter, so rows never mix kinds.
 
 So greedy output is, token for token, each sequence's output alone without drafts, and
 sampled output follows the same distribution. As in :class:`~mlx_v4.draft.speculative.Speculator`:
