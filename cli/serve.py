@@ -25,10 +25,10 @@ from .common import (
 )
 from .distributed import LayersOpt, ParallelOpt, TimeoutOpt, peer_errors
 
-SERVE_DRAFT_HELP = ("Speculative decoding: none (default), auto or mtp (each decoding request drafts with the "
-                    "checkpoint's MTP block and verifies its drafts inside the batching engine's shared step; "
-                    "on a CPU this was not faster at 1-4 streams, see BENCHMARKS.md). dspark does not run in "
-                    "the batching engine yet.")
+SERVE_DRAFT_HELP = ("Speculative decoding: none (default), auto, mtp or dspark (each decoding request drafts "
+                    "with the checkpoint's drafter, its MTP block or a Flash-0731 checkpoint's DSpark, and "
+                    "verifies its drafts inside the batching engine's shared step; auto picks the one the "
+                    "checkpoint has; on a CPU the MTP was not faster at 1-4 streams, see BENCHMARKS.md).")
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
           "t": 1 << 40, "tb": 1 << 40}

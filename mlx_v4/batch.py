@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import PositionError
+from .model import tapped_layers
 from .platform import metal_available
 
 #: On the CPU backend MLX's quantized matmul dequantizes the weights again for every row, so a
@@ -46,6 +47,14 @@ def step_batch(model, token_rows, caches) -> mx.array:
 def stacked_streams(model, token_rows, caches) -> tuple[mx.array, list[tuple[int, int]]]:
     """The model body of :func:`step_batch`: -> (the last layer's streams [1, T, hc, D] of
     all rows' tokens stacked, each row's (start, end) in T). Every cache advances by its row."""
+    x, _, bounds = tapped_stacked_streams(model, token_rows, caches, ())
+    return x, bounds
+
+
+def tapped_stacked_streams(model, token_rows, caches, taps) -> tuple[mx.array, mx.array | None, list[tuple[int, int]]]:
+    """:func:`stacked_streams`, also returning the taps of every row's tokens (what
+    :meth:`Model.tapped_streams` returns for one sequence: the mean input streams of the layers
+    in ``taps``, [1, T, len(taps) * D], or None without taps) -> (streams, taps, bounds)."""
     if len(token_rows) != len(caches):
         raise ValueError(f"{len(token_rows)} token rows for {len(caches)} caches")
     if not token_rows:
@@ -67,10 +76,13 @@ def stacked_streams(model, token_rows, caches) -> tuple[mx.array, list[tuple[int
     T = ids.shape[1]
     x = model.embed(ids)  # [1, T, D]
     x = mx.broadcast_to(x[:, :, None, :], (1, T, model.args.hc_mult, x.shape[-1]))  # [1, T, hc, D]
-    for i, layer in enumerate(model.layers):
+
+    def step(i, layer, h):
         layer_caches = [c[i] for c in caches]
-        x = layer.forward(x, ids, lambda h, a=layer.attn, lc=layer_caches: a.call_rows(h, lc, bounds, positions))
-    return x, bounds
+        return layer.forward(h, ids, lambda g: layer.attn.call_rows(g, layer_caches, bounds, positions))
+
+    x, tapped = tapped_layers(model.layers, x, taps, step)
+    return x, tapped, bounds
 
 
 def head_logits(model, x: mx.array, index: list[int]) -> mx.array:

@@ -10,6 +10,15 @@ and each row's cache keeps exactly its accepted prefix (``speculate`` before the
 block running once over all rows (:meth:`MTPDrafter.observe_rows`); its guesses for all rows
 come from one forward per chained guess (:meth:`MTPDrafter.draft_rows`).
 
+A DSpark drafter reads inner target layers: the shared step then also returns every row's taps
+(:func:`~mlx_v4.batch.tapped_stacked_streams`, the same function as
+:meth:`Model.tapped_streams` for one sequence); the drafters observe their rows' kept
+positions' taps in one forward of the DSpark stages over all rows' blocks
+(:meth:`DSparkDrafter.observe_rows`); each walks its block with the Markov head, with its row's
+own sampling settings and random stream, all walks read back at once
+(:meth:`DSparkDrafter.draft_rows`); a sampled row's proposal q goes to that row's verification.
+A model has one drafter, so rows never mix kinds.
+
 So greedy output is, token for token, each sequence's output alone without drafts, and
 sampled output follows the same distribution. As in :class:`~mlx_v4.draft.speculative.Speculator`:
 at most ``room`` tokens are emitted per step (k <= room - 1, room = what max_tokens still
@@ -22,9 +31,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .batch import head_logits, stacked_streams
+from .batch import head_logits, tapped_stacked_streams
 from .cache import accept, speculate
-from .draft.speculative import DraftCounts, DraftError, MTPDrafter, Sampling, make_drafter, verify
+from .draft.speculative import DraftCounts, MTPDrafter, Sampling, make_drafter, verify
 
 
 class RowDraft:
@@ -33,9 +42,10 @@ class RowDraft:
     def __init__(self, drafter):
         self.drafter = drafter
         self.counts = DraftCounts()
-        self.tail: mx.array | None = None  # streams of the last reach prompt positions [1, n, hc, D]
+        self.tail: mx.array | None = None  # what the drafter reads at the last reach prompt positions [1, n, ...]
         self.primed = False  # the drafter has seen the sequence (it can draft)
-        self.planned: tuple[int, list[int]] | None = None  # (len(generated), guesses) of the next step
+        self.planned: tuple[int, list[int], mx.array | None] | None = None  # (len(generated), guesses, proposal q)
+        self.key: mx.array | None = None  # the drafter's own random stream (sampled drafts)
 
 
 class BatchDrafting:
@@ -43,24 +53,21 @@ class BatchDrafting:
     ``tokens`` as stream_generate's ``draft``/``draft_tokens``. Raises DraftError for a spec this
     model cannot serve ("auto" quietly turns drafting off: then :attr:`enabled` is False)."""
 
-    def __init__(self, model, draft: str | None, tokens: int):
+    def __init__(self, model, draft: str | None, tokens: int | None):
         self.model, self.draft, self.tokens = model, draft, tokens
         self.distributed = getattr(type(model), "distributed", False)
         drafter = self._drafter()
-        if drafter is not None and getattr(drafter, "taps", ()):
-            # a drafter reading inner layers' streams (DSpark) needs them from the stacked step too
-            if draft == "auto":
-                drafter = None
-            else:
-                raise DraftError(f"the {drafter.name} drafter does not run in the batching engine yet "
-                                 "(it reads inner target layers); use draft=None or 'auto'")
         self.enabled = drafter is not None
+        self.taps = tuple(drafter.taps) if drafter is not None else ()  # what the step captures for it
 
     def _drafter(self):
         return make_drafter(self.model, self.draft, self.tokens, custom_sampler=False, distributed=self.distributed)
 
     def attach(self, seq) -> None:
+        """Give ``seq`` its drafter; its random stream is split off the sequence's own key."""
         seq.draft = RowDraft(self._drafter()) if self.enabled else None
+        if seq.draft is not None:
+            seq._key, seq.draft.key = mx.random.split(seq._key)
 
     def decode_rows(self, seqs) -> list[list[int]]:
         """The rows of the decoding sequences ``seqs``: each one's pending token, then up to k
@@ -73,17 +80,26 @@ class BatchDrafting:
                 continue
             n = min(rd.drafter.tokens, s.max_tokens - len(s.generated) - 1)
             if n < 1:
-                rd.planned = (len(s.generated), [])
+                rd.planned = (len(s.generated), [], None)
             else:
                 need.append((s, n))
         mtp = [(s, n) for s, n in need if isinstance(s.draft.drafter, MTPDrafter)]
         if mtp:
             guesses = MTPDrafter.draft_rows([s.draft.drafter for s, _ in mtp], [n for _, n in mtp])
             for (s, _), g in zip(mtp, guesses):
-                s.draft.planned = (len(s.generated), g)
-        for s, n in need:
-            if not isinstance(s.draft.drafter, MTPDrafter):
-                s.draft.planned = (len(s.generated), s.draft.drafter.draft(n))
+                s.draft.planned = (len(s.generated), g, None)
+        rest = [(s, n) for s, n in need if not isinstance(s.draft.drafter, MTPDrafter)]
+        if rest:  # DSpark: each row walks its block with its own settings and random stream
+            samplings, keys = [_sampling(s.sampling, self.model.args.vocab_size) for s, _ in rest], []
+            for (s, _), sampling in zip(rest, samplings):
+                key = None
+                if not sampling.greedy:
+                    s.draft.key, key = mx.random.split(s.draft.key)
+                keys.append(key)
+            drafters = [s.draft.drafter for s, _ in rest]
+            guesses = type(drafters[0]).draft_rows(drafters, [n for _, n in rest], samplings, keys)
+            for (s, _), d, g in zip(rest, drafters, guesses):
+                s.draft.planned = (len(s.generated), g, d.proposal if g else None)
         return [[s.generated[-1]] + (s.draft.planned[1] if s.draft is not None and s.draft.primed else [])
                 for s in seqs]
 
@@ -104,7 +120,8 @@ class BatchDrafting:
 
     def _run(self, gen, rows, starts: dict[int, int]):
         seqs = [s for s, _ in rows]
-        x, bounds = stacked_streams(self.model, [ids for _, ids in rows], [s.cache for s in seqs])
+        x, tapped, bounds = tapped_stacked_streams(self.model, [ids for _, ids in rows], [s.cache for s in seqs],
+                                                   self.taps)
         # the positions whose logits are needed: every fed position of a decoding row, the last
         # one of a prompt's final chunk
         index, at = [], {}
@@ -127,17 +144,18 @@ class BatchDrafting:
         for r in starts:
             s, o, n = seqs[r], *at[r]
             guesses = rows[r][1][1:]
-            p = s.sampling
+            planned = s.draft.planned
+            if planned is None or planned[0] != len(s.generated) or planned[1] != guesses:
+                raise RuntimeError(f"row {r}: its drafts are not the ones planned for it")
             sub = None
-            if p.temperature > 0:
+            if s.sampling.temperature > 0:
                 keys[id(s)], sub = mx.random.split(s._key)
-            vocab = logprobs.shape[-1]
-            a, nxt = verify(logprobs[o:o + n], guesses, Sampling(p.temperature, p.top_p, p.min_p,
-                                                                 p.top_k if p.top_k < vocab else 0), key=sub)
+            a, nxt = verify(logprobs[o:o + n], guesses, _sampling(s.sampling, logprobs.shape[-1]),
+                            proposal=planned[2], key=sub)
             out = _until_end(s, guesses[:a] + [nxt])
             emitted[r], verified[r] = out, (len(guesses), a)
             accept(s.cache, starts[r] + len(out))  # the pending token and every emitted one but the last
-        self._observe(rows, bounds, x, emitted, starts)
+        self._observe(rows, bounds, x if tapped is None else tapped, emitted, starts)
         mx.eval([c.state for s in seqs for c in s.cache])
         for r, (drafted, accepted) in verified.items():
             counts = seqs[r].draft.counts
@@ -154,8 +172,9 @@ class BatchDrafting:
         return out, keys
 
     def _observe(self, rows, bounds, x: mx.array, emitted: dict[int, list[int]], starts: dict[int, int]) -> None:
-        """Teach each drafter what its row kept (pairs of the target's streams at a position and
-        the token one later); a prefilling row keeps its tail of streams until its first token."""
+        """Teach each drafter what its row kept (pairs of what it reads at a position, x
+        [1, T, ...]: the target's last streams or its taps, and the token one later); a
+        prefilling row keeps its tail of those until its first token."""
         feeds: list[tuple[RowDraft, tuple]] = []
         tails = []
         for r, ((s, _), (b0, b1)) in enumerate(zip(rows, bounds)):
@@ -181,15 +200,16 @@ class BatchDrafting:
         if not feeds:
             mx.eval(tails)
             return
-        mtp = [(rd, f) for rd, f in feeds if isinstance(rd.drafter, MTPDrafter)]
-        if mtp:
-            MTPDrafter.observe_rows([rd.drafter for rd, _ in mtp], [f for _, f in mtp])
-        for rd, f in feeds:
-            if not isinstance(rd.drafter, MTPDrafter):
-                rd.drafter.observe(*f)
+        # a model has one drafter: every row's is of one kind, taught in one batched forward
+        type(feeds[0][0].drafter).observe_rows([rd.drafter for rd, _ in feeds], [f for _, f in feeds])
         mx.eval([rd.drafter.logits for rd, _ in feeds], tails)
         for rd, _ in feeds:
             rd.primed = True
+
+
+def _sampling(p, vocab: int) -> Sampling:
+    """A sequence's resolved SamplingParams -> the verifier's (and the drafter's) Sampling."""
+    return Sampling(p.temperature, p.top_p, p.min_p, p.top_k if p.top_k < vocab else 0)
 
 
 def _until_end(seq, tokens: list[int]) -> list[int]:

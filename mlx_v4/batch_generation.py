@@ -128,7 +128,7 @@ class BatchGenerator:
     A drafting row counts k+1 tokens against ``step_tokens``."""
 
     def __init__(self, model, *, prefill_step: int = 512, step_tokens: int = 512, draft: str | None = None,
-                 draft_tokens: int = 1):
+                 draft_tokens: int | None = None):
         if prefill_step < 1 or step_tokens < 1:
             raise ValueError(f"prefill_step and step_tokens must be >= 1, got {prefill_step}, {step_tokens}")
         self.model = model
@@ -349,7 +349,8 @@ def batch_generate(model, tokenizer, prompts: list[str | list[int]], *, max_toke
                    min_p: float | None = None, seed: int | list[int | None] | None = None,
                    stop: str | list[str] | None = None, logprobs: bool = False, top_logprobs: int = 0,
                    max_batch: int = 16, prefill_step_size: int = 512, step_tokens: int = 512,
-                   thinking: bool | None = None, draft: str | None = None, draft_tokens: int = 1) -> list[BatchResult]:
+                   thinking: bool | None = None, draft: str | None = None,
+                   draft_tokens: int | None = None) -> list[BatchResult]:
     """Generate from every prompt (text, encoded without BOS, or ids) at once; one
     :class:`BatchResult` per prompt, in order. Up to ``max_batch`` run together; the others
     join as those finish. ``seed`` (one, or one per prompt) gives each prompt its own random

@@ -42,6 +42,19 @@ class DecoderLayer(nn.Module):
         return HyperConnection.expand(self.ffn(self.ffn_norm(h), token_ids), x, post, comb)
 
 
+def tapped_layers(layers, x: mx.array, taps, step) -> tuple[mx.array, mx.array | None]:
+    """Streams x [B, L, hc, D] through ``layers`` (``step(i, layer, x)`` runs layer i) -> (the
+    last streams, the input streams of the layers in ``taps`` averaged over the copies and
+    concatenated [B, L, len(taps) * D], or None without taps). Shared by the single-sequence
+    forward and the stacked step (mlx_v4/batch.py)."""
+    tapped = []
+    for i, layer in enumerate(layers):
+        if i in taps:
+            tapped.append(x.mean(axis=2))
+        x = step(i, layer, x)
+    return x, (mx.concatenate(tapped, axis=-1) if tapped else None)
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs, cpu: bool | None = None, use_kernel: bool | None = None):
         """``cpu``: choose the paths that are fast on MLX's CPU backend (default: when Metal is
@@ -85,22 +98,13 @@ class Model(nn.Module):
                 f"position {end} is past max_position_embeddings={self.args.max_position_embeddings}")
         x = self.embed(inputs)
         x = mx.broadcast_to(x[:, :, None, :], (B, L, self.args.hc_mult, x.shape[-1]))
-        tapped = []
+        step = lambda i, layer, h: layer(h, inputs, cache[i])  # noqa: E731
         if self.expert_store is None:
-            x = self._layers(x, inputs, cache, taps, tapped)
-        else:  # a failed expert read rewinds the cache: no half-updated step
-            from .experts import StepGuard
+            return tapped_layers(self.layers, x, taps, step)
+        from .experts import StepGuard
 
-            with StepGuard(cache):
-                x = self._layers(x, inputs, cache, taps, tapped)
-        return x, (mx.concatenate(tapped, axis=-1) if tapped else None)
-
-    def _layers(self, x, inputs, cache, taps, tapped: list) -> mx.array:
-        for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            if i in taps:
-                tapped.append(x.mean(axis=2))
-            x = layer(x, inputs, c)
-        return x
+        with StepGuard(cache):  # a failed expert read rewinds the cache: no half-updated step
+            return tapped_layers(self.layers, x, taps, step)
 
     def logits(self, x: mx.array) -> mx.array:
         """streams [B, L, hc_mult, D] -> logits [B, L, vocab] float32."""

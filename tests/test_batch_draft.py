@@ -1,8 +1,8 @@
-"""Drafts inside continuous batching (mlx_v4/batch_draft.py): every request's greedy output is
-its output alone without drafts, token for token, with rejections rewound per row across the 4-
-and 128-position compression boundaries, requests joining and leaving, EOS, stop strings and
-max_tokens inside accepted runs; sampled rows follow the target distribution and seeded ones
-are reproducible whatever runs beside them."""
+"""Drafts inside continuous batching (mlx_v4/batch_draft.py), with the MTP and with DSpark: every
+request's greedy output is its output alone without drafts, token for token, with rejections
+rewound per row across the 4- and 128-position compression boundaries, requests joining and
+leaving, EOS, stop strings and max_tokens inside accepted runs; sampled rows follow the target
+distribution and seeded ones are reproducible whatever runs beside them."""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ import numpy as np
 import pytest
 
 import mlx_v4
+from mlx_v4.batch import tapped_stacked_streams
 from mlx_v4.batch_generation import BatchGenerator, SamplingParams, Sequence, batch_generate
-from mlx_v4.draft.speculative import DraftError, MTPDrafter, Sampling
+from mlx_v4.config import ModelArgs
+from mlx_v4.draft.speculative import DraftError, DSparkDrafter, MTPDrafter, Sampling
 from mlx_v4.generation import Finish, stream_generate
+from mlx_v4.testing.dspark import teach_markov, tiny_dspark_config
 from mlx_v4.testing.tiny import random_model, tiny_args
+from mlx_v4.tokenizer import load_tokenizer
 
 TEXT = ("def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
         "The Python list type is a mutable sequence. Lists may be constructed in several ways: using a pair of "
@@ -318,20 +322,6 @@ def test_draft_specs():
     assert s.draft is None and len(s.generated) == 3
 
 
-def test_drafters_reading_inner_layers_are_not_batched_yet(tiny, monkeypatch):
-    """A drafter with ``taps`` (DSpark reads inner target layers): refused by name, or 'auto'
-    decodes plainly, instead of drafting from the wrong streams."""
-    import mlx_v4.batch_draft as bd
-
-    class Tapping:
-        name, taps, tokens = "dspark", (1, 2), 1
-
-    monkeypatch.setattr(bd, "make_drafter", lambda *a, **k: Tapping())
-    with pytest.raises(DraftError, match=r"the dspark drafter does not run in the batching engine yet"):
-        BatchGenerator(tiny, draft="dspark")
-    assert BatchGenerator(tiny, draft="auto").drafting is None
-
-
 def test_a_stop_string_inside_an_accepted_run(tiny, monkeypatch):
     """batch_generate, drafts forced right (k=3): a stop string completes mid-step; the result
     ends there as without drafts, the step's later tokens left out."""
@@ -358,3 +348,128 @@ def test_a_stop_string_inside_an_accepted_run(tiny, monkeypatch):
     for w, g in zip(want, got):
         assert (g.text, g.tokens, g.finish_reason, g.stop_string) == (w.text, w.tokens, w.finish_reason, w.stop_string)
     assert got[0].accepted_tokens == got[0].draft_tokens > 0
+
+
+# ---- DSpark (V4-Flash-0731): a drafter reading inner target layers -------------------------------
+
+@pytest.fixture(scope="module")
+def flash0731():
+    """A tiny Flash-0731-style model (DSpark reads the input streams of layers 1-3) whose Markov
+    head knows 64 bigrams (rank 64): taught the plain outputs, its drafts are right often."""
+    return random_model(ModelArgs.from_dict(tiny_dspark_config(dspark_markov_rank=64)), seed=5, dspark=True)
+
+
+def test_the_stacked_step_taps_each_row_like_the_model(flash0731):
+    """tapped_stacked_streams (the stacked fast path) against Model.tapped_streams row by row
+    (the reference), ragged rows on caches at different offsets; no taps: none captured."""
+    model, taps = flash0731, (1, 2, 3)
+    rng = np.random.default_rng(7)
+    caches, refs, rows = [], [], []
+    for start, n in ((0, 5), (126, 3), (7, 1)):
+        ids = rng.integers(2, 1024, start + n).tolist()
+        c, ref = model.make_cache(), model.make_cache()
+        if start:
+            model(mx.array([ids[:start]]), cache=c)
+            model(mx.array([ids[:start]]), cache=ref)
+        caches.append(c)
+        refs.append(model.tapped_streams(mx.array([ids[start:]]), ref, taps))
+        rows.append(ids[start:])
+    x, tapped, bounds = tapped_stacked_streams(model, rows, caches, taps)
+    assert tapped.shape == (1, 9, 3 * model.args.hidden_size)
+    for (b0, b1), (want_x, want_taps) in zip(bounds, refs):
+        np.testing.assert_allclose(np.array(x[:, b0:b1]), np.array(want_x), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.array(tapped[:, b0:b1]), np.array(want_taps), atol=1e-4, rtol=0)
+    assert tapped_stacked_streams(model, [[3]], [model.make_cache()], ())[1] is None
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_dspark_greedy_batch_matches_each_prompt_alone(flash0731, k):
+    """draft="dspark": three requests (2, 123 and 9 prompt tokens: decoding across positions 4,
+    8, .. and 128), at most two at once (the third joins as the first leaves), different
+    max_tokens; drafts kept and rejected. Each output and cache is the plain run's alone."""
+    model, tok = flash0731, load_tokenizer(None)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(2, 1024, n).tolist() for n in (2, 123, 9)]
+    limits = [14, 12, 9]
+    plain = [_plain(model, tok, p, n) for p, n in zip(prompts, limits)]
+    teach_markov(model.dspark, [t for p, f in zip(prompts, plain) for t in p[-1:] + f.generated], wrong_every=4)
+    seqs = _run(model, prompts, limits, draft="dspark", k=k, max_batch=2, prefill_step=32)
+    for p, fin, s in zip(prompts, plain, seqs):
+        assert s.generated == fin.generated and s.finish_reason == fin.reason == "length"
+        _same_cache(model, s, p + fin.generated[:-1])
+        assert isinstance(s.draft.drafter, DSparkDrafter) and s.draft.drafter.tokens == (k or 5)
+        assert s.draft.counts.steps < len(s.generated) - 1  # accepted drafts saved target forwards
+    drafted, accepted = _counts(seqs)
+    assert 0 < accepted < drafted  # drafts accepted and drafts rejected
+
+
+def test_dspark_seeded_rows_reproduce_and_verify_their_own_proposal(flash0731, monkeypatch):
+    """Sampled DSpark rows draw their drafts from their own stream: alone or beside others, the
+    same tokens. Each sampled row's drafts reach verify with the q rows they were drawn from
+    (filtered like the row's target: top_k 20), a greedy row's with none."""
+    import mlx_v4.batch_draft as bd
+
+    seen, drawn = [], {}
+    real_verify, real_draft_rows = bd.verify, DSparkDrafter.draft_rows
+
+    def verify_spy(rows, drafts, sampling, proposal=None, *, key=None):
+        seen.append((sampling, drafts, None if proposal is None else np.array(proposal)))
+        return real_verify(rows, drafts, sampling, proposal, key=key)
+
+    def draft_rows_spy(drafters, ns, samplings, keys):
+        out = real_draft_rows(drafters, ns, samplings, keys)
+        for d, g in zip(drafters, out):
+            drawn.setdefault(tuple(g), []).append(None if d.proposal is None else np.array(d.proposal))
+        return out
+
+    monkeypatch.setattr(bd, "verify", verify_spy)
+    monkeypatch.setattr(DSparkDrafter, "draft_rows", staticmethod(draft_rows_spy))
+    model = flash0731
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(2, 1024, n).tolist() for n in (30, 5, 90, 30)]
+    settings = [SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=0),
+                SamplingParams(temperature=1.0, top_p=0.9, top_k=20, seed=2), SamplingParams(temperature=0.8, seed=7)]
+    together = _run(model, prompts, [10] * 4, draft="dspark", k=3, sampling=settings)
+    for sampling, drafts, q in seen:
+        if sampling.greedy:
+            assert q is None
+            continue
+        assert any(q.shape == d.shape and np.array_equal(q, d) for d in drawn[tuple(drafts)] if d is not None)
+        assert q.shape == (len(drafts), model.args.vocab_size) and (q[np.arange(len(drafts)), drafts] > 0).all()
+        np.testing.assert_allclose(q.sum(-1), 1, atol=1e-5)
+        if sampling.top_k:
+            assert ((q > 0).sum(-1) <= 20).all()
+    assert {s.greedy for s, _, _ in seen} == {True, False}
+    for i in (0, 2):
+        alone = _run(model, [prompts[i]], [10], draft="dspark", k=3, sampling=[settings[i]])[0]
+        assert alone.generated == together[i].generated
+    assert together[0].generated != together[3].generated  # same prompt, another seed
+
+
+def test_dspark_sampled_rows_follow_the_target_distribution():
+    """As the MTP test above, with a one-stage DSpark drafter (vocabulary of 8): its drafts are
+    sampled from q and kept with probability min(1, p/q), else the residual is drawn; the pair
+    (first token, second token) still follows p(t1) p(t2 | t1) of the filtered target."""
+    cfg = tiny_dspark_config(vocab_size=8, num_hidden_layers=1, compress_ratios=[4, 0], num_hash_layers=0,
+                             dspark_target_layer_ids=[0], dspark_noise_token_id=7, dspark_block_size=2)
+    model = random_model(ModelArgs.from_dict(cfg), seed=5, dspark=True)
+    model.head.weight = model.head.weight * 2.5  # sharper distributions: a wrong one shows sooner
+    prompt, n = [1, 2, 3, 4, 5], 600
+    settings = Sampling(1.5, top_p=0.95)
+    logits = model(mx.array([prompt + [t] for t in range(8)]))
+    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    p = np.array(mx.softmax(settings.filtered(lp), axis=-1, precise=True))
+    joint = p[0, 4][:, None] * p[:, 5]  # [t1, t2]
+    gen = BatchGenerator(model, prefill_step=8, step_tokens=4096, draft="dspark")
+    seqs = [gen.add(Sequence(prompt, model.make_cache(), max_tokens=3,
+                             sampling=SamplingParams(temperature=1.5, top_p=0.95, seed=i))) for i in range(n)]
+    while gen.active:
+        gen.step()
+    counts = np.zeros((8, 8))
+    for s in seqs:
+        counts[s.generated[0], s.generated[1]] += 1
+    drafted, accepted = _counts(seqs)
+    assert drafted == n and 0 < accepted < drafted  # one draft each (max_tokens leaves room for one)
+    for observed, expected in ((counts.reshape(-1), joint.reshape(-1) * n), (counts.sum(0), joint.sum(0) * n)):
+        stat, dof = _chi_square(observed, expected)
+        assert stat < _chi2_critical(dof), (stat, dof)

@@ -15,7 +15,12 @@ from mlx_v4.draft.dspark_names import dspark_rename
 from mlx_v4.draft.speculative import DraftError, DSparkDrafter, Sampling, make_drafter, verify
 from mlx_v4.generation import Token, stream_generate
 from mlx_v4.model import Model
-from mlx_v4.testing.dspark import dspark_reference, tiny_dspark_config, write_tiny_dspark_checkpoint
+from mlx_v4.testing.dspark import (
+    dspark_reference,
+    teach_markov,
+    tiny_dspark_config,
+    write_tiny_dspark_checkpoint,
+)
 from mlx_v4.testing.tiny import random_model, tiny_args
 from mlx_v4.tokenizer import load_tokenizer
 
@@ -237,20 +242,7 @@ def _run(model, tok, ids, **kw):
 
 
 def _teach_markov(model, sequence, wrong_every):
-    """Point the Markov head at the bigrams of ``sequence`` (the first of each previous token),
-    a wrong next token on every ``wrong_every``-th: a random drafter then guesses right often,
-    wrong sometimes, through its real forward and walk."""
-    net = model.dspark
-    V, r = net.markov_w1.weight.shape
-    w1, w2 = np.zeros((V, r), np.float32), np.zeros((V, r), np.float32)
-    pairs = {}
-    for p, n in zip(sequence, sequence[1:]):
-        pairs.setdefault(p, n)
-    for i, (p, n) in enumerate(list(pairs.items())[:r]):
-        w1[p, i] = 40.0
-        w2[(n + 1) % V if (i + 1) % wrong_every == 0 else n, i] = 1.0
-    net.markov_w1.update({"weight": mx.array(w1)})
-    net.markov_w2.update({"weight": mx.array(w2)})
+    teach_markov(model.dspark, sequence, wrong_every)
 
 
 @pytest.mark.parametrize("prompt_len,max_tokens", [(2, 16), (123, 16)])  # across 4/8/12.. and across 128
@@ -267,6 +259,38 @@ def test_greedy_with_dspark_equals_plain(tok, prompt_len, max_tokens, k):
     assert fin.cache_offset == pfin.cache_offset == prompt_len + max_tokens - 1
     nxt = mx.array([[plain[-1]]])
     np.testing.assert_allclose(np.array(model(nxt, cache)), np.array(model(nxt, pcache)), atol=1e-4, rtol=0)
+
+
+def test_observe_rows_matches_observe_per_drafter(model):
+    """The batched observe (one main_proj, one forward of the stages over every block, one head
+    GEMM) against each drafter's own observe: the same contexts, hidden and logits, for a first
+    observe, a window already full (past 128 positions) and a short history, fed ragged rows."""
+    D = 3 * model.args.hidden_size
+    rng = np.random.default_rng(11)
+    histories, feeds = [0, 130, 5], []
+    pairs = []
+    for start, n in zip(histories, (3, 2, 1)):
+        a, b = DSparkDrafter(model), DSparkDrafter(model)
+        if start:
+            h = mx.array(rng.standard_normal((1, start, D)), dtype=mx.float32)
+            ids = rng.integers(2, 1024, start).tolist()
+            a.observe(h, ids, 0)
+            b.observe(h, ids, 0)
+        pairs.append((a, b))
+        feeds.append((mx.array(rng.standard_normal((1, n, D)), dtype=mx.float32), rng.integers(2, 1024, n).tolist(),
+                      start))
+    for (a, _), f in zip(pairs, feeds):
+        a.observe(*f)
+    DSparkDrafter.observe_rows([b for _, b in pairs], feeds)
+    for a, b in pairs:
+        assert (a.offset, a.anchor) == (b.offset, b.anchor)
+        for ca, cb in zip(a.contexts, b.contexts):
+            np.testing.assert_allclose(np.array(cb), np.array(ca), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.array(b.hidden), np.array(a.hidden), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.array(b.logits), np.array(a.logits), atol=1e-4, rtol=0)
+    assert pairs[1][1].contexts[0].shape[1] == model.dspark.window
+    with pytest.raises(RuntimeError, match="DSpark context at 132, fed position 5"):
+        DSparkDrafter.observe_rows([pairs[1][1]], [feeds[2]])
 
 
 def test_random_drafts_are_rejected_and_rewound(model, tok):
@@ -320,9 +344,11 @@ def test_draft_requests_dspark_cannot_serve(model, tok):
     assert make_drafter(v41, "auto", None, custom_sampler=False) is None
     from mlx_v4.batch_draft import BatchDrafting
 
-    with pytest.raises(DraftError, match="the dspark drafter does not run in the batching engine yet"):
-        BatchDrafting(model, "dspark", 5)
-    assert not BatchDrafting(model, "auto", None).enabled
+    for spec in ("dspark", "auto"):  # the batching engine drafts with DSpark too, reading its taps
+        drafting = BatchDrafting(model, spec, None)
+        assert drafting.enabled and drafting.taps == (1, 2, 3)
+    with pytest.raises(DraftError, match="draft_tokens=6: a DSpark block drafts 1 to 5 tokens"):
+        BatchDrafting(model, "dspark", 6)
 
 
 # ---- sampling: the proposal q of sampled drafts --------------------------------------------------

@@ -447,3 +447,51 @@ def test_drafting_with_prefix_reuse_keeps_the_replies(drafting_model, tok):
                         second["usage"]["prompt_tokens_details"]["cached_tokens"], second["usage"].get("drafting"))
     assert turns["mtp"][:3] == turns[None][:3] and turns["mtp"][2] > 0
     assert turns["mtp"][3]["draft_tokens"] > 0 and turns[None][3] is None
+
+
+def test_exact_dspark_drafted_replies_equal_plain(request, tok, monkeypatch):
+    """serve --draft dspark on a tiny Flash-0731-style model (DSpark reading inner layers; its
+    Markov head taught the plain replies' bigrams, so drafts are kept and rejected): three
+    concurrent greedy replies equal the plain ones, and usage.drafting reports the drafts."""
+    if _checked_under_reference_blas(request):
+        return
+    from mlx_v4.batch_generation import BatchGenerator
+    from mlx_v4.config import ModelArgs
+    from mlx_v4.draft.speculative import DSparkDrafter
+    from mlx_v4.testing.dspark import teach_markov, tiny_dspark_config
+
+    cfg = tiny_dspark_config(vocab_size=129280, dspark_noise_token_id=128799, dspark_markov_rank=64)
+    model = random_model(ModelArgs.from_dict(cfg), seed=2, dspark=True)
+    seen: list = []
+    real_add = BatchGenerator.add
+
+    def add(self, seq):
+        seen.append(seq)
+        return real_add(self, seq)
+
+    monkeypatch.setattr(BatchGenerator, "add", add)
+    limits = [16, 10, 20]
+    replies, usage = {}, {}
+    for draft in (None, "dspark"):
+        app = create_app(model, tok, ServerConfig(model_name="t", cache_budget_bytes=0, draft=draft))
+        engine = app.state.server.engine
+        with running(app) as url:
+            got: dict = {}
+            threads = [threading.Thread(target=_stream, args=(url, _body(PROMPTS[i], limits[i]), got, i))
+                       for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            whole = _chat(url, _body(PROMPTS[3], 12))
+        replies[draft] = [got[i] for i in range(3)] + [whole["choices"][0]["message"]["content"]]
+        usage[draft] = whole["usage"].get("drafting")
+        if draft is None:  # teach the drafter the plain replies' bigrams
+            teach_markov(model.dspark, [t for s in seen for t in s.ids[-1:] + s.generated], wrong_every=4)
+    assert replies["dspark"] == replies[None] and usage[None] is None
+    assert all(isinstance(s.draft.drafter, DSparkDrafter) for s in seen[4:])
+    d = usage["dspark"]
+    assert d["draft_tokens"] > 0 and d["acceptance_rate"] == round(d["accepted_tokens"] / d["draft_tokens"], 4)
+    stats = engine.stats()
+    assert 0 < stats["drafting"]["accepted_tokens"] < stats["drafting"]["draft_tokens"]
+    assert stats["failed"] == 0 and engine.max_rows > 1

@@ -82,19 +82,32 @@ class DSparkStage(DecoderLayer):
         kv = a._rope(a.kv_norm(a.wkv(gemm_input(main_x, a.act_quant))), cos, sin)
         return quantize_kv_entry(kv, a._rope.rope_dim)[0] if a.fake_quant else kv
 
-    def block(self, x: mx.array, ids: mx.array, positions: mx.array, context: mx.array | None) -> mx.array:
-        """x [1, B, hc, D] block streams at ``positions`` [B], context [1, n, hd] or None ->
-        [1, B, hc, D]. No cache is touched: the block's own KV is never kept."""
+    def block(self, x: mx.array, ids: mx.array, positions: mx.array, contexts: list[mx.array | None]) -> mx.array:
+        """x [1, R*B, hc, D]: R blocks of B rows stacked (one per drafting sequence), at
+        ``positions`` [R*B]; ``contexts[r]`` [1, n_r, hd] block r's context or None -> [1, R*B,
+        hc, D]. Block r's queries see its own context and its whole block; everything but the
+        attention runs over all R*B rows at once. No cache is touched: block KV is never kept."""
         a = self.attn
+        R = len(contexts)
 
-        def attend_block(h: mx.array) -> mx.array:
+        def attend_blocks(h: mx.array) -> mx.array:
             cos, sin = a._rope.cos_sin(positions)
-            q, kv, _, _ = a.project(h, cos, sin)
-            keys = kv if context is None else mx.concatenate([context.astype(kv.dtype), kv], axis=1)
-            visible = mx.ones((1, q.shape[1], keys.shape[1]), dtype=mx.bool_)  # context and the whole block
-            return a.output(attend(q, keys, visible, a.attn_sink, a.head_dim**-0.5), cos, sin)
+            q, kv, _, _ = a.project(h, cos, sin)  # q [1, R*B, H, hd], kv [1, R*B, hd]
+            B = q.shape[1] // R
+            q, kv = q.reshape(R, B, *q.shape[2:]), kv.reshape(R, B, kv.shape[-1])
+            keys, visible = kv, mx.ones((R, B, B), dtype=mx.bool_)  # the whole block, both directions
+            n = max(0 if c is None else c.shape[1] for c in contexts)
+            if n:  # contexts padded to the longest, the padding masked out
+                lengths = mx.array([0 if c is None else c.shape[1] for c in contexts])
+                ctx = mx.concatenate([mx.zeros((1, n, kv.shape[-1]), kv.dtype) if c is None else
+                                      mx.pad(c.astype(kv.dtype), [(0, 0), (0, n - c.shape[1]), (0, 0)])
+                                      for c in contexts])  # [R, n, hd]
+                seen = mx.broadcast_to((mx.arange(n)[None, :] < lengths[:, None])[:, None, :], (R, B, n))
+                keys, visible = mx.concatenate([ctx, kv], axis=1), mx.concatenate([seen, visible], axis=-1)
+            o = attend(q, keys, visible, a.attn_sink, a.head_dim**-0.5)  # [R, B, H, hd]
+            return a.output(o.reshape(1, R * B, *o.shape[2:]), cos, sin)
 
-        return self.forward(x, ids, attend_block)
+        return self.forward(x, ids, attend_blocks)
 
 
 class DSparkHeads(nn.Module):
@@ -162,10 +175,20 @@ class DSpark(DSparkHeads):
         """The block ``[anchor, noise...]`` at ``position ..`` over each stage's context window
         (positions before ``position``) -> normed hidden [block_size, D], row j for the token at
         ``position + j + 1``."""
-        ids, positions, x = self.block_input(anchor, position, embed)
-        for stage, context in zip(self.layers, contexts, strict=True):
-            x = stage.block(x, ids, positions, context)
-        return self.norm(self.hc_head(x))[0]
+        return self.hidden_rows([anchor], [position], [contexts], embed)[0]
+
+    def hidden_rows(self, anchors: list[int], positions: list[int], contexts: list[list[mx.array | None]],
+                    embed: nn.Module) -> mx.array:
+        """:meth:`hidden` for R sequences' blocks in one forward of the stages (``contexts[r]``:
+        sequence r's per-stage windows) -> [R, block_size, D]."""
+        R, B = len(anchors), self.block_size
+        ids = mx.array([[t for a in anchors for t in [a] + [self.noise_id] * (B - 1)]], dtype=mx.int32)  # [1, R*B]
+        pos = mx.concatenate([mx.arange(p, p + B) for p in positions])  # [R*B]
+        e = embed(ids)
+        x = mx.broadcast_to(e[:, :, None, :], (1, R * B, self.hc_mult, e.shape[-1]))  # [1, R*B, hc, D]
+        for s, stage in enumerate(self.layers):
+            x = stage.block(x, ids, pos, [c[s] for c in contexts])
+        return self.norm(self.hc_head(x))[0].reshape(R, B, -1)
 
 
 def attach_dspark(model, cpu: bool | None = None, use_kernel: bool | None = None) -> DSpark:

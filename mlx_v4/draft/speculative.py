@@ -19,7 +19,7 @@ drafter is then fed what was kept.
 
 A drafter has ``name``, ``tokens`` (drafts per step), ``reach`` (positions of history it needs
 at the start), ``taps`` (target layers whose mean input streams it reads; empty: the last
-streams), ``observe(features, next_ids, position)``, ``draft(n, sampling=None)``, ``logits``
+streams), ``observe(features, next_ids, position)``, ``draft(n, sampling=None, key=None)``, ``logits``
 (evaluated after each observe) and ``proposal`` (the q rows of the last draft, None: one-hot).
 """
 
@@ -169,9 +169,9 @@ class MTPDrafter:
         for r, d in enumerate(drafters):
             d._out, d.logits = last[:, r:r + 1], logits[r]
 
-    def draft(self, n: int, sampling: Sampling | None = None) -> list[int]:
+    def draft(self, n: int, sampling: Sampling | None = None, key: mx.array | None = None) -> list[int]:
         """Up to ``n`` guesses for the positions after the pending token: the block's argmax
-        (whatever ``sampling``), chained on its own streams (those cache entries are dropped by
+        (whatever ``sampling``; ``key`` is not used), chained on its own streams (those cache entries are dropped by
         the next observe)."""
         first = int(mx.argmax(self.logits).item())
         out = [first]
@@ -237,35 +237,85 @@ class DSparkDrafter:
         """Target hiddens [1, n, taps * D] at ``position``.., and the n tokens one position
         later: the context grows by n positions and the block is drafted after them, anchored on
         the last token (the pending one, at ``position + n``)."""
-        if self.offset is not None and self.offset != position:
-            raise RuntimeError(f"DSpark context at {self.offset}, fed position {position}")
+        self._check(position)
         n = hiddens.shape[1]
-        new = self.net.contexts(hiddens, mx.arange(position, position + n))
-        self.contexts = [(c if old is None else mx.concatenate([old, c], axis=1))[:, -self.reach:]
-                         for old, c in zip(self.contexts, new, strict=True)]
-        self.offset = position + n
-        self.anchor = int(next_ids[-1])
+        self._grow(self.net.contexts(hiddens, mx.arange(position, position + n)), next_ids, position + n)
         self.hidden = self.net.hidden(self.anchor, self.offset, self.contexts, self.model.embed)
         self.logits = self.net.base_logits(self.hidden, self.model.head)
 
-    def draft(self, n: int, sampling: Sampling | None = None) -> list[int]:
+    def _check(self, position: int) -> None:
+        if self.offset is not None and self.offset != position:
+            raise RuntimeError(f"DSpark context at {self.offset}, fed position {position}")
+
+    def _grow(self, new: list[mx.array], next_ids: list[int], end: int) -> None:
+        """Append each stage's new context KV (the window keeps the last ``reach``); the block is
+        next anchored on the last of ``next_ids``, at ``end``."""
+        self.contexts = [(c if old is None else mx.concatenate([old, c], axis=1))[:, -self.reach:]
+                         for old, c in zip(self.contexts, new, strict=True)]
+        self.offset, self.anchor = end, int(next_ids[-1])
+
+    @staticmethod
+    def observe_rows(drafters: list[DSparkDrafter], feeds: list[tuple[mx.array, list[int], int]]) -> None:
+        """:meth:`observe` for several drafters of one model (``feeds[r]``: observe's arguments):
+        one ``main_proj`` over all fed positions, one forward of the stages over all blocks
+        (:meth:`DSpark.hidden_rows`) and one head GEMM. A drafter without ``hidden_rows`` (V4.1's)
+        observes one sequence at a time."""
+        first = drafters[0]
+        if not hasattr(first.net, "hidden_rows"):
+            for d, f in zip(drafters, feeds, strict=True):
+                d.observe(*f)
+            return
+        for d, (_, _, position) in zip(drafters, feeds, strict=True):
+            d._check(position)
+        lengths = [h.shape[1] for h, _, _ in feeds]
+        h = mx.concatenate([h for h, _, _ in feeds], axis=1)  # [1, T, taps * D]
+        new = first.net.contexts(h, mx.concatenate([mx.arange(p, p + n) for (_, _, p), n in zip(feeds, lengths)]))
+        start = 0
+        for d, (_, ids, p), n in zip(drafters, feeds, lengths):
+            d._grow([c[:, start:start + n] for c in new], ids, p + n)
+            start += n
+        hidden = first.net.hidden_rows([d.anchor for d in drafters], [d.offset for d in drafters],
+                                       [d.contexts for d in drafters], first.model.embed)  # [R, block, D]
+        R, B, D = hidden.shape
+        logits = apply_head(first.model.head, hidden.reshape(1, R * B, D).astype(mx.float32)).astype(mx.float32)
+        logits = logits.reshape(R, B, -1)  # one GEMM for every block's rows (batch.py)
+        for r, d in enumerate(drafters):
+            d.hidden, d.logits = hidden[r], logits[r]
+
+    def draft(self, n: int, sampling: Sampling | None = None, key: mx.array | None = None) -> list[int]:
         """Up to ``n`` guesses after the pending token, row by row: base logits plus the Markov
         bias of the previous token; argmax when greedy, else a sample from the row's tempered,
-        filtered distribution (kept in :attr:`proposal` for verification)."""
+        filtered distribution (kept in :attr:`proposal` for verification), drawn with ``key``
+        (a sequence's own stream) or the global random state."""
+        return DSparkDrafter.draft_rows([self], [n], [sampling], [key])[0]
+
+    def _walk(self, n: int, sampling: Sampling | None, key: mx.array | None) -> tuple[mx.array | None, mx.array | None]:
+        """:meth:`draft` as one lazy graph -> (drafts [n] or None, proposal [n, V] or None)."""
         n = min(n, self.tokens)
         prev, out, rows = mx.array([self.anchor], dtype=mx.int32), [], []
         random = sampling is not None and not sampling.greedy
-        for j in range(n):  # one lazy graph: the walk is read back once, not row by row
+        keys = mx.random.split(key, n) if random and key is not None and n else [None] * n
+        for j in range(n):
             step = self.logits[j] + self.net.markov_bias(prev)[0]
             if random:
                 weights = sampling.filtered(step - mx.logsumexp(step))
                 rows.append(mx.softmax(weights, precise=True))
-                prev = mx.random.categorical(weights)[None].astype(mx.int32)
+                prev = mx.random.categorical(weights, key=keys[j])[None].astype(mx.int32)
             else:
                 prev = mx.argmax(step)[None].astype(mx.int32)
             out.append(prev)
-        self.proposal = mx.stack(rows) if rows else None
-        return mx.concatenate(out).tolist() if out else []
+        return (mx.concatenate(out) if out else None), (mx.stack(rows) if rows else None)
+
+    @staticmethod
+    def draft_rows(drafters: list[DSparkDrafter], ns: list[int], samplings: list[Sampling | None],
+                   keys: list[mx.array | None]) -> list[list[int]]:
+        """:meth:`draft` for several drafters (each with its own n, sampling settings and key):
+        every walk is one lazy graph, all read back at once."""
+        walks = [d._walk(n, s, k) for d, n, s, k in zip(drafters, ns, samplings, keys, strict=True)]
+        mx.eval([a for w in walks for a in w if a is not None])
+        for d, (_, q) in zip(drafters, walks):
+            d.proposal = q
+        return [[] if t is None else t.tolist() for t, _ in walks]
 
     def acceptance(self, drafts: list[int]) -> mx.array:
         """The confidence head's estimate [len(drafts)] that each draft is accepted."""

@@ -54,8 +54,8 @@ class ServerConfig:
     # localhost, 127.0.0.1 or [::1] (DNS rebinding, cross-site posts); these names widen
     # that ("*": any host).
     allowed_hosts: list[str] = field(default_factory=list)
-    # Speculative decoding per request ("auto", "mtp" or None, see stream_generate): each decoding
-    # request drafts and verifies inside the batching engine's shared step.
+    # Speculative decoding per request ("auto", "mtp", "dspark" or None, see stream_generate):
+    # each decoding request drafts and verifies inside the batching engine's shared step.
     draft: str | None = None
     draft_tokens: int | None = None
 

@@ -25,7 +25,8 @@ class BatchEngine(Engine):
     supports_logprobs = True
 
     def __init__(self, model, tokenizer, prefix_cache, *, max_active: int = 8, prefill_step: int = 512,
-                 prefill_chunk: int = 512, max_queue: int = 256, draft: str | None = None, draft_tokens: int = 1):
+                 prefill_chunk: int = 512, max_queue: int = 256, draft: str | None = None,
+                 draft_tokens: int | None = None):
         self.batch = BatchGenerator(model, prefill_step=prefill_step, step_tokens=max(prefill_step, prefill_chunk),
                                     draft=draft, draft_tokens=draft_tokens)
         self.steps = 0  # batched model steps run

@@ -88,6 +88,25 @@ def write_tiny_dspark_checkpoint(path, seed: int = 0, **overrides) -> tuple[dict
     return cfg, exact
 
 
+def teach_markov(net, sequence: list[int], wrong_every: int) -> None:
+    """Point the Markov head of the drafter ``net`` at the bigrams of ``sequence`` (the first
+    next token of each previous token, at most its rank of them), a wrong next token on every
+    ``wrong_every``-th: a drafter with random weights then guesses right often and wrong
+    sometimes, through its real forward and walk."""
+    import mlx.core as mx
+
+    V, r = net.markov_w1.weight.shape
+    w1, w2 = np.zeros((V, r), np.float32), np.zeros((V, r), np.float32)
+    pairs: dict[int, int] = {}
+    for p, n in zip(sequence, sequence[1:]):
+        pairs.setdefault(p, n)
+    for i, (p, n) in enumerate(list(pairs.items())[:r]):
+        w1[p, i] = 40.0
+        w2[(n + 1) % V if (i + 1) % wrong_every == 0 else n, i] = 1.0
+    net.markov_w1.update({"weight": mx.array(w1)})
+    net.markov_w2.update({"weight": mx.array(w2)})
+
+
 # ---- the transcription (float64, one sequence) -------------------------------------------------
 
 def _rms(x, w, eps):
