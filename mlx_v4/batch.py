@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import PositionError
-from .model import tapped_layers
+from .layers.hyper import tapped_layers
 from .platform import metal_available
 
 #: On the CPU backend MLX's quantized matmul dequantizes the weights again for every row, so a

@@ -13,7 +13,7 @@ import mlx.nn as nn
 from .cache import make_cache
 from .config import ModelArgs, PositionError  # noqa: F401  (PositionError: its public home was here)
 from .layers.attention import Attention
-from .layers.hyper import HyperConnection, HyperHead
+from .layers.hyper import HyperConnection, HyperHead, tapped_layers
 from .layers.moe import MoE
 from .layers.norm import RMSNorm
 from .platform import metal_available
@@ -40,19 +40,6 @@ class DecoderLayer(nn.Module):
         x = HyperConnection.expand(attend(self.attn_norm(h)), x, post, comb)
         h, post, comb = self.hc_ffn.collapse(x)
         return HyperConnection.expand(self.ffn(self.ffn_norm(h), token_ids), x, post, comb)
-
-
-def tapped_layers(layers, x: mx.array, taps, step) -> tuple[mx.array, mx.array | None]:
-    """Streams x [B, L, hc, D] through ``layers`` (``step(i, layer, x)`` runs layer i) -> (the
-    last streams, the input streams of the layers in ``taps`` averaged over the copies and
-    concatenated [B, L, len(taps) * D], or None without taps). Shared by the single-sequence
-    forward and the stacked step (mlx_v4/batch.py)."""
-    tapped = []
-    for i, layer in enumerate(layers):
-        if i in taps:
-            tapped.append(x.mean(axis=2))
-        x = step(i, layer, x)
-    return x, (mx.concatenate(tapped, axis=-1) if tapped else None)
 
 
 class Model(nn.Module):

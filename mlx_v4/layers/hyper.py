@@ -78,3 +78,16 @@ class HyperHead(nn.Module):
         xf, mixes = _mixes(x, self.fn, self.norm_eps)
         pre = mx.sigmoid(mixes * self.scale + self.base) + self.hc_eps
         return (pre[..., None] * xf.reshape(x.shape)).sum(axis=2).astype(x.dtype)
+
+
+def tapped_layers(layers, x: mx.array, taps, step) -> tuple[mx.array, mx.array | None]:
+    """Streams x [B, L, hc, D] through ``layers`` (``step(i, layer, x)`` runs layer i) -> (the
+    last streams, the input streams of the layers in ``taps`` averaged over the copies and
+    concatenated [B, L, len(taps) * D], or None without taps). Shared by the single-sequence
+    forward and the stacked step (mlx_v4/batch.py)."""
+    tapped = []
+    for i, layer in enumerate(layers):
+        if i in taps:
+            tapped.append(x.mean(axis=2))
+        x = step(i, layer, x)
+    return x, (mx.concatenate(tapped, axis=-1) if tapped else None)
