@@ -228,12 +228,23 @@ def _chi_square(observed: np.ndarray, expected: np.ndarray) -> tuple[float, int]
     return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
 
 
-def test_sampled_rows_follow_the_target_distribution():
-    """Many seeded requests in one batch (vocabulary of 8, one layer: fast): the pair (first
-    token, second token) follows p(t1) p(t2 | t1) of the filtered target, though the second
-    comes out of a drafting row (its draft kept with probability p(draft), else the residual)."""
-    args = tiny_args(vocab_size=8, num_hidden_layers=1, compress_ratios=[4, 0], num_hash_layers=0)
-    model = random_model(args, seed=5, mtp=True)
+def _vocab8_model(drafter: str):
+    """One layer, vocabulary of 8 (fast), with an MTP block or a one-stage DSpark drafter (block 2)."""
+    if drafter == "mtp":
+        return random_model(tiny_args(vocab_size=8, num_hidden_layers=1, compress_ratios=[4, 0], num_hash_layers=0),
+                            seed=5, mtp=True)
+    cfg = tiny_dspark_config(vocab_size=8, num_hidden_layers=1, compress_ratios=[4, 0], num_hash_layers=0,
+                             dspark_target_layer_ids=[0], dspark_noise_token_id=7, dspark_block_size=2)
+    return random_model(ModelArgs.from_dict(cfg), seed=5, dspark=True)
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "dspark"])
+def test_sampled_rows_follow_the_target_distribution(drafter):
+    """Many seeded requests in one batch: the pair (first token, second token) follows
+    p(t1) p(t2 | t1) of the filtered target, though the second comes out of a drafting row (the
+    MTP's argmax draft kept with probability p(draft), DSpark's sampled draft with min(1, p/q);
+    else the residual is drawn)."""
+    model = _vocab8_model(drafter)
     model.head.weight = model.head.weight * 2.5  # sharper distributions: a wrong one shows sooner
     prompt, n = [1, 2, 3, 4, 5], 600
     settings = Sampling(1.5, top_p=0.95)
@@ -241,7 +252,7 @@ def test_sampled_rows_follow_the_target_distribution():
     lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     p = np.array(mx.softmax(settings.filtered(lp), axis=-1, precise=True))
     joint = p[0, 4][:, None] * p[:, 5]  # [t1, t2]
-    gen = BatchGenerator(model, prefill_step=8, step_tokens=4096, draft="mtp")
+    gen = BatchGenerator(model, prefill_step=8, step_tokens=4096, draft=drafter)
     seqs = [gen.add(Sequence(prompt, model.make_cache(), max_tokens=3,
                              sampling=SamplingParams(temperature=1.5, top_p=0.95, seed=i))) for i in range(n)]
     while gen.active:
@@ -250,7 +261,7 @@ def test_sampled_rows_follow_the_target_distribution():
     for s in seqs:
         counts[s.generated[0], s.generated[1]] += 1
     drafted, accepted = _counts(seqs)
-    assert drafted == n and 0 < accepted < drafted
+    assert drafted == n and 0 < accepted < drafted  # one draft each (max_tokens leaves room for one)
     for observed, expected in ((counts.reshape(-1), joint.reshape(-1) * n), (counts.sum(0), joint.sum(0) * n)):
         stat, dof = _chi_square(observed, expected)
         assert stat < _chi2_critical(dof), (stat, dof)
@@ -444,32 +455,3 @@ def test_dspark_seeded_rows_reproduce_and_verify_their_own_proposal(flash0731, m
         alone = _run(model, [prompts[i]], [10], draft="dspark", k=3, sampling=[settings[i]])[0]
         assert alone.generated == together[i].generated
     assert together[0].generated != together[3].generated  # same prompt, another seed
-
-
-def test_dspark_sampled_rows_follow_the_target_distribution():
-    """As the MTP test above, with a one-stage DSpark drafter (vocabulary of 8): its drafts are
-    sampled from q and kept with probability min(1, p/q), else the residual is drawn; the pair
-    (first token, second token) still follows p(t1) p(t2 | t1) of the filtered target."""
-    cfg = tiny_dspark_config(vocab_size=8, num_hidden_layers=1, compress_ratios=[4, 0], num_hash_layers=0,
-                             dspark_target_layer_ids=[0], dspark_noise_token_id=7, dspark_block_size=2)
-    model = random_model(ModelArgs.from_dict(cfg), seed=5, dspark=True)
-    model.head.weight = model.head.weight * 2.5  # sharper distributions: a wrong one shows sooner
-    prompt, n = [1, 2, 3, 4, 5], 600
-    settings = Sampling(1.5, top_p=0.95)
-    logits = model(mx.array([prompt + [t] for t in range(8)]))
-    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    p = np.array(mx.softmax(settings.filtered(lp), axis=-1, precise=True))
-    joint = p[0, 4][:, None] * p[:, 5]  # [t1, t2]
-    gen = BatchGenerator(model, prefill_step=8, step_tokens=4096, draft="dspark")
-    seqs = [gen.add(Sequence(prompt, model.make_cache(), max_tokens=3,
-                             sampling=SamplingParams(temperature=1.5, top_p=0.95, seed=i))) for i in range(n)]
-    while gen.active:
-        gen.step()
-    counts = np.zeros((8, 8))
-    for s in seqs:
-        counts[s.generated[0], s.generated[1]] += 1
-    drafted, accepted = _counts(seqs)
-    assert drafted == n and 0 < accepted < drafted  # one draft each (max_tokens leaves room for one)
-    for observed, expected in ((counts.reshape(-1), joint.reshape(-1) * n), (counts.sum(0), joint.sum(0) * n)):
-        stat, dof = _chi_square(observed, expected)
-        assert stat < _chi2_critical(dof), (stat, dof)

@@ -13,7 +13,6 @@ from mlx_v4.config import ConfigError, ModelArgs
 from mlx_v4.draft.dspark import DSparkError, attach_dspark, has_dspark
 from mlx_v4.draft.dspark_names import dspark_rename
 from mlx_v4.draft.speculative import DraftError, DSparkDrafter, Sampling, make_drafter, verify
-from mlx_v4.generation import Token, stream_generate
 from mlx_v4.model import Model
 from mlx_v4.testing.dspark import (
     dspark_reference,
@@ -21,7 +20,7 @@ from mlx_v4.testing.dspark import (
     tiny_dspark_config,
     write_tiny_dspark_checkpoint,
 )
-from mlx_v4.testing.tiny import random_model, tiny_args
+from mlx_v4.testing.tiny import generate_ids, random_model, tiny_args
 from mlx_v4.tokenizer import load_tokenizer
 
 
@@ -233,12 +232,7 @@ def _ids(n, seed=1):
     return np.random.default_rng(seed).integers(2, 1024, n).tolist()
 
 
-def _run(model, tok, ids, **kw):
-    kw.setdefault("temperature", 0.0)
-    kw.setdefault("eos_token_ids", {-1})
-    cache = model.make_cache()
-    events = list(stream_generate(model, tok, ids, cache=cache, **kw))
-    return [e.id for e in events if isinstance(e, Token)], events[-2], events[-1], cache
+_run = generate_ids
 
 
 def _teach_markov(model, sequence, wrong_every):

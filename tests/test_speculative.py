@@ -9,7 +9,7 @@ import pytest
 
 from mlx_v4.draft.speculative import DraftError, MTPDrafter, Sampling, verify
 from mlx_v4.generation import Stats, Token, stream_generate
-from mlx_v4.testing.tiny import random_model, tiny_args
+from mlx_v4.testing.tiny import generate_ids, random_model, tiny_args
 from mlx_v4.tokenizer import load_tokenizer
 
 
@@ -27,12 +27,7 @@ def _ids(n, seed=1):
     return np.random.default_rng(seed).integers(2, 1024, n).tolist()
 
 
-def _run(model, tok, ids, **kw):
-    kw.setdefault("temperature", 0.0)
-    kw.setdefault("eos_token_ids", {-1})
-    cache = model.make_cache()
-    events = list(stream_generate(model, tok, ids, cache=cache, **kw))
-    return [e.id for e in events if isinstance(e, Token)], events[-2], events[-1], cache
+_run = generate_ids
 
 
 def _oracle(monkeypatch, sequence, wrong_every=0):

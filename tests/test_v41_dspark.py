@@ -14,12 +14,13 @@ import mlx_v4
 from mlx_v4.cache import accept, cache_offset, speculate
 from mlx_v4.config import ConfigError
 from mlx_v4.draft.speculative import DSparkDrafter, Sampling, Speculator, make_drafter
-from mlx_v4.generation import Token, stream_generate
+from mlx_v4.testing.dspark import teach_markov
 from mlx_v4.testing.dspark_v41 import (
     v41_dspark_config,
     v41_dspark_reference,
     write_tiny_v41_dspark_checkpoint,
 )
+from mlx_v4.testing.tiny import generate_ids
 from mlx_v4.tokenizer import load_tokenizer
 from mlx_v4.v41.config import V41Args
 from mlx_v4.v41.dspark import V41DSpark, v41_dspark_name
@@ -295,28 +296,11 @@ def _ids(n, seed=1):
     return np.random.default_rng(seed).integers(3, 500, n).tolist()
 
 
-def _run(model, tok, ids, **kw):
-    kw.setdefault("temperature", 0.0)
-    kw.setdefault("eos_token_ids", {-1})
-    cache = model.make_cache()
-    events = list(stream_generate(model, tok, ids, cache=cache, **kw))
-    return [e.id for e in events if isinstance(e, Token)], events[-2], events[-1], cache
+_run = generate_ids
 
 
 def _teach_markov(model, sequence, wrong_every):
-    """Point the Markov head at the bigrams of ``sequence``, a wrong next token on every
-    ``wrong_every``-th: the random drafter then guesses right often and wrong sometimes."""
-    net = model.dspark
-    V, r = net.markov_w1.weight.shape
-    w1, w2 = np.zeros((V, r), np.float32), np.zeros((V, r), np.float32)
-    pairs = {}
-    for p, n in zip(sequence, sequence[1:]):
-        pairs.setdefault(p, n)
-    for i, (p, n) in enumerate(list(pairs.items())[:r]):
-        w1[p, i] = 40.0
-        w2[(n + 1) % V if (i + 1) % wrong_every == 0 else n, i] = 1.0
-    net.markov_w1.update({"weight": mx.array(w1)})
-    net.markov_w2.update({"weight": mx.array(w2)})
+    teach_markov(model.dspark, sequence, wrong_every)
 
 
 # The fixture's window is 16: ratio-2 groups close every 2 positions, ratio-1 entries every one,

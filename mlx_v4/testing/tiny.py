@@ -71,3 +71,16 @@ def run_chunks(model: Model, ids: mx.array, sizes: list[int]) -> mx.array:
     if pos != ids.shape[1] or cache[0].offset != pos:
         raise ValueError(f"chunk sizes {sizes} do not cover {ids.shape[1]} tokens")
     return mx.concatenate(outs, axis=1)
+
+
+def generate_ids(model, tokenizer, ids: list[int], **kw) -> tuple[list[int], object, object, list]:
+    """stream_generate on a fresh cache (greedy and no end token unless given) -> (the generated
+    ids, the event before the last, the last event, the cache): the speculative tests compare
+    these between plain and drafted runs."""
+    from ..generation import Token, stream_generate
+
+    kw.setdefault("temperature", 0.0)
+    kw.setdefault("eos_token_ids", {-1})
+    cache = model.make_cache()
+    events = list(stream_generate(model, tokenizer, ids, cache=cache, **kw))
+    return [e.id for e in events if isinstance(e, Token)], events[-2], events[-1], cache
