@@ -11,13 +11,12 @@ import json
 import math
 import re
 
+import ml_dtypes
 import numpy as np
 import pytest
 
-ml_dtypes = pytest.importorskip("ml_dtypes")
-
-from mlx_v4.testing import official  # noqa: E402
-from mlx_v4.testing.tiny import TINY_CONFIG  # noqa: E402
+from mlx_v4.testing import official
+from mlx_v4.testing.tiny import TINY_CONFIG
 
 _E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 

@@ -357,7 +357,7 @@ def test_missing_source_dir(tmp_path):
 
 # ---- upload (huggingface_hub with its HTTP client mocked) -----------------------------------------
 def test_upload_mocked_http(source, converted, monkeypatch):
-    httpx = pytest.importorskip("httpx")
+    import httpx
     import huggingface_hub
 
     seen = []

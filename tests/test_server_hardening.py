@@ -5,17 +5,13 @@ Every refusal is a 4xx in the protocol's own error shape; the server stays up.""
 
 from __future__ import annotations
 
+import httpx
 import pytest
+from _fake_model import ScriptedModel
 
-pytest.importorskip("starlette", reason="the server tests need the serve extra: pip install -e '.[serve]'")
-pytest.importorskip("uvicorn", reason="the server tests need the serve extra: pip install -e '.[serve]'")
-httpx = pytest.importorskip("httpx", reason="the server tests need httpx (the test extra)")
-
-from _fake_model import ScriptedModel  # noqa: E402
-
-from mlx_v4.server import ServerConfig, create_app  # noqa: E402
-from mlx_v4.server.background import running  # noqa: E402
-from mlx_v4.tokenizer import load_tokenizer  # noqa: E402
+from mlx_v4.server import ServerConfig, create_app
+from mlx_v4.server.background import running
+from mlx_v4.tokenizer import load_tokenizer
 
 NO_THINK = {"thinking": {"type": "disabled"}}
 

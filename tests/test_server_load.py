@@ -7,20 +7,15 @@ from __future__ import annotations
 import json
 import threading
 
+import httpx
 import pytest
+from _fake_model import ScriptedModel
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
-hypothesis = pytest.importorskip("hypothesis")
-
-from _fake_model import ScriptedModel  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from mlx_v4.server import ServerConfig, create_app  # noqa: E402
-from mlx_v4.server.background import running  # noqa: E402
-from mlx_v4.tokenizer import load_tokenizer  # noqa: E402
+from mlx_v4.server import ServerConfig, create_app
+from mlx_v4.server.background import running
+from mlx_v4.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

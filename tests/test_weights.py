@@ -429,8 +429,8 @@ def _dense(weights, quantization, name):
 def test_official_checkpoint(tmp_path, cfg, fp8):
     """FP8 + FP4 official shards load to exactly the official dequantised values (mxfp8/mxfp4
     through mx.dequantize, or dequantised), experts stacked, MTP dropped, every parameter present."""
-    official = pytest.importorskip("mlx_v4.testing.official")
     from mlx_v4.config import ModelArgs
+    from mlx_v4.testing import official
 
     raw = official.random_official_weights(cfg, seed=2, include_mtp=True)
     exact = official.write_official_checkpoint(tmp_path, cfg, raw, fp8=True, expert_fp4=True, max_shard_bytes=1 << 18)
