@@ -21,6 +21,24 @@ class CacheMismatchError(CacheFileError):
     """A readable cache file made for another model, quantization, layout or format version."""
 
 
+def model_fingerprint(model) -> str:
+    """Identifies a model's architecture, numerics, parameter layout and weights (V4 and V4.1):
+    a saved cache is only loaded into a model with the same one. A model whose routed experts
+    stream (``model.expert_store``) has the identity it has with every expert resident."""
+    import hashlib
+    import json
+
+    from mlx.utils import tree_flatten
+
+    layout = [(k, tuple(v.shape), str(v.dtype)) for k, v in tree_flatten(model.parameters())]
+    if model.expert_store is not None:
+        layout += model.expert_store.layout()
+    # act_quant joins only when on, so caches saved before it existed stay valid
+    numerics = [model.args.fake_quant] + (["act_quant"] if model.args.act_quant else [])
+    blob = json.dumps([model.args.to_dict(), *numerics, sorted(layout), model.weights_id], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 # Written at save as the checksum's value, then overwritten in place with the digest of the
 # file as it is with the placeholder (same length, so the header does not move).
 CHECKSUM_PLACEHOLDER = "sha256:" + "0" * 64

@@ -114,18 +114,9 @@ class Model(nn.Module):
     @property
     def fingerprint(self) -> str:
         """Identifies architecture, quantization and weights; saved caches must match it."""
-        import hashlib
-        import json
+        from .cache_file import model_fingerprint
 
-        from mlx.utils import tree_flatten
-
-        layout = [(k, tuple(v.shape), str(v.dtype)) for k, v in tree_flatten(self.parameters())]
-        if self.expert_store is not None:  # the same identity as with every expert resident
-            layout += self.expert_store.layout()
-        layout = sorted(layout)
-        numerics = [self.args.fake_quant] + (["act_quant"] if self.args.act_quant else [])  # old caches stay valid
-        blob = json.dumps([self.args.to_dict(), *numerics, layout, self.weights_id], default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return model_fingerprint(self)
 
     def make_cache(self):
         return make_cache(self.args)
